@@ -1,0 +1,5 @@
+"""Backbones and whole models. Importing this registers every entry point with timm."""
+
+from .moe_vit import DEFAULT_TASKS, MoEVisionTransformer, TaskBlock, checkpoint_filter_fn, resolve_block_indices
+
+__all__ = ["DEFAULT_TASKS", "MoEVisionTransformer", "TaskBlock", "checkpoint_filter_fn", "resolve_block_indices"]

@@ -1,0 +1,572 @@
+"""Task-conditioned MoE Vision Transformer (M³ViT, Mod-Squad) and its dense multi-task twin, on timm.
+
+Everything that is not MoE keeps timm's ViT parameter names (patch_embed, cls_token, pos_embed,
+blocks.N.{norm1,attn.qkv,attn.proj,ls1,norm2,mlp.fc1,mlp.fc2,ls2}, norm, fc_norm, head), so a timm ViT
+checkpoint loads into it and, through :func:`checkpoint_filter_fn`, upcycles into its MoE blocks.
+
+The task is an explicit forward argument. Routing records (:class:`~vision_moe.moe.MoEAux`) come
+back from ``forward*(..., return_aux=True)``; nothing is kept on the modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import init_weights_vit_timm
+
+from ..moe import MoEAttention, MoEAux, MoEMlp
+from ..moe.dispatch import Dispatcher
+
+__all__ = ["MoEVisionTransformer", "TaskBlock", "checkpoint_filter_fn", "resolve_block_indices", "DEFAULT_TASKS"]
+
+_logger = logging.getLogger(__name__)
+
+# PASCAL-Context's five tasks, as in M³ViT; any task names can be given at creation.
+DEFAULT_TASKS = ("semseg", "human_parts", "saliency", "normals", "edges")
+
+
+def resolve_block_indices(spec: str | Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """Which blocks are MoE: ``'every2'`` (1, 3, 5, ... as in M³ViT), ``'everyN'``, ``'lastN'``, ``'all'``,
+    ``'none'`` or explicit indices."""
+    if spec is None or spec == "none":
+        return ()
+    if isinstance(spec, str):
+        if spec == "all":
+            return tuple(range(depth))
+        if spec.startswith("every") and spec[5:].isdigit() and int(spec[5:]) > 0:
+            n = int(spec[5:])
+            return tuple(i for i in range(depth) if i % n == n - 1)
+        if spec.startswith("last") and spec[4:].isdigit():
+            n = int(spec[4:])
+            return tuple(range(max(0, depth - n), depth))
+        raise ValueError(f"unknown block spec {spec!r}; expected 'everyN', 'lastN', 'all', 'none' or a list of indices")
+    idx = tuple(int(i) for i in spec)
+    bad = [i for i in idx if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"block indices {bad} out of range for depth {depth}")
+    return tuple(sorted(set(idx)))
+
+
+class TaskBlock(nn.Module):
+    """timm's pre-norm ViT block whose attention and/or MLP may be task-routed MoE layers."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        moe_mlp: dict | None = None,
+        moe_attn: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        if moe_attn is not None:
+            self.attn = MoEAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **moe_attn)
+        else:
+            self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
+                                  proj_drop=proj_drop, norm_layer=norm_layer)
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        hidden = int(dim * mlp_ratio)
+        if moe_mlp is not None:
+            moe_mlp = dict(moe_mlp)
+            self.mlp = MoEMlp(dim, moe_mlp.pop("hidden", None) or hidden, act_layer=act_layer, drop=proj_drop, **moe_mlp)
+        else:
+            self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoEMlp) or isinstance(self.attn, MoEAttention)
+
+    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, list[MoEAux]]:
+        aux: list[MoEAux] = []
+        h = self.norm1(x)
+        if isinstance(self.attn, MoEAttention):
+            h, a = self.attn(h, task)
+            aux.append(a)
+        else:
+            h = self.attn(h)
+        x = x + self.drop_path1(self.ls1(h))
+        h = self.norm2(x)
+        if isinstance(self.mlp, MoEMlp):
+            h, a = self.mlp(h, task)
+            aux.append(a)
+        else:
+            h = self.mlp(h)
+        x = x + self.drop_path2(self.ls2(h))
+        return x, aux
+
+    def specialize(self, task: str) -> TaskBlock:
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        if isinstance(self.attn, MoEAttention):
+            new.attn = self.attn.specialize(task)
+        if isinstance(self.mlp, MoEMlp):
+            new.mlp = self.mlp.specialize(task)
+        return new
+
+
+class MoEVisionTransformer(nn.Module):
+    """ViT with task-conditioned sparse MoE blocks. One class for M³ViT, Mod-Squad and the dense twins.
+
+    Args (beyond timm's VisionTransformer ones):
+        tasks: task names; routers and task embeddings are made per task.
+        moe_blocks: blocks whose MLP is MoE (see :func:`resolve_block_indices`); M³ViT: ``'every2'``.
+        moe_attn_blocks: blocks whose attention is MoE (Mod-Squad); default none.
+        num_experts, top_k, expert_hidden: MLP experts (expert_hidden defaults to mlp_ratio * dim).
+        attn_num_experts, attn_top_k, expert_heads: attention experts (Mod-Squad).
+        router: ``'multi_gate'`` (one gate per task) or ``'task_embed'`` (shared gate fed a task embedding).
+        router_kwargs: passed to the gates: ``noise_std``, ``renormalize``, ``task_dim`` (task_embed only).
+        dispatcher: ``'sort'`` (default, dropless), ``'dense'``, ``'einsum'``, ``'naive'``.
+        capacity_factor: per-expert capacity as a factor of the even share; ``None`` = dropless.
+        task_embed_blocks: add a learned per-task embedding to the tokens before each block (Mod-Squad).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        class_token: bool = True,
+        fc_norm: bool | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        tasks: Sequence[str] = DEFAULT_TASKS,
+        moe_blocks: str | Sequence[int] | None = "every2",
+        moe_attn_blocks: str | Sequence[int] | None = None,
+        num_experts: int = 16,
+        top_k: int = 4,
+        expert_hidden: int | None = None,
+        attn_num_experts: int | None = None,
+        attn_top_k: int | None = None,
+        expert_heads: int | None = None,
+        router: str = "multi_gate",
+        router_kwargs: dict | None = None,
+        dispatcher: str = "sort",
+        capacity_factor: float | None = None,
+        task_embed_blocks: bool = False,
+        weight_init: str = "",
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("", "avg", "token"):
+            raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}")
+        if not tasks:
+            raise ValueError("tasks must name at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"duplicate task names in {list(tasks)}")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.tasks = tuple(tasks)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.has_class_token = class_token
+        self.grad_checkpointing = False
+        # NHWC output and no strict size: any input whose sides are multiples of the patch size runs, with the
+        # position embedding resampled (timm's resample_abs_pos_embed).
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      strict_img_size=False, output_fmt="NHWC")
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+        self.moe_block_idx = resolve_block_indices(moe_blocks, depth)
+        self.moe_attn_block_idx = resolve_block_indices(moe_attn_blocks, depth)
+        routing = dict(tasks=self.tasks, router=router, router_kwargs=dict(router_kwargs or {}), dispatcher=dispatcher,
+                       capacity_factor=capacity_factor)
+        self.task_embed = nn.Parameter(torch.zeros(depth, len(self.tasks), embed_dim)) if task_embed_blocks else None
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        blocks = []
+        for i in range(depth):
+            moe_mlp = dict(routing, num_experts=num_experts, top_k=top_k, hidden=expert_hidden) if i in self.moe_block_idx else None
+            moe_attn = (dict(routing, num_experts=attn_num_experts or num_experts, top_k=attn_top_k or top_k,
+                             expert_heads=expert_heads) if i in self.moe_attn_block_idx else None)
+            blocks.append(TaskBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate, attn_drop_rate,
+                                    init_values, dpr[i], norm_layer=norm_layer, moe_mlp=moe_mlp, moe_attn=moe_attn))
+        self.blocks = nn.ModuleList(blocks)
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.norm = norm_layer(embed_dim) if not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        if weight_init != "skip":
+            self.init_weights()
+
+    # ------------------------------------------------------------------ timm model API
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.task_embed is not None:
+            trunc_normal_(self.task_embed, std=0.02)
+        # timm's per-Linear init (trunc normal .02, zero bias); stacked experts and gates init themselves.
+        for name, m in self.named_modules():
+            if m is not self:
+                init_weights_vit_timm(m, name)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "task_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed|task_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("", "avg", "token"):
+                raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------ task handling
+    def resolve_task(self, task: str | None) -> str:
+        """The task to run: ``task`` if known, the only task when ``None`` and there is one, else ValueError."""
+        if task is None:
+            if len(self.tasks) == 1:
+                return self.tasks[0]
+            raise ValueError(f"this model has several tasks {list(self.tasks)}: pass task=...")
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; this model knows {list(self.tasks)}")
+        return task
+
+    def set_dispatcher(self, dispatcher: str | Dispatcher) -> MoEVisionTransformer:
+        """Switch every MoE layer to another dispatcher (e.g. ``'dense'`` for export). Returns self."""
+        for m in self.modules():
+            if isinstance(m, (MoEMlp, MoEAttention)):
+                m.set_dispatcher(dispatcher)
+        return self
+
+    def moe_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (MoEMlp, MoEAttention))]
+
+    # ------------------------------------------------------------------ forward
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, gh, gw, C) -> (B, prefix + gh*gw, C)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        pos_embed = self.pos_embed
+        if (h, w) != tuple(self.patch_embed.grid_size):
+            pos_embed = resample_abs_pos_embed(pos_embed, (h, w), num_prefix_tokens=self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        return self.pos_drop(x + pos_embed)
+
+    def _run_block(self, i: int, x: torch.Tensor, task: str) -> tuple[torch.Tensor, list[MoEAux]]:
+        if self.task_embed is not None:
+            x = x + self.task_embed[i, self.tasks.index(task)].to(x.dtype)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(self.blocks[i], x, task, use_reentrant=False)
+        return self.blocks[i](x, task)
+
+    def forward_features(self, x: torch.Tensor, task: str | None = None, *, return_aux: bool = False):
+        """(B, 3, H, W) -> normalised tokens (B, prefix + N, C); with ``return_aux`` also the MoE records."""
+        task = self.resolve_task(task)
+        x = self._pos_embed(self.patch_embed(x))
+        aux: list[MoEAux] = []
+        for i in range(len(self.blocks)):
+            x, a = self._run_block(i, x, task)
+            aux.extend(a)
+        x = self.norm(x)
+        return (x, aux) if return_aux else x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, task: str | None = None, *, return_aux: bool = False):
+        x, aux = self.forward_features(x, task, return_aux=True)
+        out = self.forward_head(x)
+        return (out, aux) if return_aux else out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        task: str | None = None,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_aux: bool = False,
+    ):
+        """Outputs of the chosen blocks as (B, C, H/p, W/p) maps (or NLC), timm's convention.
+
+        ``indices``: an int n takes the last n blocks; a sequence takes those block indices (negative allowed).
+        Returns ``intermediates`` if ``intermediates_only`` else ``(final_tokens, intermediates)``; with
+        ``return_aux`` the MoE records are appended to the returned tuple.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        task = self.resolve_task(task)
+        depth = len(self.blocks)
+        if indices is None:
+            take = [depth - 1]
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i if i >= 0 else depth + i for i in indices]
+        if any(not 0 <= i < depth for i in take):
+            raise ValueError(f"block indices {indices} out of range for depth {depth}")
+        x = self.patch_embed(x)  # (B, gh, gw, C)
+        b, gh, gw, _ = x.shape
+        x = self._pos_embed(x)
+        aux: list[MoEAux] = []
+        feats = []
+        last = max(take) if intermediates_only else depth - 1
+        for i in range(last + 1):
+            x, a = self._run_block(i, x, task)
+            aux.extend(a)
+            if i in take:
+                y = self.norm(x) if norm else x
+                y = y[:, self.num_prefix_tokens :]
+                if output_fmt == "NCHW":
+                    y = y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                feats.append(y)
+        if intermediates_only:
+            return (feats, aux) if return_aux else feats
+        x = self.norm(x)
+        return (x, feats, aux) if return_aux else (x, feats)
+
+    # ------------------------------------------------------------------ specialisation
+    def specialize(self, task: str) -> MoEVisionTransformer:
+        """A single-task model: ``task``'s routers only, only the experts they can reach, no other task's
+        parameters. ``specialized(x)`` equals ``self(x, task=task)``; parameters are copied, not shared."""
+        task = self.resolve_task(task)
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        new._parameters = dict(self._parameters)
+        new.blocks = nn.ModuleList([blk.specialize(task) for blk in self.blocks])
+        if self.task_embed is not None:
+            t = self.tasks.index(task)
+            new.task_embed = nn.Parameter(self.task_embed.detach()[:, t : t + 1].clone())
+        new.tasks = (task,)
+        return copy.deepcopy(new).train(self.training)
+
+    @torch.no_grad()
+    def expert_usage(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        """Assignments per expert (E,) in each MoE layer when ``task`` runs on ``images`` (eval mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            _, aux = self.forward_features(images, task, return_aux=True)
+        finally:
+            self.train(was_training)
+        return [a.expert_load for a in aux]
+
+    @torch.no_grad()
+    def restrict_experts(self, task: str, masks: Sequence[torch.Tensor]) -> MoEVisionTransformer:
+        """Make only ``masks[l]`` (bool, E) reachable for ``task`` in MoE layer l (forward order).
+
+        Mod-Squad's pruning: measure :meth:`expert_usage` on held-out images, keep the experts a task uses,
+        restrict, then :meth:`specialize` cuts the rest out. The restricted model's output for ``task`` may
+        change (the pruned experts no longer receive tokens); the specialised model equals the restricted one.
+        """
+        task = self.resolve_task(task)
+        layers = [m for _, m in self.moe_layers()]
+        if len(masks) != len(layers):
+            raise ValueError(f"got {len(masks)} expert masks for {len(layers)} MoE layers")
+        for layer, mask in zip(layers, masks):
+            layer.router.set_expert_mask(task, mask)
+        return self
+
+    def routing_summary(self, aux: list[MoEAux]) -> torch.Tensor:
+        """(num MoE layers, E) fraction of assignments per expert, from a forward's aux records."""
+        return torch.stack([a.expert_load.float() / a.expert_load.sum().clamp_min(1) for a in aux])
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _unwrap(state_dict: dict) -> dict:
+    for key in ("model", "state_dict", "model_state"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            return state_dict[key]
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoEVisionTransformer) -> dict[str, torch.Tensor]:
+    """Map a timm ViT (or vision-moe) state dict onto ``model``: the one place keys are remapped.
+
+    - dense ``blocks.N.mlp.fc{1,2}`` into a MoE block: every expert becomes a copy (sparse upcycling);
+    - dense ``blocks.N.attn.qkv/proj`` into a MoE attention block: shared K/V from qkv, every expert's
+      query / output projection from the dense ones (needs ``expert_heads == num_heads``);
+    - routers and task embeddings absent from the checkpoint keep the model's initialisation;
+    - ``pos_embed`` is resampled to the model's grid.
+    """
+    sd = dict(_unwrap(state_dict))
+    target = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for i, blk in enumerate(model.blocks):
+        p = f"blocks.{i}."
+        if isinstance(blk.mlp, MoEMlp) and p + "mlp.fc1.weight" in sd:
+            ex = blk.mlp.experts
+            h_dense = sd[p + "mlp.fc1.weight"].shape[0]
+            if h_dense != ex.hidden:
+                raise ValueError(
+                    f"{p}mlp: dense hidden {h_dense} != expert hidden {ex.hidden}; upcycling replicates the dense MLP "
+                    f"into every expert, so create the model with expert_hidden={h_dense}"
+                )
+            e = ex.num_experts
+            out[p + "mlp.experts.fc1.weight"] = sd.pop(p + "mlp.fc1.weight").t().unsqueeze(0).repeat(e, 1, 1)
+            out[p + "mlp.experts.fc2.weight"] = sd.pop(p + "mlp.fc2.weight").t().unsqueeze(0).repeat(e, 1, 1)
+            out[p + "mlp.experts.fc1.bias"] = sd.pop(p + "mlp.fc1.bias").unsqueeze(0).repeat(e, 1)
+            out[p + "mlp.experts.fc2.bias"] = sd.pop(p + "mlp.fc2.bias").unsqueeze(0).repeat(e, 1)
+        if isinstance(blk.attn, MoEAttention) and p + "attn.qkv.weight" in sd:
+            at = blk.attn
+            dim = model.embed_dim
+            if at.expert_heads * at.head_dim != dim:
+                raise ValueError(
+                    f"{p}attn: upcycling dense attention into MoE attention needs expert_heads == num_heads "
+                    f"({dim // at.head_dim}), got expert_heads={at.expert_heads}"
+                )
+            qkv_w, qkv_b = sd.pop(p + "attn.qkv.weight"), sd.pop(p + "attn.qkv.bias", None)
+            e = at.num_experts
+            out[p + "attn.kv.weight"] = qkv_w[dim:]
+            out[p + "attn.q_experts.weight"] = qkv_w[:dim].t().unsqueeze(0).repeat(e, 1, 1)
+            if qkv_b is not None:
+                out[p + "attn.kv.bias"] = qkv_b[dim:]
+                out[p + "attn.q_experts.bias"] = qkv_b[:dim].unsqueeze(0).repeat(e, 1)
+            out[p + "attn.o_experts.weight"] = sd.pop(p + "attn.proj.weight").t().unsqueeze(0).repeat(e, 1, 1)
+            out[p + "attn.o_experts.bias"] = sd.pop(p + "attn.proj.bias").unsqueeze(0).repeat(e, 1)
+    for k, v in sd.items():
+        if k == "pos_embed" and v.shape != model.pos_embed.shape:
+            v = resample_abs_pos_embed(v, tuple(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens)
+        out[k] = v
+    for k, v in target.items():
+        if k not in out and (".router." in k or k == "task_embed" or k.endswith("expert_mask")):
+            out[k] = v  # not in a dense checkpoint: keep the model's own initialisation
+    return out
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    return build_model_with_cfg(MoEVisionTransformer, variant, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(**kwargs) -> dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "fixed_input_size": False, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "m3vit_tiny_patch16_224": _cfg(),
+    "m3vit_small_patch16_224": _cfg(),
+    "m3vit_base_patch16_224": _cfg(),
+    "modsquad_small_patch16_224": _cfg(),
+    "modsquad_base_patch16_224": _cfg(),
+    "vit_mtl_tiny_patch16_224": _cfg(),
+    "vit_mtl_small_patch16_224": _cfg(),
+    "vit_mtl_base_patch16_224": _cfg(),
+})
+
+# M³ViT: MoE MLP in blocks 1, 3, 5, ...; 16 experts, top-4, expert hidden = embed dim (4 active ≈ one dense MLP).
+_M3VIT = dict(moe_blocks="every2", num_experts=16, top_k=4)
+# Mod-Squad: MoE attention and MoE MLP in alternating blocks, per-task routers, task embedding before each block.
+_MODSQUAD = dict(moe_blocks="every2", moe_attn_blocks="every2", num_experts=16, top_k=4, attn_num_experts=16,
+                 attn_top_k=4, task_embed_blocks=True)
+
+
+@register_model
+def m3vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """M³ViT on ViT-Ti/16 (192-d, 3 heads)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, expert_hidden=192, **_M3VIT)
+    return _create("m3vit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def m3vit_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """M³ViT on ViT-S/16 as in the reference (384-d, 12 heads)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, expert_hidden=384, **_M3VIT)
+    return _create("m3vit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def m3vit_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """M³ViT on ViT-B/16 (768-d, 12 heads)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, expert_hidden=768, **_M3VIT)
+    return _create("m3vit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def modsquad_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Mod-Squad on ViT-S/16 (384-d, 12 heads); each attention expert owns 3 heads (3 x top-4 = 12)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, expert_hidden=384, expert_heads=3,
+                      **_MODSQUAD)
+    return _create("modsquad_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def modsquad_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Mod-Squad on ViT-B/16 (768-d, 12 heads); each attention expert owns 3 heads (3 x top-4 = 12)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, expert_hidden=768, expert_heads=3,
+                      **_MODSQUAD)
+    return _create("modsquad_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_mtl_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Dense multi-task twin of M³ViT-Ti: the same class with no MoE blocks."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, moe_blocks=None)
+    return _create("vit_mtl_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_mtl_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Dense multi-task twin of M³ViT-S (384-d, 12 heads)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, moe_blocks=None)
+    return _create("vit_mtl_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_mtl_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Dense multi-task twin of M³ViT-B."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, moe_blocks=None)
+    return _create("vit_mtl_base_patch16_224", pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,32 @@
+"""Model-agnostic MoE toolkit: routers, dispatchers, stacked experts, losses, and the layers composing them."""
+
+from .dispatch import (
+    DISPATCHERS,
+    DenseDispatcher,
+    Dispatcher,
+    EinsumDispatcher,
+    NaiveDispatcher,
+    SortDispatcher,
+    capacity_keep_mask,
+    create_dispatcher,
+    resolve_capacity,
+)
+from .experts import LinearExperts, MlpExperts
+from .layer import MoEAttention, MoEAux, MoEMlp
+from .losses import (
+    cv_squared,
+    importance_load_loss,
+    mutual_information_loss,
+    router_z_loss,
+    switch_load_balance_loss,
+    task_expert_probs,
+)
+from .router import MultiGateRouter, RouterOutput, TaskEmbeddingRouter, TopKGate, create_router
+
+__all__ = [
+    "DISPATCHERS", "DenseDispatcher", "Dispatcher", "EinsumDispatcher", "NaiveDispatcher", "SortDispatcher",
+    "capacity_keep_mask", "create_dispatcher", "resolve_capacity", "LinearExperts", "MlpExperts", "MoEAttention",
+    "MoEAux", "MoEMlp", "cv_squared", "importance_load_loss", "mutual_information_loss", "router_z_loss",
+    "switch_load_balance_loss", "task_expert_probs", "MultiGateRouter", "RouterOutput", "TaskEmbeddingRouter",
+    "TopKGate", "create_router",
+]

@@ -1,0 +1,198 @@
+"""Dispatchers: how routed tokens reach the experts and come back.
+
+One interface, several implementations, all equal where no token is dropped:
+
+- ``naive``:  loop over experts, boolean-mask indexing. The readable reference used by tests.
+- ``sort``:   dropless sort/index dispatcher for training and eager inference: assignments are sorted
+              by expert, each expert runs one GEMM on its contiguous slice, outputs are scattered back
+              with the combine weights fused into the scatter-add.
+- ``dense``:  static shapes, no data-dependent ops: every expert runs on every token and the chosen
+              outputs are gathered. Exact, exports cleanly to ONNX; costs E/k times the expert FLOPs.
+- ``einsum``: static shapes with a fixed capacity per expert (V-MoE's one-hot dispatch/combine
+              einsums); with ``capacity=None`` the capacity is every token, so nothing is dropped.
+
+Capacity is decided once, by :func:`capacity_keep_mask`, so every dispatcher drops the same
+assignments: slot-major priority (all first choices before any second choice), then token order.
+Einsum letters: s tokens, k slots, e experts, c capacity, m model dim, o output dim.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "capacity_keep_mask",
+    "resolve_capacity",
+    "Dispatcher",
+    "NaiveDispatcher",
+    "SortDispatcher",
+    "DenseDispatcher",
+    "EinsumDispatcher",
+    "DISPATCHERS",
+    "create_dispatcher",
+]
+
+
+def resolve_capacity(num_tokens: int, top_k: int, num_experts: int, capacity: int | None = None,
+                     capacity_factor: float | None = None) -> int | None:
+    """Per-expert capacity from a number or a factor (never both). ``None`` means dropless."""
+    if capacity is not None and capacity_factor is not None:
+        raise ValueError("give capacity or capacity_factor, not both")
+    if capacity_factor is not None:
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    return capacity
+
+
+def _one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    # Equal against an arange instead of F.one_hot: lowers to Equal+Cast in ONNX, which every runtime supports.
+    return (index.unsqueeze(-1) == torch.arange(num_classes, device=index.device)).to(dtype)
+
+
+def _positions(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Position of each assignment in its expert's queue, slot-major then token order. (S, k) int64."""
+    s, k = expert_index.shape
+    onehot = _one_hot(expert_index.t().reshape(-1), num_experts, torch.int64)  # (k*S, E)
+    pos = (onehot.cumsum(0) - 1) * onehot
+    return pos.sum(-1).reshape(k, s).t()
+
+
+def capacity_keep_mask(expert_index: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor | None:
+    """Bool (S, k): which assignments fit in their expert's capacity; ``None`` when dropless."""
+    if capacity is None:
+        return None
+    return _positions(expert_index, num_experts) < capacity
+
+
+class Dispatcher(nn.Module, ABC):
+    """Base: ``compute`` gives per-assignment expert outputs, ``forward`` combines them with the weights."""
+
+    static_shapes: bool = False
+
+    @abstractmethod
+    def compute(self, x: torch.Tensor, expert_index: torch.Tensor, experts: nn.Module,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (S, M), expert_index (S, k) -> (S, k, O); dropped assignments give zeros."""
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor,
+                experts: nn.Module, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(S, M) -> (S, O): sum over slots of combine weight * expert output."""
+        y = self.compute(x, expert_index, experts, keep)  # (S, k, O)
+        w = combine_weights.to(y.dtype)
+        if keep is not None:
+            w = w * keep.to(w.dtype)
+        return torch.einsum("sko,sk->so", y, w)
+
+
+class NaiveDispatcher(Dispatcher):
+    """Reference: for each expert, pick its tokens with a boolean mask and run it on them."""
+
+    def compute(self, x, expert_index, experts, keep=None):
+        s, k = expert_index.shape
+        out = None
+        for e in range(experts.num_experts):
+            mask = expert_index == e
+            if keep is not None:
+                mask = mask & keep
+            if not bool(mask.any()):
+                continue
+            ye = experts.forward_expert(e, x[mask.any(-1)])  # a token picks an expert at most once
+            if out is None:
+                out = x.new_zeros(s, k, ye.shape[-1])
+            out[mask] = ye.to(out.dtype)
+        if out is None:
+            out = x.new_zeros(s, k, experts.forward_expert(0, x[:0]).shape[-1])
+        return out
+
+
+class SortDispatcher(Dispatcher):
+    """Dropless sort/index dispatcher: one GEMM per expert over a contiguous, unpadded slice."""
+
+    def _plan(self, expert_index: torch.Tensor, num_experts: int, keep: torch.Tensor | None):
+        flat = expert_index.reshape(-1)  # (S*k,) assignment a = s*k + j
+        if keep is not None:
+            flat = flat.masked_fill(~keep.reshape(-1), num_experts)  # dropped -> a virtual expert E, sorted last
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+        n_kept = int(counts.sum())
+        return order[:n_kept], counts.tolist()
+
+    def compute(self, x, expert_index, experts, keep=None):
+        s, k = expert_index.shape
+        order, counts = self._plan(expert_index, experts.num_experts, keep)
+        ys = experts.forward_split(x.index_select(0, order // k), counts)  # (n_kept, O)
+        out = ys.new_zeros(s * k, ys.shape[-1]).index_copy(0, order, ys)
+        return out.view(s, k, -1)
+
+    def forward(self, x, expert_index, combine_weights, experts, keep=None):
+        s, k = expert_index.shape
+        order, counts = self._plan(expert_index, experts.num_experts, keep)
+        tokens = order // k
+        ys = experts.forward_split(x.index_select(0, tokens), counts)  # (n_kept, O)
+        w = combine_weights.reshape(-1).index_select(0, order).to(ys.dtype).unsqueeze(-1)
+        return ys.new_zeros(s, ys.shape[-1]).index_add(0, tokens, ys * w)
+
+
+class DenseDispatcher(Dispatcher):
+    """Static shapes: run every expert on every token, gather the chosen outputs."""
+
+    static_shapes = True
+
+    def compute(self, x, expert_index, experts, keep=None):
+        e = experts.num_experts
+        y = experts.forward_grouped(x.unsqueeze(0).expand(e, -1, -1))  # (E, S, O)
+        y = y.permute(1, 0, 2)  # (S, E, O)
+        idx = expert_index.unsqueeze(-1).expand(-1, -1, y.shape[-1])  # (S, k, O)
+        out = torch.gather(y, 1, idx)
+        if keep is not None:
+            out = out * keep.unsqueeze(-1).to(out.dtype)
+        return out
+
+
+class EinsumDispatcher(Dispatcher):
+    """Static shapes: one-hot dispatch and combine einsums into an (E, C, M) buffer (V-MoE).
+
+    ``buffer_size`` is C; ``None`` sizes it to the token count, so nothing is lost whatever the routing.
+    With a smaller C, assignments past it are dropped (on top of any ``keep`` mask from the layer).
+    """
+
+    static_shapes = True
+
+    def __init__(self, buffer_size: int | None = None) -> None:
+        super().__init__()
+        self.buffer_size = buffer_size
+
+    def compute(self, x, expert_index, experts, keep=None):
+        s, k = expert_index.shape
+        e = experts.num_experts
+        cap = s if self.buffer_size is None else self.buffer_size
+        pos = _positions(expert_index, e)  # (S, k)
+        fits = pos < cap
+        keep = fits if keep is None else keep & fits
+        disp = _one_hot(expert_index, e, x.dtype).unsqueeze(-1) * _one_hot(pos.clamp(max=cap - 1), cap, x.dtype).unsqueeze(-2)
+        disp = disp * keep.to(x.dtype)[..., None, None]  # (S, k, E, C)
+        buf = torch.einsum("skec,sm->ecm", disp, x)
+        y = experts.forward_grouped(buf)  # (E, C, O)
+        return torch.einsum("skec,eco->sko", disp, y)
+
+
+DISPATCHERS: dict[str, type[Dispatcher]] = {
+    "naive": NaiveDispatcher,
+    "sort": SortDispatcher,
+    "dense": DenseDispatcher,
+    "einsum": EinsumDispatcher,
+}
+
+
+def create_dispatcher(name: str) -> Dispatcher:
+    """Dispatcher by name: one of ``naive``, ``sort``, ``dense``, ``einsum``."""
+    if name not in DISPATCHERS:
+        raise ValueError(f"unknown dispatcher {name!r}; expected one of {sorted(DISPATCHERS)}")
+    return DISPATCHERS[name]()

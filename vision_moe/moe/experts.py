@@ -1,0 +1,136 @@
+"""Experts as stacked weight tensors, computed batched.
+
+Every expert family offers three ways to run, so any dispatcher can use it:
+``forward_grouped`` on a padded (E, C, in) buffer (one bmm per layer), ``forward_split`` on tokens
+already sorted by expert (one GEMM per expert, no padding), and ``forward_expert`` for one expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LinearExperts", "MlpExperts"]
+
+
+def _init_stacked(w: torch.Tensor, b: torch.Tensor | None) -> None:
+    # Same as timm's ViT init for its Linear layers (trunc normal std .02, zero bias), per expert.
+    nn.init.trunc_normal_(w, std=0.02)
+    if b is not None:
+        nn.init.zeros_(b)
+
+
+class LinearExperts(nn.Module):
+    """E independent linear maps ``in_features -> out_features``; weight (E, in, out)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+        _init_stacked(self.weight, self.bias)
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:  # (E, C, in) -> (E, C, out)
+        if self.bias is None:
+            return torch.bmm(x, self.weight)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def forward_split(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:  # (sum counts, in)
+        # unbind() once: indexing weight[e] per expert would materialise a full-size gradient per expert.
+        ws = self.weight.unbind(0)
+        bs = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
+        outs = [F.linear(xe, w.t(), b) if xe.shape[0] else xe.new_zeros(0, self.out_features)
+                for xe, w, b in zip(torch.split(x, counts), ws, bs)]
+        return torch.cat(outs, dim=0)
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[e].t(), None if self.bias is None else self.bias[e])
+
+    def select(self, keep: torch.Tensor) -> LinearExperts:
+        """A copy holding only the experts in ``keep`` (in that order)."""
+        new = LinearExperts(len(keep), self.in_features, self.out_features, bias=self.bias is not None)
+        new = new.to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(self.weight[keep])
+            if self.bias is not None:
+                new.bias.copy_(self.bias[keep])
+        return new
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class MlpExperts(nn.Module):
+    """E two-layer MLP experts (fc1 -> act -> fc2), the MoE replacement of timm's ``Mlp``."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        out_dim: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.fc1 = LinearExperts(num_experts, dim, hidden, bias)
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = LinearExperts(num_experts, hidden, out_dim or dim, bias)
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2.forward_grouped(self.drop(self.act(self.fc1.forward_grouped(x)))))
+
+    def forward_split(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ws1, ws2 = self.fc1.weight.unbind(0), self.fc2.weight.unbind(0)
+        bs1 = self.fc1.bias.unbind(0) if self.fc1.bias is not None else [None] * self.num_experts
+        bs2 = self.fc2.bias.unbind(0) if self.fc2.bias is not None else [None] * self.num_experts
+        outs = []
+        for xe, w1, b1, w2, b2 in zip(torch.split(x, counts), ws1, bs1, ws2, bs2):
+            if xe.shape[0] == 0:
+                outs.append(xe.new_zeros(0, w2.shape[1]))
+                continue
+            h = self.drop(self.act(F.linear(xe, w1.t(), b1)))
+            outs.append(self.drop(F.linear(h, w2.t(), b2)))
+        return torch.cat(outs, dim=0)
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2.forward_expert(e, self.drop(self.act(self.fc1.forward_expert(e, x)))))
+
+    def select(self, keep: torch.Tensor) -> MlpExperts:
+        new = MlpExperts.__new__(MlpExperts)
+        nn.Module.__init__(new)
+        new.num_experts, new.dim, new.hidden = len(keep), self.dim, self.hidden
+        new.fc1, new.act, new.drop, new.fc2 = self.fc1.select(keep), self.act, self.drop, self.fc2.select(keep)
+        return new
+
+    @torch.no_grad()
+    def load_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        """Sparse upcycling: every expert becomes a copy of the dense MLP ``fc1 -> act -> fc2``."""
+        if fc1.out_features != self.hidden or fc1.in_features != self.dim:
+            raise ValueError(
+                f"cannot upcycle a dense MLP {fc1.in_features}->{fc1.out_features} into experts {self.dim}->{self.hidden}: "
+                f"replication needs expert_hidden={fc1.out_features}"
+            )
+        self.fc1.weight.copy_(fc1.weight.t().unsqueeze(0).expand_as(self.fc1.weight))
+        self.fc2.weight.copy_(fc2.weight.t().unsqueeze(0).expand_as(self.fc2.weight))
+        if self.fc1.bias is not None and fc1.bias is not None:
+            self.fc1.bias.copy_(fc1.bias.unsqueeze(0).expand_as(self.fc1.bias))
+        if self.fc2.bias is not None and fc2.bias is not None:
+            self.fc2.bias.copy_(fc2.bias.unsqueeze(0).expand_as(self.fc2.bias))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}"
+
+
+def expert_flops(experts: nn.Module, tokens: int) -> int:
+    """Multiply-accumulate FLOPs (2 per MAC) of ``tokens`` assignments through one expert."""
+    if isinstance(experts, MlpExperts):
+        return 2 * tokens * (experts.dim * experts.hidden + experts.hidden * experts.fc2.out_features)
+    if isinstance(experts, LinearExperts):
+        return 2 * tokens * experts.in_features * experts.out_features
+    raise TypeError(f"unknown experts type {type(experts).__name__}")
+

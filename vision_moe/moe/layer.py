@@ -1,0 +1,180 @@
+"""The MoE layers: a router, a dispatcher and stacked experts composed; aux is returned, not stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dispatch import Dispatcher, capacity_keep_mask, create_dispatcher, resolve_capacity
+from .experts import LinearExperts, MlpExperts
+from .router import RouterOutput, create_router
+
+__all__ = ["MoEAux", "MoEMlp", "MoEAttention"]
+
+
+@dataclass
+class MoEAux:
+    """Routing record of one MoE layer for one forward pass (S tokens, E experts, k slots)."""
+
+    task: str
+    logits: torch.Tensor  # (S, E)
+    probs: torch.Tensor  # (S, E)
+    expert_index: torch.Tensor  # (S, k)
+    combine_weights: torch.Tensor  # (S, k)
+    load_prob: torch.Tensor | None  # (S, E) smooth load estimate (training with noise)
+    keep: torch.Tensor | None  # (S, k) bool, None when dropless
+    expert_load: torch.Tensor  # (E,) assignments per expert after capacity
+    dropped_fraction: torch.Tensor  # () fraction of assignments dropped by capacity
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+
+def _make_aux(task: str, r: RouterOutput, keep: torch.Tensor | None) -> MoEAux:
+    e = r.probs.shape[-1]
+    idx = r.expert_index if keep is None else r.expert_index.masked_fill(~keep, e)
+    load = torch.bincount(idx.reshape(-1), minlength=e + 1)[:e]
+    dropped = (1.0 - keep.float().mean()) if keep is not None else r.probs.new_zeros(())
+    return MoEAux(task, r.logits, r.probs, r.expert_index, r.combine_weights, r.load_prob, keep, load, dropped)
+
+
+class _MoEBase(nn.Module):
+    def _init_routing(self, dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity,
+                      capacity_factor) -> None:
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = create_router(router, dim, num_experts, top_k, tasks, **(router_kwargs or {}))
+        self.dispatcher: Dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
+        resolve_capacity(1, top_k, num_experts, capacity, capacity_factor)  # raises if both are given
+        self.capacity, self.capacity_factor = capacity, capacity_factor
+
+    def _route(self, x_flat: torch.Tensor, task: str) -> tuple[RouterOutput, torch.Tensor | None]:
+        r = self.router(x_flat, task)
+        cap = resolve_capacity(x_flat.shape[0], r.expert_index.shape[-1], r.probs.shape[-1], self.capacity,
+                               self.capacity_factor)
+        return r, capacity_keep_mask(r.expert_index, r.probs.shape[-1], cap)
+
+    def set_dispatcher(self, dispatcher: str | Dispatcher) -> None:
+        self.dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
+
+
+class MoEMlp(_MoEBase):
+    """Task-routed mixture of MLP experts, a drop-in for timm's ``Mlp`` in a task-aware block.
+
+    ``forward(x, task)`` with x (B, N, M) returns (y (B, N, M), MoEAux).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        tasks,
+        router: str = "multi_gate",
+        router_kwargs: dict | None = None,
+        dispatcher: str | Dispatcher = "sort",
+        capacity: int | None = None,
+        capacity_factor: float | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self._init_routing(dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor)
+        self.experts = MlpExperts(num_experts, dim, hidden, act_layer=act_layer, bias=bias, drop=drop)
+
+    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])  # (S, M)
+        r, keep = self._route(x_flat, task)
+        y = self.dispatcher(x_flat, r.expert_index, r.combine_weights, self.experts, keep)
+        return y.to(x.dtype).reshape(shape), _make_aux(task, r, keep)
+
+    def specialize(self, task: str) -> MoEMlp:
+        """This layer for ``task`` alone: its router, and only the experts that router can reach."""
+        keep = self.router.reachable_experts(task)
+        new = MoEMlp.__new__(MoEMlp)
+        nn.Module.__init__(new)
+        new.num_experts, new.top_k = len(keep), min(self.top_k, len(keep))
+        new.capacity, new.capacity_factor = self.capacity, self.capacity_factor
+        new.router = self.router.specialize(task, keep)
+        new.dispatcher = self.dispatcher
+        new.experts = self.experts.select(keep)
+        return new.train(self.training)
+
+
+class MoEAttention(_MoEBase):
+    """Mod-Squad / MoA attention: per-expert query and output projections, shared key/value projection.
+
+    Each expert owns ``expert_heads`` heads. A token's query is computed by each of its k experts,
+    attends over the shared keys/values of its sequence, and the k outputs are projected by the same
+    experts and combined with the gate weights. With expert_heads * k = num_heads the active cost
+    equals a dense attention layer's.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_experts: int,
+        top_k: int,
+        tasks,
+        expert_heads: int | None = None,
+        qkv_bias: bool = True,
+        router: str = "multi_gate",
+        router_kwargs: dict | None = None,
+        dispatcher: str | Dispatcher = "sort",
+        capacity: int | None = None,
+        capacity_factor: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self._init_routing(dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor)
+        self.head_dim = dim // num_heads
+        self.expert_heads = expert_heads or max(1, num_heads // top_k)
+        inner = self.expert_heads * self.head_dim
+        self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
+        self.q_experts = LinearExperts(num_experts, dim, inner, bias=qkv_bias)
+        self.o_experts = LinearExperts(num_experts, inner, dim, bias=True)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
+        b, n, m = x.shape
+        h, d = self.expert_heads, self.head_dim
+        x_flat = x.reshape(-1, m)
+        r, keep = self._route(x_flat, task)
+        k = r.expert_index.shape[-1]
+        q = self.dispatcher.compute(x_flat, r.expert_index, self.q_experts, keep)  # (S, k, h*d)
+        q = q.reshape(b, n * k, h, d).transpose(1, 2)  # (B, h, N*k, d)
+        kv = self.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
+        att = att.transpose(1, 2).reshape(b * n * k, h * d)  # (S*k, h*d), assignment order
+        o_idx = r.expert_index.reshape(-1, 1)
+        o_keep = None if keep is None else keep.reshape(-1, 1)
+        o = self.dispatcher.compute(att, o_idx, self.o_experts, o_keep).reshape(b * n, k, m)
+        w = r.combine_weights.to(o.dtype)
+        if keep is not None:
+            w = w * keep.to(w.dtype)
+        y = torch.einsum("skm,sk->sm", o, w)
+        return self.proj_drop(y.to(x.dtype).reshape(b, n, m)), _make_aux(task, r, keep)
+
+    def specialize(self, task: str) -> MoEAttention:
+        keep = self.router.reachable_experts(task)
+        new = MoEAttention.__new__(MoEAttention)
+        nn.Module.__init__(new)
+        new.num_experts, new.top_k = len(keep), min(self.top_k, len(keep))
+        new.capacity, new.capacity_factor = self.capacity, self.capacity_factor
+        new.head_dim, new.expert_heads, new.attn_drop = self.head_dim, self.expert_heads, self.attn_drop
+        new.router = self.router.specialize(task, keep)
+        new.dispatcher = self.dispatcher
+        new.kv, new.proj_drop = self.kv, self.proj_drop
+        new.q_experts, new.o_experts = self.q_experts.select(keep), self.o_experts.select(keep)
+        return new.train(self.training)
