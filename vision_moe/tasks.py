@@ -1,0 +1,140 @@
+"""The task registry: task name -> head builder, loss, metric and target format.
+
+Target formats follow the data contract: ``class_label`` int64 scalar; ``boxes`` float32 (N, 4) xyxy pixels +
+``labels`` int64 (N,); ``semseg`` / ``human_parts`` int64 (H, W) with 255 = ignore; ``saliency`` / ``edges``
+float32 (1, H, W) in {0, 1}; ``normals`` float32 (3, H, W) unit vectors (all-zero = invalid); ``depth``
+float32 (1, H, W) (0 = invalid). Losses are M³ViT's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .heads import ClassificationHead, FCOSDetectionHead, LinearUpsampleHead, SetrPupHead
+
+__all__ = ["TaskSpec", "TASKS", "get_task", "build_head", "task_loss", "stack_key", "DENSE_HEADS"]
+
+IGNORE_INDEX = 255
+EDGE_POS_WEIGHT = 0.95  # M³ViT's BalancedBinaryCrossEntropyLoss(pos_weight=0.95)
+
+
+def stack_key(targets: list[dict], key: str, device: torch.device | None = None) -> torch.Tensor:
+    """Stack one dense target key of a batch into (B, ...)."""
+    return torch.stack([t[key] for t in targets]).to(device) if device is not None else torch.stack([t[key] for t in targets])
+
+
+def _ce_loss(key: str) -> Callable:
+    def loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        y = stack_key(targets, key, out.device).long()  # (B, H, W)
+        return {key: F.cross_entropy(out.float(), y, ignore_index=IGNORE_INDEX)}
+    return loss
+
+
+def _saliency_loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    y = stack_key(targets, "saliency", out.device).float()
+    return {"saliency": F.binary_cross_entropy_with_logits(out.float(), y)}
+
+
+def _edge_loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    """Weighted BCE: positives weighted 0.95, negatives 0.05 (edges are rare)."""
+    y = stack_key(targets, "edges", out.device).float()
+    w = torch.where(y > 0.5, torch.full_like(y, EDGE_POS_WEIGHT), torch.full_like(y, 1.0 - EDGE_POS_WEIGHT))
+    return {"edges": F.binary_cross_entropy_with_logits(out.float(), y, weight=w)}
+
+
+def _normals_loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    """L1 between the L2-normalised prediction and the target, on valid (non-zero) pixels."""
+    y = stack_key(targets, "normals", out.device).float()  # (B, 3, H, W)
+    valid = (y.abs().sum(1, keepdim=True) > 0).expand_as(y)
+    pred = F.normalize(out.float(), dim=1)
+    return {"normals": F.l1_loss(pred[valid], y[valid]) if valid.any() else out.sum() * 0.0}
+
+
+def _depth_loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    """L1 on valid (positive) depth pixels."""
+    y = stack_key(targets, "depth", out.device).float()
+    valid = y > 0
+    return {"depth": F.l1_loss(out.float()[valid], y[valid]) if valid.any() else out.sum() * 0.0}
+
+
+def _cls_loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    y = torch.stack([torch.as_tensor(t["class_label"]) for t in targets]).long().to(out.device)
+    return {"classification": F.cross_entropy(out.float(), y)}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is: its head kind, the target keys it reads, fixed output channels (None = from the data),
+    its loss, and the metric reported for it (class name in ``vision_moe.metrics`` and its headline key)."""
+
+    name: str
+    kind: str  # 'classification' | 'detection' | 'dense'
+    target_keys: tuple[str, ...]
+    out_channels: int | None
+    loss: Callable | None
+    metric: str
+    primary: str
+    higher_is_better: bool
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec("classification", "classification", ("class_label",), None, _cls_loss, "ClassificationMetric",
+                 "top1", True),
+        TaskSpec("detection", "detection", ("boxes", "labels"), None, None, "CocoDetectionMetric", "AP50", True),
+        TaskSpec("semseg", "dense", ("semseg",), None, _ce_loss("semseg"), "SegmentationMetric", "mIoU", True),
+        TaskSpec("human_parts", "dense", ("human_parts",), None, _ce_loss("human_parts"), "SegmentationMetric",
+                 "mIoU", True),
+        TaskSpec("saliency", "dense", ("saliency",), 1, _saliency_loss, "SaliencyMetric", "maxF", True),
+        TaskSpec("normals", "dense", ("normals",), 3, _normals_loss, "NormalsMetric", "mean_angle", False),
+        TaskSpec("edges", "dense", ("edges",), 1, _edge_loss, "EdgeMetric", "odsF", True),
+        TaskSpec("depth", "dense", ("depth",), 1, _depth_loss, "DepthMetric", "rmse", False),
+    ]
+}
+
+DENSE_HEADS = ("setr_pup", "linear")
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def build_head(task: str, embed_dim: int, num_outputs: int | None, patch_size: int, num_prefix_tokens: int = 1,
+               head: str = "setr_pup", head_channels: int = 256, head_norm: str = "bn", det_channels: int = 256,
+               det_num_convs: int = 4, det_scale_factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5),
+               cls_pool: str = "token") -> nn.Module:
+    """The head for ``task``. ``num_outputs`` is the number of classes (classification, detection, semseg,
+    human_parts) or channels; tasks with fixed channels (saliency 1, normals 3, edges 1, depth 1) accept None."""
+    spec = get_task(task)
+    n = num_outputs if num_outputs is not None else spec.out_channels
+    if n is None or n <= 0:
+        raise ValueError(f"task {task!r} needs a positive number of classes, got {num_outputs!r}")
+    if spec.out_channels is not None and n != spec.out_channels:
+        raise ValueError(f"task {task!r} has {spec.out_channels} output channels, got {n}")
+    if spec.kind == "classification":
+        return ClassificationHead(embed_dim, n, pool=cls_pool, num_prefix_tokens=num_prefix_tokens)
+    if spec.kind == "detection":
+        return FCOSDetectionHead(embed_dim, n, patch_size=patch_size, channels=det_channels, num_convs=det_num_convs,
+                                 scale_factors=det_scale_factors, num_prefix_tokens=num_prefix_tokens)
+    if head == "setr_pup":
+        return SetrPupHead(embed_dim, n, patch_size=patch_size, channels=head_channels, norm=head_norm,
+                           num_prefix_tokens=num_prefix_tokens)
+    if head == "linear":
+        return LinearUpsampleHead(embed_dim, n, num_prefix_tokens=num_prefix_tokens)
+    raise ValueError(f"unknown dense head {head!r}; expected one of {list(DENSE_HEADS)}")
+
+
+def task_loss(task: str, head: nn.Module, out, targets: list[dict], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The task's loss terms (a dict; their sum is the task loss)."""
+    spec = get_task(task)
+    if spec.kind == "detection":
+        return {f"det_{k}": v for k, v in head.loss(out, targets, image_size).items()}
+    return spec.loss(out, targets)
