@@ -1,0 +1,70 @@
+"""Measurement helpers shared by the benchmarks (see ../shared/BENCHMARKS.md): machine line, GEMM ceiling,
+alternating A/B timing with per-pair ratios."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version())
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of an n^3 matmul at the current thread count (the reference ceiling)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], baseline: str, rounds: int = 9, warmup: int = 2) -> dict:
+    """Run the candidates in turn (A B C A B C ...) after warm-up; report median ms and the median of the
+    per-round ratios against ``baseline``."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t)
+    return {
+        n: dict(ms=statistics.median(ts) * 1e3,
+                ratio=statistics.median(a / b for a, b in zip(ts, times[baseline])))
+        for n, ts in times.items()
+    }

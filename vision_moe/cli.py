@@ -1,0 +1,57 @@
+"""``vision-moe`` console script: small commands that need no data (the tools/ scripts do the real jobs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import create_model, list_models
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Build an M³ViT, route one batch per task, print each task's expert usage per MoE layer."""
+    torch.manual_seed(args.seed)
+    tasks = args.tasks.split(",")
+    model = create_model(args.model, tasks=tasks, img_size=args.img_size, num_classes=0).eval()
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {n_params / 1e6:.1f} M parameters, MoE blocks {list(model.moe_block_idx)}, tasks {tasks}")
+    with torch.no_grad():
+        for task in tasks:
+            _, aux = model.forward_features(x, task=task, return_aux=True)
+            spec = model.specialize(task)
+            same = torch.allclose(spec(x), model(x, task=task), atol=1e-5)
+            print(f"\ntask {task!r}: share of assignments per expert (rows: MoE layers; specialised model equal: {same})")
+            for (name, _), a in zip(model.moe_layers(), aux):
+                share = a.expert_load.float() / a.expert_load.sum()
+                print(f"  {name:<18}" + " ".join(f"{v:4.2f}" for v in share.tolist()))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    for name in list_models(args.pattern):
+        print(name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vision-moe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help=_demo.__doc__)
+    demo.add_argument("--model", default="m3vit_tiny_patch16_224", choices=list_models())
+    demo.add_argument("--tasks", default="semseg,depth,normals")
+    demo.add_argument("--img-size", type=int, default=224)
+    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(fn=_demo)
+    models = sub.add_parser("models", help="list the registered models")
+    models.add_argument("pattern", nargs="?", default="*")
+    models.set_defaults(fn=_models)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
