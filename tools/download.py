@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Download pretrained weights into the cache, checked by sha256, and print the local path.
+
+  python tools/download.py vit_small_patch16_224.augreg_in21k_ft_in1k      # a timm dense ViT to upcycle
+  python tools/download.py --url https://host/m3vit.safetensors --sha256 <64 hex>
+  python tools/download.py --list
+
+Then upcycle or load: ``vision_moe.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
+"""
+
+import argparse
+import sys
+
+from vision_moe.hub import WEIGHTS, WeightsEntry, fetch_weights
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", nargs="?", help="weights name: a vision-moe entry or a timm weight tag (arch.tag)")
+    ap.add_argument("--url", help="download this URL instead of a named entry")
+    ap.add_argument("--sha256", help="expected sha256 of the file (with --url)")
+    ap.add_argument("--filename", help="file name in the cache (default: from the URL)")
+    ap.add_argument("--list", action="store_true", help="list vision-moe's registered weights")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, entry in sorted(WEIGHTS.items()):
+            print(name, entry.url or entry.hf_hub_id)
+        if not WEIGHTS:
+            print("(no vision-moe weights published yet; any timm weight tag can be fetched for upcycling)")
+        return 0
+    if bool(args.name) == bool(args.url):
+        ap.error("give a weights name or --url, not both")
+    try:
+        src = WeightsEntry(url=args.url, sha256=args.sha256, filename=args.filename) if args.url else args.name
+        print(fetch_weights(src, progress=True))
+    except (ValueError, OSError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
