@@ -26,8 +26,13 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version())
+    info = dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
     try:
         import onnxruntime
 
@@ -64,7 +69,6 @@ def time_alternating(fns: dict[str, Callable[[], object]], baseline: str, rounds
             f()
             times[n].append(time.perf_counter() - t)
     return {
-        n: dict(ms=statistics.median(ts) * 1e3,
-                ratio=statistics.median(a / b for a, b in zip(ts, times[baseline])))
+        n: dict(ms=statistics.median(ts) * 1e3, ratio=statistics.median(a / b for a, b in zip(ts, times[baseline])))
         for n, ts in times.items()
     }

@@ -69,9 +69,16 @@ def model_table(img: int) -> list[dict]:
             gf_full = count_flops(lambda m=model: m(x, task="semseg")) / 1e9
             gf_spec = count_flops(lambda m=spec: m(x)) / 1e9
         moe_exp = sum(m.experts.fc1.weight.numel() for _, m in model.moe_layers() if hasattr(m, "experts"))
-        rows.append(dict(model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                         specialized_params_m=sum(p.numel() for p in spec.parameters()) / 1e6,
-                         gflops_per_task=gf_full, specialized_gflops=gf_spec, has_moe=moe_exp > 0))
+        rows.append(
+            dict(
+                model=name,
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                specialized_params_m=sum(p.numel() for p in spec.parameters()) / 1e6,
+                gflops_per_task=gf_full,
+                specialized_gflops=gf_spec,
+                has_moe=moe_exp > 0,
+            )
+        )
     return rows
 
 
@@ -92,15 +99,19 @@ def main() -> None:
     for name in ("dense_mlp_1536", "moe_sort", "moe_naive", "moe_dense"):
         print(f"{name:<16}{layer[name]['ms']:>12.1f}{layer[name]['ratio']:>10.2f}")
     print(f"naive loop / sort dispatcher: {layer['naive_over_sort']:.2f}x")
-    print(f"achieved: dense {layer['dense_achieved_gflops']:.1f} GFLOP/s, moe_sort {layer['moe_sort_achieved_gflops']:.1f} "
-          f"GFLOP/s ({layer['moe_sort_achieved_gflops'] / out['gemm_gflops_1024']:.0%} of GEMM)")
+    print(
+        f"achieved: dense {layer['dense_achieved_gflops']:.1f} GFLOP/s, moe_sort {layer['moe_sort_achieved_gflops']:.1f} "
+        f"GFLOP/s ({layer['moe_sort_achieved_gflops'] / out['gemm_gflops_1024']:.0%} of GEMM)"
+    )
     if not args.skip_models:
         out["models"] = rows = model_table(args.img)
         print(f"\nModels at {args.img}x{args.img} (tasks semseg, depth; no classifier); GFLOPs = 2 x MACs")
         print(f"{'model':<30}{'params M':>10}{'spec. M':>10}{'GFLOPs/task':>13}{'spec. GFLOPs':>14}")
         for r in rows:
-            print(f"{r['model']:<30}{r['params_m']:>10.2f}{r['specialized_params_m']:>10.2f}"
-                  f"{r['gflops_per_task']:>13.2f}{r['specialized_gflops']:>14.2f}")
+            print(
+                f"{r['model']:<30}{r['params_m']:>10.2f}{r['specialized_params_m']:>10.2f}"
+                f"{r['gflops_per_task']:>13.2f}{r['specialized_gflops']:>14.2f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -13,4 +13,8 @@ def test_demo_prints_usage_and_equivalence(capsys):
 
 def test_models_lists_registry(capsys):
     assert main(["models", "m3vit*"]) == 0
-    assert capsys.readouterr().out.split() == ["m3vit_base_patch16_224", "m3vit_small_patch16_224", "m3vit_tiny_patch16_224"]
+    assert capsys.readouterr().out.split() == [
+        "m3vit_base_patch16_224",
+        "m3vit_small_patch16_224",
+        "m3vit_tiny_patch16_224",
+    ]

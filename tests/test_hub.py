@@ -56,8 +56,15 @@ def test_download_checks_sha256_and_loads(server):
     base, digest, model = server
     path = hub.download_url(f"{base}/w.safetensors", sha256=digest)
     assert path.parent == hub.cache_dir() and hub.sha256_file(path) == digest
-    loaded = vision_moe.create_model("vit_mtl_tiny_patch16_224", img_size=32, depth=1, tasks=["t"], num_classes=0,
-                                     pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    loaded = vision_moe.create_model(
+        "vit_mtl_tiny_patch16_224",
+        img_size=32,
+        depth=1,
+        tasks=["t"],
+        num_classes=0,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+    )
     torch.testing.assert_close(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
 
 

@@ -32,5 +32,5 @@ def test_main_job_files_exist():
         if w == "-e":
             extras = re.findall(r"\[(.*)\]", words[i + 1])
             pyproject = (ROOT / "pyproject.toml").read_text()
-            for extra in (extras[0].split(",") if extras else []):
+            for extra in extras[0].split(",") if extras else []:
                 assert re.search(rf"^{extra}\s*=", pyproject, flags=re.M), f"extra [{extra}] not in pyproject"

@@ -39,8 +39,16 @@ def test_m3vit_upcycled_from_timm_vit_equals_it(vit_tiny_file):
 
 def test_modsquad_attention_upcycles_when_experts_own_all_heads(vit_tiny_file):
     dense, path = vit_tiny_file
-    moe = _upcycle("modsquad_small_patch16_224", path, embed_dim=192, num_heads=3, expert_heads=3,
-                   expert_hidden=768, task_embed_blocks=False, router_kwargs=dict(renormalize=True))
+    moe = _upcycle(
+        "modsquad_small_patch16_224",
+        path,
+        embed_dim=192,
+        num_heads=3,
+        expert_heads=3,
+        expert_hidden=768,
+        task_embed_blocks=False,
+        router_kwargs=dict(renormalize=True),
+    )
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(moe.forward_features(x, task="b"), dense.forward_features(x), atol=1e-5, rtol=0)

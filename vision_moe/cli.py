@@ -23,7 +23,9 @@ def _demo(args: argparse.Namespace) -> int:
             _, aux = model.forward_features(x, task=task, return_aux=True)
             spec = model.specialize(task)
             same = torch.allclose(spec(x), model(x, task=task), atol=1e-5)
-            print(f"\ntask {task!r}: share of assignments per expert (rows: MoE layers; specialised model equal: {same})")
+            print(
+                f"\ntask {task!r}: share of assignments per expert (rows: MoE layers; specialised model equal: {same})"
+            )
             for (name, _), a in zip(model.moe_layers(), aux):
                 share = a.expert_load.float() / a.expert_load.sum()
                 print(f"  {name:<18}" + " ".join(f"{v:4.2f}" for v in share.tolist()))

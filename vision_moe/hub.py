@@ -54,7 +54,9 @@ class WeightsEntry:
     def __post_init__(self) -> None:
         if bool(self.url) == bool(self.hf_hub_id):
             raise ValueError("a weights entry needs exactly one of url= or hf_hub_id=")
-        if self.sha256 is not None and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
+        ):
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
 
 
@@ -88,8 +90,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def download_url(url: str, sha256: str | None = None, filename: str | None = None, dest: Path | None = None,
-                 progress: bool = False, timeout: float = 60.0) -> Path:
+def download_url(
+    url: str,
+    sha256: str | None = None,
+    filename: str | None = None,
+    dest: Path | None = None,
+    progress: bool = False,
+    timeout: float = 60.0,
+) -> Path:
     """Download ``url`` into the cache (or ``dest``) and return the path.
 
     A cached file is reused when its sha256 matches (or no sha256 is given). The download goes to a
@@ -156,11 +164,14 @@ def resolve_weights(name: str) -> WeightsEntry:
         _logger.debug("timm has no weights %s: %s", name, e)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         known = sorted(WEIGHTS)
-        raise ValueError(f"unknown weights {name!r}: not a vision-moe entry {known} nor a timm weight tag "
-                         "with a download source (try 'vit_small_patch16_224.augreg_in21k_ft_in1k')")
+        raise ValueError(
+            f"unknown weights {name!r}: not a vision-moe entry {known} nor a timm weight tag "
+            "with a download source (try 'vit_small_patch16_224.augreg_in21k_ft_in1k')"
+        )
     if cfg.hf_hub_id:
-        return WeightsEntry(hf_hub_id=cfg.hf_hub_id, filename=cfg.hf_hub_filename or "model.safetensors",
-                            license=cfg.license)
+        return WeightsEntry(
+            hf_hub_id=cfg.hf_hub_id, filename=cfg.hf_hub_filename or "model.safetensors", license=cfg.license
+        )
     return WeightsEntry(url=cfg.url, license=cfg.license)
 
 
@@ -172,8 +183,14 @@ def fetch_weights(name_or_entry: str | WeightsEntry, progress: bool = False) -> 
     from huggingface_hub import hf_hub_download
 
     # huggingface_hub verifies the LFS sha256 itself and honours HF_HUB_OFFLINE; our flag is passed through.
-    path = Path(hf_hub_download(entry.hf_hub_id, entry.filename or "model.safetensors",
-                                cache_dir=str(cache_dir() / "hf"), local_files_only=is_offline()))
+    path = Path(
+        hf_hub_download(
+            entry.hf_hub_id,
+            entry.filename or "model.safetensors",
+            cache_dir=str(cache_dir() / "hf"),
+            local_files_only=is_offline(),
+        )
+    )
     if entry.sha256 is not None and sha256_file(path) != entry.sha256:
         raise ValueError(f"checksum mismatch for {entry.hf_hub_id}/{entry.filename}: expected sha256 {entry.sha256}")
     return path

@@ -77,17 +77,28 @@ class TaskBlock(nn.Module):
         super().__init__()
         self.norm1 = norm_layer(dim)
         if moe_attn is not None:
-            self.attn = MoEAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **moe_attn)
+            self.attn = MoEAttention(
+                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **moe_attn
+            )
         else:
-            self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
-                                  proj_drop=proj_drop, norm_layer=norm_layer)
+            self.attn = Attention(
+                dim,
+                num_heads=num_heads,
+                qkv_bias=qkv_bias,
+                qk_norm=qk_norm,
+                attn_drop=attn_drop,
+                proj_drop=proj_drop,
+                norm_layer=norm_layer,
+            )
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         hidden = int(dim * mlp_ratio)
         if moe_mlp is not None:
             moe_mlp = dict(moe_mlp)
-            self.mlp = MoEMlp(dim, moe_mlp.pop("hidden", None) or hidden, act_layer=act_layer, drop=proj_drop, **moe_mlp)
+            self.mlp = MoEMlp(
+                dim, moe_mlp.pop("hidden", None) or hidden, act_layer=act_layer, drop=proj_drop, **moe_mlp
+            )
         else:
             self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
@@ -195,25 +206,62 @@ class MoEVisionTransformer(nn.Module):
         self.grad_checkpointing = False
         # NHWC output and no strict size: any input whose sides are multiples of the patch size runs, with the
         # position embedding resampled (timm's resample_abs_pos_embed).
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                                      strict_img_size=False, output_fmt="NHWC")
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            strict_img_size=False,
+            output_fmt="NHWC",
+        )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
         self.moe_block_idx = resolve_block_indices(moe_blocks, depth)
         self.moe_attn_block_idx = resolve_block_indices(moe_attn_blocks, depth)
-        routing = dict(tasks=self.tasks, router=router, router_kwargs=dict(router_kwargs or {}), dispatcher=dispatcher,
-                       capacity_factor=capacity_factor)
+        routing = dict(
+            tasks=self.tasks,
+            router=router,
+            router_kwargs=dict(router_kwargs or {}),
+            dispatcher=dispatcher,
+            capacity_factor=capacity_factor,
+        )
         self.task_embed = nn.Parameter(torch.zeros(depth, len(self.tasks), embed_dim)) if task_embed_blocks else None
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         blocks = []
         for i in range(depth):
-            moe_mlp = dict(routing, num_experts=num_experts, top_k=top_k, hidden=expert_hidden) if i in self.moe_block_idx else None
-            moe_attn = (dict(routing, num_experts=attn_num_experts or num_experts, top_k=attn_top_k or top_k,
-                             expert_heads=expert_heads) if i in self.moe_attn_block_idx else None)
-            blocks.append(TaskBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate, attn_drop_rate,
-                                    init_values, dpr[i], norm_layer=norm_layer, moe_mlp=moe_mlp, moe_attn=moe_attn))
+            moe_mlp = (
+                dict(routing, num_experts=num_experts, top_k=top_k, hidden=expert_hidden)
+                if i in self.moe_block_idx
+                else None
+            )
+            moe_attn = (
+                dict(
+                    routing,
+                    num_experts=attn_num_experts or num_experts,
+                    top_k=attn_top_k or top_k,
+                    expert_heads=expert_heads,
+                )
+                if i in self.moe_attn_block_idx
+                else None
+            )
+            blocks.append(
+                TaskBlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    qk_norm,
+                    proj_drop_rate,
+                    attn_drop_rate,
+                    init_values,
+                    dpr[i],
+                    norm_layer=norm_layer,
+                    moe_mlp=moe_mlp,
+                    moe_attn=moe_attn,
+                )
+            )
         self.blocks = nn.ModuleList(blocks)
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = norm_layer(embed_dim) if not use_fc_norm else nn.Identity()
@@ -242,7 +290,10 @@ class MoEVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^cls_token|pos_embed|patch_embed|task_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed|task_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -484,34 +535,54 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoEVisionTr
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
-    return build_model_with_cfg(MoEVisionTransformer, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model_with_cfg(
+        MoEVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
 
 
 def _cfg(**kwargs) -> dict[str, Any]:
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-        "interpolation": "bicubic", "fixed_input_size": False, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "m3vit_tiny_patch16_224": _cfg(),
-    "m3vit_small_patch16_224": _cfg(),
-    "m3vit_base_patch16_224": _cfg(),
-    "modsquad_small_patch16_224": _cfg(),
-    "modsquad_base_patch16_224": _cfg(),
-    "vit_mtl_tiny_patch16_224": _cfg(),
-    "vit_mtl_small_patch16_224": _cfg(),
-    "vit_mtl_base_patch16_224": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "m3vit_tiny_patch16_224": _cfg(),
+        "m3vit_small_patch16_224": _cfg(),
+        "m3vit_base_patch16_224": _cfg(),
+        "modsquad_small_patch16_224": _cfg(),
+        "modsquad_base_patch16_224": _cfg(),
+        "vit_mtl_tiny_patch16_224": _cfg(),
+        "vit_mtl_small_patch16_224": _cfg(),
+        "vit_mtl_base_patch16_224": _cfg(),
+    }
+)
 
 # M³ViT: MoE MLP in blocks 1, 3, 5, ...; 16 experts, top-4, expert hidden = embed dim (4 active ≈ one dense MLP).
 _M3VIT = dict(moe_blocks="every2", num_experts=16, top_k=4)
 # Mod-Squad: MoE attention and MoE MLP in alternating blocks, per-task routers, task embedding before each block.
-_MODSQUAD = dict(moe_blocks="every2", moe_attn_blocks="every2", num_experts=16, top_k=4, attn_num_experts=16,
-                 attn_top_k=4, task_embed_blocks=True)
+_MODSQUAD = dict(
+    moe_blocks="every2",
+    moe_attn_blocks="every2",
+    num_experts=16,
+    top_k=4,
+    attn_num_experts=16,
+    attn_top_k=4,
+    task_embed_blocks=True,
+)
 
 
 @register_model
@@ -538,16 +609,18 @@ def m3vit_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTrans
 @register_model
 def modsquad_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Mod-Squad on ViT-S/16 (384-d, 12 heads); each attention expert owns 3 heads (3 x top-4 = 12)."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, expert_hidden=384, expert_heads=3,
-                      **_MODSQUAD)
+    model_args = dict(
+        patch_size=16, embed_dim=384, depth=12, num_heads=12, expert_hidden=384, expert_heads=3, **_MODSQUAD
+    )
     return _create("modsquad_small_patch16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def modsquad_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Mod-Squad on ViT-B/16 (768-d, 12 heads); each attention expert owns 3 heads (3 x top-4 = 12)."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, expert_hidden=768, expert_heads=3,
-                      **_MODSQUAD)
+    model_args = dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, expert_hidden=768, expert_heads=3, **_MODSQUAD
+    )
     return _create("modsquad_base_patch16_224", pretrained, **dict(model_args, **kwargs))
 
 

@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 
-def resolve_capacity(num_tokens: int, top_k: int, num_experts: int, capacity: int | None = None,
-                     capacity_factor: float | None = None) -> int | None:
+def resolve_capacity(
+    num_tokens: int, top_k: int, num_experts: int, capacity: int | None = None, capacity_factor: float | None = None
+) -> int | None:
     """Per-expert capacity from a number or a factor (never both). ``None`` means dropless."""
     if capacity is not None and capacity_factor is not None:
         raise ValueError("give capacity or capacity_factor, not both")
@@ -77,12 +78,19 @@ class Dispatcher(nn.Module, ABC):
     static_shapes: bool = False
 
     @abstractmethod
-    def compute(self, x: torch.Tensor, expert_index: torch.Tensor, experts: nn.Module,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+    def compute(
+        self, x: torch.Tensor, expert_index: torch.Tensor, experts: nn.Module, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (S, M), expert_index (S, k) -> (S, k, O); dropped assignments give zeros."""
 
-    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor,
-                experts: nn.Module, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        combine_weights: torch.Tensor,
+        experts: nn.Module,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(S, M) -> (S, O): sum over slots of combine weight * expert output."""
         y = self.compute(x, expert_index, experts, keep)  # (S, k, O)
         w = combine_weights.to(y.dtype)
@@ -176,7 +184,9 @@ class EinsumDispatcher(Dispatcher):
         pos = _positions(expert_index, e)  # (S, k)
         fits = pos < cap
         keep = fits if keep is None else keep & fits
-        disp = _one_hot(expert_index, e, x.dtype).unsqueeze(-1) * _one_hot(pos.clamp(max=cap - 1), cap, x.dtype).unsqueeze(-2)
+        disp = _one_hot(expert_index, e, x.dtype).unsqueeze(-1) * _one_hot(
+            pos.clamp(max=cap - 1), cap, x.dtype
+        ).unsqueeze(-2)
         disp = disp * keep.to(x.dtype)[..., None, None]  # (S, k, E, C)
         buf = torch.einsum("skec,sm->ecm", disp, x)
         y = experts.forward_grouped(buf)  # (E, C, O)

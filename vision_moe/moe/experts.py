@@ -40,8 +40,10 @@ class LinearExperts(nn.Module):
         # unbind() once: indexing weight[e] per expert would materialise a full-size gradient per expert.
         ws = self.weight.unbind(0)
         bs = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
-        outs = [F.linear(xe, w.t(), b) if xe.shape[0] else xe.new_zeros(0, self.out_features)
-                for xe, w, b in zip(torch.split(x, counts), ws, bs)]
+        outs = [
+            F.linear(xe, w.t(), b) if xe.shape[0] else xe.new_zeros(0, self.out_features)
+            for xe, w, b in zip(torch.split(x, counts), ws, bs)
+        ]
         return torch.cat(outs, dim=0)
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +60,9 @@ class LinearExperts(nn.Module):
         return new
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 class MlpExperts(nn.Module):
@@ -133,4 +137,3 @@ def expert_flops(experts: nn.Module, tokens: int) -> int:
     if isinstance(experts, LinearExperts):
         return 2 * tokens * experts.in_features * experts.out_features
     raise TypeError(f"unknown experts type {type(experts).__name__}")
-

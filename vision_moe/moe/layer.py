@@ -43,8 +43,9 @@ def _make_aux(task: str, r: RouterOutput, keep: torch.Tensor | None) -> MoEAux:
 
 
 class _MoEBase(nn.Module):
-    def _init_routing(self, dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity,
-                      capacity_factor) -> None:
+    def _init_routing(
+        self, dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor
+    ) -> None:
         self.num_experts, self.top_k = num_experts, top_k
         self.router = create_router(router, dim, num_experts, top_k, tasks, **(router_kwargs or {}))
         self.dispatcher: Dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
@@ -53,8 +54,9 @@ class _MoEBase(nn.Module):
 
     def _route(self, x_flat: torch.Tensor, task: str) -> tuple[RouterOutput, torch.Tensor | None]:
         r = self.router(x_flat, task)
-        cap = resolve_capacity(x_flat.shape[0], r.expert_index.shape[-1], r.probs.shape[-1], self.capacity,
-                               self.capacity_factor)
+        cap = resolve_capacity(
+            x_flat.shape[0], r.expert_index.shape[-1], r.probs.shape[-1], self.capacity, self.capacity_factor
+        )
         return r, capacity_keep_mask(r.expert_index, r.probs.shape[-1], cap)
 
     def set_dispatcher(self, dispatcher: str | Dispatcher) -> None:

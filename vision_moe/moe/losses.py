@@ -24,14 +24,20 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + eps)
 
 
-def _dense_gates(probs: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor,
-                 keep: torch.Tensor | None = None) -> torch.Tensor:
+def _dense_gates(
+    probs: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     w = combine_weights if keep is None else combine_weights * keep.to(combine_weights.dtype)
     return torch.zeros_like(probs).scatter(-1, expert_index, w)  # (S, E)
 
 
-def importance_load_loss(probs: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor,
-                         load_prob: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+def importance_load_loss(
+    probs: torch.Tensor,
+    expert_index: torch.Tensor,
+    combine_weights: torch.Tensor,
+    load_prob: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """M³ViT / Shazeer et al.: cv²(importance) + cv²(load).
 
     importance[e] = sum over tokens of the gate value given to e (zero where e was not chosen);
@@ -64,8 +70,9 @@ def task_expert_probs(probs_per_task: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([p.float().mean(0) for p in probs_per_task])
 
 
-def mutual_information_loss(task_probs: torch.Tensor, task_prior: torch.Tensor | None = None,
-                            eps: float = 1e-12) -> torch.Tensor:
+def mutual_information_loss(
+    task_probs: torch.Tensor, task_prior: torch.Tensor | None = None, eps: float = 1e-12
+) -> torch.Tensor:
     """Mod-Squad's task-expert loss: minus the mutual information of the joint M[t, e].
 
     ``task_probs`` (T, E) is each task's mean routing probability; ``task_prior`` P(t) defaults to

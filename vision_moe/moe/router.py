@@ -66,7 +66,9 @@ class TopKGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (S, in_dim)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.proj.weight.float(), None if self.proj.bias is None else self.proj.bias.float())
+            logits = F.linear(
+                x.float(), self.proj.weight.float(), None if self.proj.bias is None else self.proj.bias.float()
+            )
             return self.route(logits)
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
@@ -86,7 +88,9 @@ class TopKGate(nn.Module):
         combine = probs.gather(-1, expert_index)
         if self.renormalize:
             combine = combine / combine.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(combine.dtype).tiny)
-        return RouterOutput(logits=logits, probs=probs, expert_index=expert_index, combine_weights=combine, load_prob=load_prob)
+        return RouterOutput(
+            logits=logits, probs=probs, expert_index=expert_index, combine_weights=combine, load_prob=load_prob
+        )
 
     def _prob_in_top_k(self, clean: torch.Tensor, noisy: torch.Tensor, sigma: float) -> torch.Tensor:
         """Shazeer et al. smooth load estimate: P(expert e stays in the top-k when only its noise is redrawn)."""
@@ -124,7 +128,9 @@ class _TaskRouter(nn.Module):
         if mask.numel() != self.num_experts:
             raise ValueError(f"expert mask for task {task!r} has {mask.numel()} entries, expected {self.num_experts}")
         if int(mask.sum()) < self.top_k:
-            raise ValueError(f"expert mask for task {task!r} keeps {int(mask.sum())} experts, fewer than top_k={self.top_k}")
+            raise ValueError(
+                f"expert mask for task {task!r} keeps {int(mask.sum())} experts, fewer than top_k={self.top_k}"
+            )
         self._store_mask(task, mask)
 
     def reachable_experts(self, task: str) -> torch.Tensor:
@@ -136,7 +142,9 @@ class _TaskRouter(nn.Module):
 class MultiGateRouter(_TaskRouter):
     """M³ViT "multi-gate": one gate per task over a shared set of experts (tutel's gate_index precedent)."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, tasks: tuple[str, ...] | list[str], **gate_kwargs) -> None:
+    def __init__(
+        self, dim: int, num_experts: int, top_k: int, tasks: tuple[str, ...] | list[str], **gate_kwargs
+    ) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("MultiGateRouter needs at least one task")
@@ -166,8 +174,12 @@ class MultiGateRouter(_TaskRouter):
         self._check_task(task)
         src = self.gates[task]
         new = MultiGateRouter(
-            src.proj.in_features, len(keep), min(src.top_k, len(keep)), (task,),
-            noise_std=src.noise_std * len(keep) / src.num_experts, renormalize=src.renormalize,
+            src.proj.in_features,
+            len(keep),
+            min(src.top_k, len(keep)),
+            (task,),
+            noise_std=src.noise_std * len(keep) / src.num_experts,
+            renormalize=src.renormalize,
             bias=src.proj.bias is not None,
         ).to(src.proj.weight.device, src.proj.weight.dtype)
         g = new.gates[task]
@@ -183,7 +195,13 @@ class TaskEmbeddingRouter(_TaskRouter):
     """M³ViT's single gate fed with the token concatenated with a learned task embedding."""
 
     def __init__(
-        self, dim: int, num_experts: int, top_k: int, tasks: tuple[str, ...] | list[str], task_dim: int = 64, **gate_kwargs
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        tasks: tuple[str, ...] | list[str],
+        task_dim: int = 64,
+        **gate_kwargs,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -214,7 +232,9 @@ class TaskEmbeddingRouter(_TaskRouter):
         emb = self.task_embed.weight[t].to(x.dtype).expand(x.shape[0], -1)  # (S, task_dim)
         with torch.autocast(device_type=x.device.type, enabled=False):
             inp = torch.cat([x.float(), emb.float()], dim=-1)
-            logits = F.linear(inp, self.gate.proj.weight.float(), None if self.gate.proj.bias is None else self.gate.proj.bias.float())
+            logits = F.linear(
+                inp, self.gate.proj.weight.float(), None if self.gate.proj.bias is None else self.gate.proj.bias.float()
+            )
             mask = self.task_expert_mask[t]
             if not bool(mask.all()):
                 logits = logits.masked_fill(~mask, float("-inf"))
@@ -226,9 +246,14 @@ class TaskEmbeddingRouter(_TaskRouter):
         t = self.tasks.index(task)
         src = self.gate
         new = TaskEmbeddingRouter(
-            src.proj.in_features - self.task_embed.embedding_dim, len(keep), min(src.top_k, len(keep)), (task,),
-            task_dim=self.task_embed.embedding_dim, noise_std=src.noise_std * len(keep) / src.num_experts,
-            renormalize=src.renormalize, bias=src.proj.bias is not None,
+            src.proj.in_features - self.task_embed.embedding_dim,
+            len(keep),
+            min(src.top_k, len(keep)),
+            (task,),
+            task_dim=self.task_embed.embedding_dim,
+            noise_std=src.noise_std * len(keep) / src.num_experts,
+            renormalize=src.renormalize,
+            bias=src.proj.bias is not None,
         ).to(src.proj.weight.device, src.proj.weight.dtype)
         with torch.no_grad():
             new.task_embed.weight.copy_(self.task_embed.weight[t : t + 1])
