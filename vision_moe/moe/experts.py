@@ -116,8 +116,8 @@ class MlpExperts(nn.Module):
         """Sparse upcycling: every expert becomes a copy of the dense MLP ``fc1 -> act -> fc2``."""
         if fc1.out_features != self.hidden or fc1.in_features != self.dim:
             raise ValueError(
-                f"cannot upcycle a dense MLP {fc1.in_features}->{fc1.out_features} into experts {self.dim}->{self.hidden}: "
-                f"replication needs expert_hidden={fc1.out_features}"
+                f"cannot upcycle a dense MLP {fc1.in_features}->{fc1.out_features} into experts "
+                f"{self.dim}->{self.hidden}: replication needs expert_hidden={fc1.out_features}"
             )
         self.fc1.weight.copy_(fc1.weight.t().unsqueeze(0).expand_as(self.fc1.weight))
         self.fc2.weight.copy_(fc2.weight.t().unsqueeze(0).expand_as(self.fc2.weight))

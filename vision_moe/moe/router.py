@@ -108,7 +108,10 @@ class TopKGate(nn.Module):
         return torch.where(finite, torch.where(is_in, p_in, p_out), torch.zeros_like(clean))
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}, renormalize={self.renormalize}"
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}, "
+            f"renormalize={self.renormalize}"
+        )
 
 
 class _TaskRouter(nn.Module):
