@@ -105,3 +105,20 @@ def test_aux_is_returned_not_stored():
     _, aux = model(torch.randn(1, 3, 32, 32), task="seg", return_aux=True)
     assert set(vars(model.blocks[1].mlp)) == before
     assert aux[0].expert_load.sum() == 4 * 5  # (1 + 4 patches) tokens x top-4
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = _make("modsquad_small_patch16_224").train()
+    for gate in model.modules():
+        if hasattr(gate, "noise_std"):
+            gate.noise_std = 0.0  # deterministic routing for the comparison
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(x, task="seg").sum().backward()
+        grads.append(model.blocks[1].mlp.experts.fc1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert {"pos_embed", "cls_token", "task_embed"} <= model.no_weight_decay()
