@@ -1,0 +1,211 @@
+"""Shared pieces of the data layer: task names, bad-sample handling, file readers, collate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+_logger = logging.getLogger(__name__)
+
+TASKS = ("classification", "detection", "semseg", "human_parts", "saliency", "normals", "edges", "depth")
+DENSE_TASKS = ("semseg", "human_parts", "saliency", "normals", "edges", "depth")
+IGNORE_INDEX = 255
+
+
+class BadSampleError(ValueError):
+    """A sample whose image or annotation cannot be read; carries the offending path and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def check_tasks(tasks: Sequence[str] | None, available: Sequence[str], owner: str) -> tuple[str, ...]:
+    """Validate a task selection against what a dataset labels; None selects all of them."""
+    if tasks is None:
+        return tuple(available)
+    if isinstance(tasks, str):
+        tasks = (tasks,)
+    for t in tasks:
+        if t not in available:
+            raise ValueError(f"{owner}: unknown task {t!r}; expected one of {list(available)}")
+    return tuple(tasks)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB, or raise BadSampleError."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode fully here so truncation is caught here, not later
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise BadSampleError(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSampleError(path, f"cannot decode image ({e}); expected a readable RGB image") from None
+
+
+def read_png(path: str | Path, expect_hw: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
+    """Read a label/dense PNG as a numpy array (values unchanged; 16-bit stays 16-bit), or raise BadSampleError."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if mode is not None and im.mode != mode:
+                im = im.convert(mode)
+            arr = np.asarray(im).copy()
+    except FileNotFoundError:
+        raise BadSampleError(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError(path, f"cannot decode PNG ({e})") from None
+    if expect_hw is not None and tuple(arr.shape[:2]) != tuple(expect_hw):
+        raise BadSampleError(path, f"size {arr.shape[:2]} does not match image size {tuple(expect_hw)}")
+    return arr
+
+
+def read_npy(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a .npy array, or raise BadSampleError."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise BadSampleError(path, "file not found") from None
+    except (OSError, ValueError) as e:
+        raise BadSampleError(path, f"cannot read .npy ({e})") from None
+    if expect_hw is not None and tuple(arr.shape[:2]) != tuple(expect_hw):
+        raise BadSampleError(path, f"size {arr.shape[:2]} does not match image size {tuple(expect_hw)}")
+    return arr
+
+
+def decode_normals_png(arr: np.ndarray) -> np.ndarray:
+    """Decode RGB-encoded normals ((n + 1) / 2 * 255) to float unit vectors (H, W, 3); black = invalid = 0."""
+    arr = arr[..., :3]
+    invalid = np.all(arr == 0, axis=-1)
+    n = arr.astype(np.float32) * (2.0 / 255.0) - 1.0
+    norm = np.linalg.norm(n, axis=-1, keepdims=True)
+    n = np.where(norm > 1e-6, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
+    n[invalid] = 0.0
+    return n
+
+
+def encode_normals_png(normals: np.ndarray) -> np.ndarray:
+    """Encode unit normals (H, W, 3) in [-1, 1] to uint8 RGB; zero vectors (invalid) become black."""
+    enc = np.clip(np.round((normals + 1.0) * 127.5), 1, 255).astype(np.uint8)
+    enc[np.all(normals == 0, axis=-1)] = 0
+    return enc
+
+
+def finalize_sample(raw: dict[str, Any], transform: Any, tasks: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    """Run ``transform`` (default: normalise with mean/std 0.5) on a raw numpy sample; return (image, target)."""
+    if transform is None:
+        from .transforms import build_transforms
+
+        transform = build_transforms(train=False, img_size=None, tasks=tasks)
+    return transform(raw)
+
+
+class SkipBadSamples(torch.utils.data.Dataset):
+    """Wrap a dataset so samples raising BadSampleError come back as None (dropped by collate_multitask).
+
+    ``bad_count`` / ``bad_samples`` count what this process saw (with DataLoader workers, each worker keeps
+    its own count; the trainer can also count the samples missing from each batch).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+        self.bad_samples: list[tuple[int, str]] = []
+        self._seen = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    @property
+    def bad_count(self) -> int:
+        return len(self.bad_samples)
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad_count / max(self._seen, 1)
+
+    def __getitem__(self, index: int) -> Any:
+        self._seen += 1
+        try:
+            return self.dataset[index]
+        except BadSampleError as e:
+            self.bad_samples.append((index, str(e)))
+            _logger.warning("skipping bad sample %d: %s", index, e)
+            return None
+
+
+def _pad_to(t: torch.Tensor, h: int, w: int, value: float) -> torch.Tensor:
+    dh, dw = h - t.shape[-2], w - t.shape[-1]
+    return t if dh == 0 and dw == 0 else torch.nn.functional.pad(t, (0, dw, 0, dh), value=value)
+
+
+def collate_multitask(batch: Sequence[Any]) -> tuple[torch.Tensor, list[dict]]:
+    """Stack images (B, 3, H, W) and keep targets as a list of dicts; None samples (bad ones) are dropped.
+
+    Images of different sizes are zero-padded at the bottom/right to the largest one (boxes stay valid).
+    """
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0, 3, 1, 1), []
+    h = max(b[0].shape[-2] for b in batch)
+    w = max(b[0].shape[-1] for b in batch)
+    images = torch.stack([_pad_to(b[0], h, w, 0.0) for b in batch])  # (B, 3, H, W)
+    return images, [b[1] for b in batch]
+
+
+def stack_target(targets: Sequence[dict], key: str) -> torch.Tensor:
+    """Stack one dense (or scalar) target key across a batch: e.g. 'semseg' -> (B, H, W).
+
+    Maps of different sizes are padded at the bottom/right like the images: label maps with 255 (ignore),
+    the others with 0 (invalid / negative).
+    """
+    missing = [i for i, t in enumerate(targets) if key not in t]
+    if missing:
+        raise KeyError(f"target key {key!r} missing in batch items {missing}; present: {sorted(targets[0])}")
+    items = [t[key] for t in targets]
+    if items[0].dim() >= 2:
+        h = max(x.shape[-2] for x in items)
+        w = max(x.shape[-1] for x in items)
+        value = float(IGNORE_INDEX) if key in ("semseg", "human_parts") else 0.0
+        items = [_pad_to(x, h, w, value) for x in items]
+    return torch.stack(items)
+
+
+def read_label_png(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Indexed / grey label PNG -> (H, W) int64 class ids (palette indices are kept as ids)."""
+    arr = read_png(path, expect_hw)
+    if arr.ndim != 2:
+        raise BadSampleError(path, f"label PNG has shape {arr.shape}; expected a single-channel (H, W) map")
+    return arr.astype(np.int64)
+
+
+def read_binary_png(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Grey PNG (0/255, or soft 0..255) -> (H, W) float32 in {0, 1} thresholded at half range."""
+    arr = read_png(path, expect_hw, mode="L")
+    return (arr > 127).astype(np.float32)
+
+
+def read_depth_png(path: str | Path, expect_hw: tuple[int, int] | None = None, scale: float = 1000.0) -> np.ndarray:
+    """16-bit PNG depth in millimetres (0 = invalid) -> (H, W) float32 metres."""
+    arr = read_png(path, expect_hw)
+    if arr.ndim != 2 or arr.dtype not in (np.uint16, np.int32, np.uint8):
+        raise BadSampleError(path, f"depth PNG has shape {arr.shape} dtype {arr.dtype}; expected 16-bit grey")
+    return arr.astype(np.float32) / scale
+
+
+def read_normals_png(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB PNG normals ((n + 1) / 2 * 255; black = invalid) -> (H, W, 3) float32 unit vectors."""
+    arr = read_png(path, expect_hw, mode="RGB")
+    return decode_normals_png(arr)
