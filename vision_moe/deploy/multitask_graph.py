@@ -1,0 +1,212 @@
+"""One exportable graph for all tasks: the task is an int64 input, every expert is stored once.
+
+:class:`TaskIndexedModel` runs a :class:`~vision_moe.MoEVisionTransformer` (alone, with its classifier, or as the
+backbone of a :class:`~vision_moe.models.multitask.MultiTaskModel`) with the task given as a tensor: each router's
+per-task gate weights / task embeddings / expert masks are stacked into (T, ...) tensors and picked with ``Gather``
+(``index_select``); the heads all run and ``Where`` picks the task's output (outputs of different channel counts
+are zero-padded to the largest; the report records each task's real channel count). Routing and dispatch reuse
+the model's own modules (dispatcher, experts, :func:`capacity_keep_mask`); only the task lookup is rewritten,
+because the model's ``forward`` takes the task as a Python string, which cannot be a graph input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..moe import MoEAttention, MoEMlp
+from ..moe.dispatch import capacity_keep_mask, resolve_capacity
+from ..moe.router import MultiGateRouter, TaskEmbeddingRouter
+
+__all__ = ["TaskIndexedModel"]
+
+
+class _TaskIndexedRouter(nn.Module):
+    """A task-conditioned router whose task is an index tensor (1,) int64."""
+
+    def __init__(self, router: nn.Module, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        if isinstance(router, MultiGateRouter):
+            gates = [router.gates[t] for t in tasks]
+            self.kind = "multi_gate"
+            self.register_buffer("weight", torch.stack([g.proj.weight.detach() for g in gates]))  # (T, E, M)
+            has_bias = gates[0].proj.bias is not None
+            self.register_buffer("bias", torch.stack([g.proj.bias.detach() for g in gates]) if has_bias else None)
+            self.register_buffer("mask", torch.stack([g.expert_mask for g in gates]))  # (T, E)
+            flags = {(g.top_k, g.renormalize) for g in gates}
+        elif isinstance(router, TaskEmbeddingRouter):
+            g = router.gate
+            idx = [router.tasks.index(t) for t in tasks]
+            self.kind = "task_embed"
+            self.register_buffer("weight", g.proj.weight.detach().clone())  # (E, M + D)
+            self.register_buffer("bias", None if g.proj.bias is None else g.proj.bias.detach().clone())
+            self.register_buffer("task_embed", router.task_embed.weight.detach()[idx].clone())  # (T, D)
+            self.register_buffer("mask", router.task_expert_mask[idx] & g.expert_mask)  # (T, E)
+            flags = {(g.top_k, g.renormalize)}
+        else:
+            raise TypeError(f"cannot index router {type(router).__name__} by task; expected MultiGateRouter or "
+                            "TaskEmbeddingRouter")
+        if len(flags) != 1:
+            raise ValueError("the tasks' gates differ in top_k or renormalize; one graph needs them equal")
+        self.top_k, self.renormalize = flags.pop()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (S, M), t (1,) -> expert_index (S, k), combine_weights (S, k); the eval-mode TopKGate routing."""
+        x = x.float()
+        if self.kind == "multi_gate":
+            w = self.weight.index_select(0, t)[0]  # (E, M)
+            b = None if self.bias is None else self.bias.index_select(0, t)[0]
+            logits = F.linear(x, w, b)
+        else:
+            emb = self.task_embed.index_select(0, t).expand(x.shape[0], -1)  # (S, D)
+            logits = F.linear(torch.cat([x, emb], dim=-1), self.weight, self.bias)
+        mask = self.mask.index_select(0, t)  # (1, E)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        _, expert_index = logits.topk(self.top_k, dim=-1)
+        combine = probs.gather(-1, expert_index)
+        if self.renormalize:
+            combine = combine / combine.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(combine.dtype).tiny)
+        return expert_index, combine
+
+
+def _keep(layer: nn.Module, s: int, expert_index: torch.Tensor) -> torch.Tensor | None:
+    cap = resolve_capacity(s, expert_index.shape[-1], layer.num_experts, layer.capacity, layer.capacity_factor)
+    return capacity_keep_mask(expert_index, layer.num_experts, cap)
+
+
+class _TaskIndexedMlp(nn.Module):
+    def __init__(self, layer: MoEMlp, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.router = _TaskIndexedRouter(layer.router, tasks)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])  # (S, M)
+        idx, comb = self.router(x_flat, t)
+        y = self.layer.dispatcher(x_flat, idx, comb, self.layer.experts, _keep(self.layer, x_flat.shape[0], idx))
+        return y.to(x.dtype).reshape(shape)
+
+
+class _TaskIndexedAttention(nn.Module):
+    """:class:`MoEAttention`'s forward with task-indexed routing."""
+
+    def __init__(self, layer: MoEAttention, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.router = _TaskIndexedRouter(layer.router, tasks)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        at = self.layer
+        b, n, m = x.shape
+        h, d = at.expert_heads, at.head_dim
+        x_flat = x.reshape(-1, m)
+        idx, comb = self.router(x_flat, t)
+        keep = _keep(at, x_flat.shape[0], idx)
+        k = idx.shape[-1]
+        q = at.dispatcher.compute(x_flat, idx, at.q_experts, keep).reshape(b, n * k, h, d).transpose(1, 2)
+        kv = at.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        att = att.transpose(1, 2).reshape(b * n * k, h * d)  # (S*k, h*d)
+        o_keep = None if keep is None else keep.reshape(-1, 1)
+        o = at.dispatcher.compute(att, idx.reshape(-1, 1), at.o_experts, o_keep).reshape(b * n, k, m)
+        w = comb.to(o.dtype)
+        if keep is not None:
+            w = w * keep.to(w.dtype)
+        y = torch.einsum("skm,sk->sm", o, w)
+        return at.proj_drop(y.to(x.dtype).reshape(b, n, m))
+
+
+class TaskIndexedModel(nn.Module):
+    """``forward(images (B, 3, H, W) float, task (1,) int64)`` -> the output of task ``tasks[task]``: one tensor, or
+    (logits, out) when classification and dense tasks are mixed (see :meth:`output_groups`).
+
+    ``model``: a MoEVisionTransformer (its classifier head serves every task) or a MultiTaskModel (one head per
+    task). ``out_channels[i]`` is task i's real channel count in the (padded) output.
+    """
+
+    def __init__(self, model: nn.Module, tasks: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        if hasattr(model, "heads") and hasattr(model, "backbone"):
+            backbone, heads = model.backbone, dict(model.heads.items())
+        else:
+            backbone, heads = model, None
+        self.tasks = tuple(tasks or (model.tasks if heads is None else tuple(heads)))
+        unknown = [t for t in self.tasks if t not in backbone.tasks]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the model routes {list(backbone.tasks)}")
+        self.backbone = backbone
+        self.heads = None if heads is None else nn.ModuleList([heads[t] for t in self.tasks])
+        self.attn = nn.ModuleList()
+        self.mlp = nn.ModuleList()
+        for blk in backbone.blocks:
+            self.attn.append(_TaskIndexedAttention(blk.attn, self.tasks) if isinstance(blk.attn, MoEAttention)
+                             else nn.Identity())
+            self.mlp.append(_TaskIndexedMlp(blk.mlp, self.tasks) if isinstance(blk.mlp, MoEMlp) else nn.Identity())
+        if backbone.task_embed is not None:
+            idx = [backbone.tasks.index(t) for t in self.tasks]
+            self.register_buffer("task_embed", backbone.task_embed.detach()[:, idx].clone())  # (depth, T, C)
+        else:
+            self.task_embed = None
+
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        x = bb._pos_embed(bb.patch_embed(x))  # (B, prefix + N, C)
+        for i, blk in enumerate(bb.blocks):
+            if self.task_embed is not None:
+                x = x + self.task_embed[i].index_select(0, t).to(x.dtype)  # (1, C) broadcast
+            h = blk.norm1(x)
+            h = self.attn[i](h, t) if isinstance(blk.attn, MoEAttention) else blk.attn(h)
+            x = x + blk.drop_path1(blk.ls1(h))
+            h = blk.norm2(x)
+            h = self.mlp[i](h, t) if isinstance(blk.mlp, MoEMlp) else blk.mlp(h)
+            x = x + blk.drop_path2(blk.ls2(h))
+        return bb.norm(x)
+
+    def output_groups(self, images: torch.Tensor) -> dict[str, list[int]]:
+        """Output name -> indices of the tasks it serves: ``logits`` (rank-2 outputs, classification) and/or ``out``
+        (rank-4, dense). A task's result is read from its group's output; the other output holds another task's."""
+        with torch.no_grad():
+            outs = self._head_outputs(images, torch.zeros(1, dtype=torch.long))
+        groups: dict[str, list[int]] = {}
+        for i, o in enumerate(outs):
+            groups.setdefault("logits" if o.dim() == 2 else "out", []).append(i)
+        return groups
+
+    def _head_outputs(self, images: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        tokens = self.forward_features(images, t)
+        if self.heads is None:
+            return [self.backbone.forward_head(tokens)]
+        p = self.backbone.patch_embed.patch_size
+        size = (images.shape[-2], images.shape[-1])
+        grid = (size[0] // p[0], size[1] // p[1])
+        outs = [head(tokens, grid, size) for head in self.heads]
+        if any(isinstance(o, (tuple, list)) for o in outs):
+            raise ValueError("detection heads (several raw outputs) cannot share a multi-task output; export "
+                             "detection as a per-task graph")
+        return outs
+
+    def forward(self, images: torch.Tensor, task: torch.Tensor):
+        t = task.reshape(1).long()
+        outs = self._head_outputs(images, t)
+        if len(outs) == 1:
+            return outs[0]
+        results = []
+        for rank in sorted({o.dim() for o in outs}):
+            idx = [i for i, o in enumerate(outs) if o.dim() == rank]
+            group = [outs[i] for i in idx]
+            c = max(o.shape[1] for o in group)
+            group = [F.pad(o, [0, 0] * (rank - 2) + [0, c - o.shape[1]]) if o.shape[1] < c else o for o in group]
+            out = group[0]
+            for i, o in zip(idx[1:], group[1:]):
+                out = torch.where((t == i).reshape([1] * rank), o, out)
+            results.append(out)
+        return tuple(results) if len(results) > 1 else results[0]
+
+    def out_channels(self, images: torch.Tensor) -> list[int]:
+        """Each task's real channel count (dim 1 of its output) for ``images``."""
+        with torch.no_grad():
+            outs = self._head_outputs(images, torch.zeros(1, dtype=torch.long))
+        return [outs[0].shape[1]] * len(self.tasks) if self.heads is None else [o.shape[1] for o in outs]

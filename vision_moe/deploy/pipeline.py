@@ -1,0 +1,307 @@
+"""The export pipeline: task model -> ONNX (checked, simplified, verified) -> FP16 / INT8 variants -> TensorRT.
+
+:func:`export_model` writes, per task, ``<task>.onnx`` (fp32, static except an optional ``batch`` symbol) and the
+precision variant asked for, plus ``export_report.json`` (shapes, op counts, TensorRT op checks, parity, metric
+drops, versions). Every parity check failing its tolerance raises :class:`~.onnx_export.ParityError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from .multitask_graph import TaskIndexedModel
+from .onnx_export import (
+    check_static_graph,
+    compare_outputs,
+    export_onnx,
+    graph_io,
+    op_counts,
+    ort_session,
+    simplify_onnx,
+)
+from .prepost import decode_detections, sample_images
+from .trt_ops import TRT_VERSIONS, check_tensorrt_support
+
+__all__ = ["ExportConfig", "export_model", "task_module", "task_kind", "PRECISIONS", "FORMATS"]
+
+_logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+FORMATS = ("onnx", "engine")
+FP32_RTOL = 1e-4  # the issue's bar for fp32 graphs
+FP16_RTOL = 2e-2  # fp16 ONNX variant vs fp32 torch, on the same outputs
+
+
+@dataclass
+class ExportConfig:
+    """What to export. ``img_size`` (H, W) defaults to the model's; ``batch`` is the static batch (or the example
+    batch with ``dynamic_batch``). ``calib_data``: a folder of images from the task's dataset (INT8 calibration and
+    held-out evaluation); None uses scikit-image's bundled photographs."""
+
+    out_dir: str
+    tasks: Sequence[str] | None = None
+    fmt: str = "onnx"
+    precision: str = "fp32"
+    batch: int = 1
+    dynamic_batch: bool = False
+    img_size: tuple[int, int] | None = None
+    opset: int = 17
+    exporter: str = "torchscript"
+    calib_data: str | None = None
+    calib_images: int = 16
+    eval_images: int = 16
+    multitask: bool = False
+    dispatcher: str = "dense"
+    trt_versions: Sequence[str] = ("10.3", "10.16")
+    parity_images: int = 4
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"unknown format {self.fmt!r}; expected one of {list(FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {list(PRECISIONS)}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        bad = [v for v in self.trt_versions if v not in TRT_VERSIONS]
+        if bad:
+            raise ValueError(f"unknown TensorRT versions {bad}; expected some of {sorted(TRT_VERSIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------- task modules
+def _backbone(model: nn.Module) -> nn.Module:
+    return model.backbone if hasattr(model, "backbone") and hasattr(model, "heads") else model
+
+
+def task_kind(model: nn.Module, task: str) -> str:
+    """'classification' | 'dense' | 'detection' for ``task`` of ``model`` (a MoE ViT alone is a classifier)."""
+    if hasattr(model, "heads") and hasattr(model, "backbone"):
+        from ..tasks import get_task
+
+        return get_task(task).kind
+    return "classification"
+
+
+def _check_task(model: nn.Module, task: str) -> None:
+    tasks = list(model.tasks)
+    if task not in tasks:
+        raise ValueError(f"unknown task {task!r}; this model has tasks {tasks}")
+
+
+class _DetectionDecoded(nn.Module):
+    """Specialised detector + in-graph FCOS decoding: images -> boxes (B, A, 4), scores (B, A, K).
+
+    The outputs are EfficientNMS_TRT's inputs (box_coding=0 corners, scores per class), so NMS can be appended in
+    the graph for TensorRT or run on the host (``export/prepost.py``); points are constants for the input size.
+    """
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model, self.image_size = model, tuple(image_size)
+        self.register_buffer("points", model.anchors(self.image_size).float())  # (A, 4)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_detections(self.model(images), self.points, self.image_size)
+
+
+def task_module(model: nn.Module, task: str, image_size: tuple[int, int], dispatcher: str = "dense"
+                ) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    """The exportable single-task module for ``task``: ``model.specialize(task)`` with a static-shape dispatcher,
+    its output names, and metadata (kind, detection decoding parameters)."""
+    _check_task(model, task)
+    m = copy.deepcopy(model).eval()
+    _backbone(m).set_dispatcher(dispatcher)
+    spec = m.specialize(task).eval()
+    kind = task_kind(model, task)
+    meta: dict[str, Any] = {"kind": kind}
+    if kind == "detection":
+        head = spec.head
+        meta.update(num_classes=head.num_classes, score_thresh=head.score_thresh, nms_thresh=head.nms_thresh,
+                    topk_candidates=head.topk_candidates, detections_per_img=head.detections_per_img,
+                    level_counts=head._level_counts(image_size, head._grid_from(image_size)))
+        return _DetectionDecoded(spec, image_size).eval(), ["boxes", "scores"], meta
+    return spec, ["logits" if kind == "classification" else "out"], meta
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxslim
+
+    from .. import __version__
+
+    return dict(vision_moe=__version__, torch=torch.__version__, onnx=onnx.__version__,
+                onnxruntime=onnxruntime.__version__, onnxslim=onnxslim.__version__, python=platform.python_version())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _torch_outputs(module: nn.Module, *inputs: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*inputs)
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().float().numpy() for o in out]
+
+
+def _parity(session, module: nn.Module, images: np.ndarray, names: list[str], rtol: float, batch: int,
+            extra: dict[str, np.ndarray] | None = None, torch_extra: tuple = ()) -> dict[str, Any]:
+    """ORT vs torch over ``images`` in chunks of ``batch``; worst case per output."""
+    worst: dict[str, dict[str, float]] = {}
+    for i in range(0, len(images) - batch + 1, batch):
+        x = images[i:i + batch]
+        feeds = {session.get_inputs()[0].name: x, **(extra or {})}
+        got = session.run(None, feeds)
+        ref = _torch_outputs(module, torch.from_numpy(x), *torch_extra)
+        stats = compare_outputs(got, ref, names, rtol)
+        for k, v in stats.items():
+            if k not in worst or v["rel"] > worst[k]["rel"]:
+                worst[k] = v
+    return dict(rtol=rtol, images=len(images) - len(images) % batch, batch=batch, outputs=worst)
+
+
+def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -> tuple[onnx.ModelProto, dict]:
+    check_static_graph(model_proto)
+    raw_ops = len(model_proto.graph.node)
+    slim = simplify_onnx(model_proto)
+    check_static_graph(slim)
+    onnx.save(slim, str(path))
+    trt = {v: check_tensorrt_support(slim, v).as_dict() for v in cfg.trt_versions}
+    info = dict(path=path.name, sha256=_sha256(path), bytes=path.stat().st_size, opset=cfg.opset,
+                exporter=cfg.exporter, nodes_before_slim=raw_ops, nodes=len(slim.graph.node), op_counts=op_counts(slim),
+                io=graph_io(onnx.shape_inference.infer_shapes(slim)), tensorrt=trt)
+    return slim, info
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export ``model`` (MultiTaskModel or MoEVisionTransformer) per ``cfg``; returns and writes the report."""
+    from .quantize import convert_fp16, evaluate_drop, quantize_int8
+    from .tensorrt_build import build_or_script
+
+    cfg.validate()
+    model = model.eval()
+    tasks = list(cfg.tasks or model.tasks)
+    for t in tasks:
+        _check_task(model, t)
+    bb = _backbone(model)
+    hw = tuple(cfg.img_size or bb.patch_embed.img_size)
+    p = bb.patch_embed.patch_size
+    if hw[0] % p[0] or hw[1] % p[1]:
+        raise ValueError(f"image size {hw} is not a multiple of the patch size {tuple(p)}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_par = max(cfg.parity_images, cfg.batch) // cfg.batch * cfg.batch
+    images = sample_images(n_par, hw, cfg.mean, cfg.std)
+    report: dict[str, Any] = dict(model=model_info or {}, config={k: v for k, v in asdict(cfg).items()
+                                                                  if k != "out_dir"},
+                                  input=dict(name="images", shape=["batch" if cfg.dynamic_batch else cfg.batch, 3, *hw],
+                                             dtype="float32", layout="NCHW", mean=list(cfg.mean), std=list(cfg.std),
+                                             preprocess="fit inside (H, W) keeping aspect (bilinear), pad "
+                                                        "bottom/right with 0, (x/255 - mean) / std"),
+                                  versions=_versions(), tasks={})
+    for task in tasks:
+        module, names, meta = task_module(model, task, hw, cfg.dispatcher)
+        path = out / f"{task}.onnx"
+        example = torch.from_numpy(images[:cfg.batch])
+        proto = export_onnx(module, (example,), path, input_names=["images"], output_names=names, opset=cfg.opset,
+                            exporter=cfg.exporter, dynamic_batch=cfg.dynamic_batch)
+        proto, info = _finish_graph(proto, path, cfg)
+        sess = ort_session(proto)
+        entry: dict[str, Any] = dict(meta, fp32=info)
+        entry["fp32"]["parity"] = _parity(sess, module, images, names, FP32_RTOL, cfg.batch)
+        if cfg.dynamic_batch:  # a second batch size through the same graph
+            b2 = 1 if cfg.batch > 1 else min(3, len(images))
+            entry["fp32"]["parity_batch_" + str(b2)] = _parity(sess, module, images[:b2 * (len(images) // b2)],
+                                                               names, FP32_RTOL, b2)
+        if cfg.precision == "fp16":
+            p16 = out / f"{task}.fp16.onnx"
+            convert_fp16(path, p16)
+            entry["fp16"] = dict(path=p16.name, sha256=_sha256(p16), note="FP16 weights and activations, fp32 I/O: "
+                                 "for strongly-typed TensorRT (TensorRT 11); TensorRT 10 builds the fp32 graph with "
+                                 "the FP16 builder flag instead",
+                                 parity=_parity(ort_session(p16), module, images, names, FP16_RTOL, cfg.batch),
+                                 tensorrt={v: check_tensorrt_support(onnx.load(str(p16)), v).as_dict()
+                                           for v in cfg.trt_versions})
+        if cfg.precision == "int8":
+            p8 = out / f"{task}.int8.onnx"
+            calib = sample_images(cfg.calib_images, hw, cfg.mean, cfg.std, cfg.calib_data)
+            quantize_int8(path, p8, calib, cfg.batch)
+            held = sample_images(cfg.eval_images, hw, cfg.mean, cfg.std, cfg.calib_data, offset=cfg.calib_images)
+            entry["int8"] = dict(path=p8.name, sha256=_sha256(p8), calibration_images=cfg.calib_images,
+                                 calibration_source=cfg.calib_data or "skimage.data photographs",
+                                 format="QDQ, per-channel symmetric int8 weights, symmetric int8 activations",
+                                 tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict()
+                                           for v in cfg.trt_versions},
+                                 evaluation=evaluate_drop(path, p8, held, meta, cfg.batch, cfg.calib_data, task, hw,
+                                                          cfg.mean, cfg.std))
+        if cfg.fmt == "engine":
+            src = {"fp32": path, "fp16": out / f"{task}.onnx", "int8": out / f"{task}.int8.onnx"}[cfg.precision]
+            entry["engine"] = build_or_script(src, out / f"{task}.{cfg.precision}.engine", cfg.precision, hw,
+                                              cfg.batch, cfg.dynamic_batch)
+        report["tasks"][task] = entry
+        _logger.info("exported %s: %s", task, path)
+    if cfg.multitask:
+        report["multitask"] = _export_multitask(model, tasks, images, out, cfg)
+        if cfg.fmt == "engine":
+            report["multitask"]["engine"] = build_or_script(out / "multitask.onnx", out / "multitask.fp32.engine",
+                                                            "fp32" if cfg.precision == "int8" else cfg.precision, hw,
+                                                            cfg.batch, cfg.dynamic_batch)
+    (out / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def _export_multitask(model: nn.Module, tasks: list[str], images: np.ndarray, out: Path, cfg: ExportConfig
+                      ) -> dict[str, Any]:
+    """One graph, task as an int64 input; verified against torch and against every per-task graph."""
+    kinds = {t: task_kind(model, t) for t in tasks}
+    det = [t for t, k in kinds.items() if k == "detection"]
+    if det:
+        raise ValueError(f"tasks {det} are detection: the multi-task graph holds single-output heads; export "
+                         "detection per task")
+    m = copy.deepcopy(model).eval()
+    _backbone(m).set_dispatcher(cfg.dispatcher)
+    mt = TaskIndexedModel(m, tuple(tasks)).eval()
+    path = out / "multitask.onnx"
+    x = torch.from_numpy(images[:cfg.batch])
+    t0 = torch.zeros(1, dtype=torch.int64)
+    groups = mt.output_groups(x)
+    names = list(groups)  # ordered as forward returns them: rank-2 'logits' before rank-4 'out'
+    proto = export_onnx(mt, (x, t0), path, input_names=["images", "task"], output_names=names, opset=cfg.opset,
+                        exporter=cfg.exporter, dynamic_batch=cfg.dynamic_batch)
+    proto, info = _finish_graph(proto, path, cfg)
+    sess = ort_session(proto)
+    info["tasks"] = {t: i for i, t in enumerate(tasks)}
+    info["task_output"] = {tasks[i]: name for name, idx in groups.items() for i in idx}
+    info["out_channels"] = dict(zip(tasks, mt.out_channels(x)))
+    info["parity"], info["vs_per_task_graph"] = {}, {}
+    for i, t in enumerate(tasks):
+        ti = np.array([i], dtype=np.int64)
+        info["parity"][t] = _parity(sess, mt, images, names, FP32_RTOL, cfg.batch, extra={"task": ti},
+                                    torch_extra=(torch.from_numpy(ti),))
+        per_task = ort_session(out / f"{t}.onnx")
+        c, k = info["out_channels"][t], names.index(info["task_output"][t])
+        worst = 0.0
+        for j in range(0, len(images) - cfg.batch + 1, cfg.batch):
+            xb = images[j:j + cfg.batch]
+            a = sess.run(None, {"images": xb, "task": ti})[k][:, :c]
+            b = per_task.run(None, {"images": xb})[0]
+            st = compare_outputs([a], [b], ["out"], FP32_RTOL, f"multitask[{t}] vs {t}.onnx")
+            worst = max(worst, st["out"]["rel"])
+        info["vs_per_task_graph"][t] = dict(rel=worst, rtol=FP32_RTOL)
+    return info

@@ -1,0 +1,144 @@
+"""INT8 (ONNX Runtime static quantisation, QDQ) and FP16 variants of an exported graph, and their metric drop.
+
+QDQ with symmetric int8 (zero points 0, per-channel weights) is what TensorRT 10 and 11 consume as explicit
+quantisation, so no TensorRT calibration cache is involved; ONNX Runtime runs the same file on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .onnx_export import ort_session
+
+__all__ = ["quantize_int8", "convert_fp16", "evaluate_drop", "heldout_images"]
+
+_logger = logging.getLogger(__name__)
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a preprocessed (N, 3, H, W) array, ``batch`` at a time."""
+
+    def __init__(self, images: np.ndarray, batch: int) -> None:
+        self.chunks = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.chunks):
+            return None
+        self.i += 1
+        return {"images": self.chunks[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def quantize_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, batch: int = 1,
+                  op_types: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose")) -> Path:
+    """Static INT8 quantisation (QDQ, per-channel symmetric weights, symmetric activations, MinMax calibration)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_optimization=False, skip_onnx_shape=False, skip_symbolic_shape=True)
+    try:
+        excluded = stacked_weight_nodes(onnx.load(str(pre)))
+        quantize_static(str(pre), str(dst), _Reader(calib_images, batch), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(op_types), nodes_to_exclude=excluded,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    finally:
+        pre.unlink(missing_ok=True)
+    q = onnx.load(str(dst))
+    onnx.checker.check_model(q, full_check=True)
+    if excluded:
+        _logger.info("%s: %d MatMuls on stacked (E, in, out) expert weights left in float", dst.name, len(excluded))
+    return dst
+
+
+def stacked_weight_nodes(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose weight is a stacked (E, in, out) initializer (the experts' batched GEMMs).
+
+    Per-channel QDQ on a 3-D MatMul weight gives a zero point ONNX Runtime's QLinearMatMul rejects (it needs a
+    scalar or (..., 1, N) zero point), and per-tensor would share one scale across all experts, so these stay in
+    float; the attention, dense MLP, patch-embedding, head and router GEMMs are quantised.
+    """
+    ranks = {i.name: len(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and any(ranks.get(x, 0) >= 3 for x in n.input)]
+
+
+def convert_fp16(src: str | Path, dst: str | Path) -> Path:
+    """FP16 weights and compute, fp32 inputs/outputs (Cast at the edges); routers' TopK stays consistent because
+    the whole graph, gate included, runs in the same precision."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(dst))
+    return Path(dst)
+
+
+def _is_builtin(root: str | Path | None) -> bool:
+    return root is not None and (Path(root) / "manifest.json").is_file() and (Path(root) / "val").is_dir()
+
+
+def heldout_images(calib_data: str | Path | None, task: str, n: int, hw: tuple[int, int], mean, std,
+                   offset: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Held-out images (and class labels when the data has them): a built-in dataset's ``val`` split, else the
+    images after the calibration ones."""
+    from .prepost import preprocess, sample_images
+
+    if _is_builtin(calib_data) and task == "classification":
+        from ..data.builtin import BuiltinDataset
+
+        ds = BuiltinDataset(calib_data, split="val", tasks=["classification"])
+        raws = [ds.load_raw(i) for i in range(min(n, len(ds)))]
+        return preprocess([r["image"] for r in raws], hw, mean, std), np.array([r["class_label"] for r in raws])
+    return sample_images(n, hw, mean, std, calib_data, offset=offset), None
+
+
+def _run(path: Path, images: np.ndarray, batch: int) -> list[np.ndarray]:
+    sess = ort_session(path)
+    outs = [sess.run(None, {"images": images[i:i + batch]}) for i in range(0, len(images) - batch + 1, batch)]
+    return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+
+def evaluate_drop(fp32_path: Path, q_path: Path, images: np.ndarray, meta: dict[str, Any], batch: int,
+                  calib_data: str | None, task: str, hw, mean, std) -> dict[str, Any]:
+    """The task metric of the fp32 and quantised graphs on held-out images, and the drop (points).
+
+    classification: top-1 accuracy against labels when the data has them (built-in dataset), else top-1 agreement
+    with fp32 (fp32 = 100). dense: per-pixel argmax agreement (multi-channel) or 100 * (1 - relative L1 error)
+    against fp32. detection: 100 * (1 - relative max error) of the decoded scores against fp32.
+    """
+    labels = None
+    if _is_builtin(calib_data) and meta["kind"] == "classification":
+        images, labels = heldout_images(calib_data, task, len(images), hw, mean, std, 0)
+    n = len(images) - len(images) % batch
+    images = images[:n]
+    ref, got = _run(fp32_path, images, batch), _run(q_path, images, batch)
+    kind = meta["kind"]
+    if kind == "classification":
+        if labels is not None:
+            labels = labels[:n]
+            f = 100.0 * float(np.mean(ref[0].argmax(-1) == labels))
+            q = 100.0 * float(np.mean(got[0].argmax(-1) == labels))
+            name = "top1 accuracy (labels)"
+        else:
+            f, q, name = 100.0, 100.0 * float(np.mean(got[0].argmax(-1) == ref[0].argmax(-1))), "top1 agreement"
+    elif kind == "dense" and ref[0].shape[1] > 1:
+        f, q = 100.0, 100.0 * float(np.mean(got[0].argmax(1) == ref[0].argmax(1)))
+        name = "per-pixel argmax agreement with fp32"
+    else:
+        i = 1 if kind == "detection" else 0
+        err = float(np.mean(np.abs(got[i] - ref[i])) / max(float(np.mean(np.abs(ref[i]))), 1e-12))
+        f, q, name = 100.0, 100.0 * (1.0 - err), "100 x (1 - relative L1 error) vs fp32"
+    return dict(metric=name, images=n, fp32=f, quantized=q, drop=f - q)
