@@ -10,6 +10,7 @@ from .common import (
     collate_multitask,
     stack_target,
 )
+from .sampling import MultiTaskBatch, MultiTaskLoader, ShardedInfiniteSampler, TaskScheduler
 from .transforms import build_transforms
 
 __all__ = [
@@ -23,4 +24,8 @@ __all__ = [
     "CocoDetection",
     "load_coco_json",
     "build_transforms",
+    "MultiTaskBatch",
+    "MultiTaskLoader",
+    "ShardedInfiniteSampler",
+    "TaskScheduler",
 ]
