@@ -65,3 +65,85 @@ def write_imagenet_folders(root: Path, classes=("n01440764", "n01443537", "n0148
         for i in range(per_class):
             Image.fromarray(rand_image(rng, 20, 28)).save(d / f"{c}_{i}.JPEG", format="JPEG")
     return root / "train"
+
+
+def _pascal_part_anno(h: int, w: int, with_person: bool) -> np.ndarray:
+    """A Pascal-Part ``anno`` struct: one person (head + torso + left upper arm) and one dog without parts."""
+    import scipy.io  # noqa: F401  (only needed by the caller's savemat)
+
+    obj_dtype = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
+    part_dtype = [("part_name", "O"), ("mask", "O")]
+    objs = np.empty((1, 2 if with_person else 1), dtype=obj_dtype)
+    dog = np.zeros((h, w), np.uint8)
+    dog[-4:, -6:] = 1
+    objs[0, 0] = ("dog", np.array([[12]], np.uint8), dog, np.zeros((0, 0)))
+    if with_person:
+        parts = np.empty((1, 3), dtype=part_dtype)
+        for k, (name, rows) in enumerate([("head", slice(0, 3)), ("torso", slice(3, 8)), ("luarm", slice(8, 10))]):
+            m = np.zeros((h, w), np.uint8)
+            m[rows, 2:6] = 1
+            parts[0, k] = (name, m)
+        person = np.zeros((h, w), np.uint8)
+        person[0:10, 2:6] = 1
+        objs[0, 1] = ("person", np.array([[15]], np.uint8), person, parts)
+    anno = np.empty((1, 1), dtype=[("imname", "O"), ("objects", "O")])
+    anno[0, 0] = ("x", objs)
+    return anno
+
+
+def write_pascal_context(root: Path, ids=("2008_000002", "2008_000003"), h: int = 16, w: int = 20) -> Path:
+    """PASCALContext folder in the ASTMT layout; the second image has no person."""
+    import scipy.io
+
+    rng = np.random.default_rng(3)
+    for d in (
+        "JPEGImages",
+        "semseg/pascal-context",
+        "human_parts",
+        "sal_distill",
+        "normals_distill",
+        "pascal-context/trainval",
+        "ImageSets/Context",
+    ):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for k, i in enumerate(ids):
+        Image.fromarray(rand_image(rng, h, w)).save(root / "JPEGImages" / f"{i}.jpg")
+        sem = np.zeros((h, w), np.uint8)
+        sem[0:10, 2:6] = 15
+        sem[-1, :] = 255
+        Image.fromarray(sem).save(root / "semseg" / "pascal-context" / f"{i}.png")
+        scipy.io.savemat(root / "human_parts" / f"{i}.mat", {"anno": _pascal_part_anno(h, w, with_person=k == 0)})
+        sal = np.zeros((h, w), np.uint8)
+        sal[0:10, 2:6] = 200
+        Image.fromarray(sal).save(root / "sal_distill" / f"{i}.png")
+        nrm = np.zeros((h, w, 3), np.uint8)
+        nrm[...] = (128, 128, 255)  # facing the camera
+        nrm[:, : w // 2] = (255, 128, 128)  # pointing right
+        Image.fromarray(nrm).save(root / "normals_distill" / f"{i}.png")
+        label_map = np.full((h, w), 9, np.uint16)
+        label_map[0:10, 2:6] = 284
+        scipy.io.savemat(root / "pascal-context" / "trainval" / f"{i}.mat", {"LabelMap": label_map})
+    (root / "ImageSets" / "Context" / "train.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def write_nyud(root: Path, ids=("0001", "0002"), h: int = 12, w: int = 16) -> Path:
+    """NYUD_MT folder (ATRC/InvPT layout): .npy depth/normals/edges, 0 = void in segmentation."""
+    rng = np.random.default_rng(4)
+    for d in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.fromarray(rand_image(rng, h, w)).save(root / "images" / f"{i}.jpg")
+        seg = np.ones((h, w), np.uint8) * 5
+        seg[0, :] = 0
+        seg[5:, :] = 40
+        Image.fromarray(seg).save(root / "segmentation" / f"{i}.png")
+        np.save(root / "depth" / f"{i}.npy", np.linspace(0.5, 4.0, h * w, dtype=np.float32).reshape(h, w))
+        n = np.zeros((h, w, 3), np.float32)
+        n[..., 1] = -1.0
+        np.save(root / "normals" / f"{i}.npy", n)
+        e = np.zeros((h, w), np.float32)
+        e[5, :] = 1
+        np.save(root / "edge" / f"{i}.npy", e)
+    (root / "gt_sets" / "val.txt").write_text("\n".join(ids) + "\n")
+    return root

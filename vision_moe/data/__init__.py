@@ -1,5 +1,6 @@
 """Datasets in their real on-disk formats, albumentations transforms, multi-task sampling, built-in data."""
 
+from .classification import ImageFolderClassification
 from .coco import CocoDetection, load_coco_json
 from .common import (
     DENSE_TASKS,
@@ -10,7 +11,9 @@ from .common import (
     collate_multitask,
     stack_target,
 )
+from .multitask import NYUDv2MT, PascalContextMT
 from .sampling import MultiTaskBatch, MultiTaskLoader, ShardedInfiniteSampler, TaskScheduler
+from .segmentation import SegmentationFolder, ade20k, voc_segmentation
 from .transforms import build_transforms
 
 __all__ = [
@@ -23,6 +26,12 @@ __all__ = [
     "stack_target",
     "CocoDetection",
     "load_coco_json",
+    "ImageFolderClassification",
+    "SegmentationFolder",
+    "ade20k",
+    "voc_segmentation",
+    "PascalContextMT",
+    "NYUDv2MT",
     "build_transforms",
     "MultiTaskBatch",
     "MultiTaskLoader",
