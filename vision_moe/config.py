@@ -1,0 +1,304 @@
+"""Experiment configs: YAML validated against typed dataclasses, one level of ``_base_``, ``--set`` overrides.
+
+Any unknown key, wrong type or unknown task name raises :class:`ConfigError` with one line naming the file,
+the key and the value, before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .tasks import DENSE_HEADS, TASKS
+
+__all__ = [
+    "ConfigError", "Config", "ModelConfig", "TaskConfig", "DatasetConfig", "DataConfig", "OptimConfig",
+    "SchedConfig", "TrainConfig", "MoELossConfig", "load_config", "config_from_dict", "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line: ``file: key: message (got value)``."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "m3vit_tiny_patch16_224"
+    img_size: int = 224
+    head: str = "setr_pup"  # dense head: 'setr_pup' | 'linear'
+    head_channels: int = 256  # SETR-PUP conv width (256 in M³ViT)
+    head_norm: str = "bn"
+    det_channels: int = 256  # detection pyramid / FCOS tower width
+    det_num_convs: int = 4
+    det_scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    cls_pool: str = "token"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model overrides (depth, patch_size...)
+
+
+@dataclass
+class TaskConfig:
+    weight: float = 1.0  # loss weight
+    num_classes: int | None = None  # None: taken from the dataset (or the task's fixed channels)
+
+
+@dataclass
+class DatasetConfig:
+    format: str = "builtin"  # builtin | coco | ade20k | imagenet_folder | pascal_context | nyud
+    root: str = "data/builtin"
+    tasks: list[str] = field(default_factory=list)  # empty = every task the dataset labels that the config trains
+    train_split: str = "train"
+    val_split: str = "val"
+    sample_weight: float = 1.0
+    # built-in data only (vision_moe.data.builtin.prepare_builtin)
+    num_train: int = 2000
+    num_val: int = 200
+    seed: int = 0
+    ann_file: str = ""  # COCO: annotation JSON (relative to root), if not the default layout
+    val_ann_file: str = ""
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig()])
+    sampling: str = "round_robin"  # 'round_robin' | 'weighted' over datasets, one dataset per step
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    max_bad_fraction: float = 0.01  # stop training when more than this fraction of samples is unreadable
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    augment: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop scale range
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # 'adamw' | 'sgd'
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 1.0  # 0 = off
+    head_lr_mult: float = 1.0
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # 'cosine' | 'poly' | 'constant'
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
+    min_lr_factor: float = 0.0
+    power: float = 0.9  # poly
+
+
+@dataclass
+class MoELossConfig:
+    aux_loss: str = "importance_load"  # 'importance_load' (M³ViT cv²) | 'switch' | 'none'
+    aux_weight: float = 0.01
+    mi_weight: float = 0.0  # Mod-Squad mutual information across the tasks of a step (0.005 in the paper)
+    z_weight: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    amp: bool = False  # autocast (bf16 on CPU, fp16 on CUDA)
+    amp_dtype: str = "auto"  # 'auto' | 'bf16' | 'fp16'
+    threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    uncertainty_weighting: bool = False  # learned per-task log-variance weights (Kendall / Mod-Squad)
+    device: str = "auto"
+    tensorboard: bool = True
+    progress: bool = True
+    eval_max_batches: int = 0  # 0 = the whole split
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    moe: MoELossConfig = field(default_factory=MoELossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "experiment"
+
+
+_CHOICES = {
+    "model.head": DENSE_HEADS, "model.head_norm": ("bn", "gn", "none"), "model.cls_pool": ("token", "avg"),
+    "data.sampling": ("round_robin", "weighted"), "optim.name": ("adamw", "sgd"),
+    "sched.name": ("cosine", "poly", "constant"), "moe.aux_loss": ("importance_load", "switch", "none"),
+    "train.amp_dtype": ("auto", "bf16", "fp16"),
+    "data.datasets.format": ("builtin", "coco", "ade20k", "imagenet_folder", "pascal_context", "nyud"),
+}
+
+
+def _err(src: str, key: str, msg: str, value: Any) -> ConfigError:
+    return ConfigError(f"{src}: {key}: {msg} (got {value!r})")
+
+
+def _convert(tp: Any, value: Any, key: str, src: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, src)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _err(src, key, f"expected a mapping for {tp.__name__}", value)
+        return _build(tp, value, key, src)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _err(src, key, "expected a list", value)
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _err(src, key, "expected a mapping", value)
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(vt, v, f"{key}.{k}", src) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(src, key, "expected a number", value)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _err(src, key, "expected an integer", value)
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _err(src, key, "expected true/false", value)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise _err(src, key, "expected a string", value)
+        return value
+    raise _err(src, key, f"unsupported type {tp}", value)
+
+
+def _build(cls: type, data: dict, prefix: str, src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise _err(src, key, f"unknown key; {cls.__name__} keys are {sorted(names)}", v)
+        kwargs[k] = _convert(hints[k], v, key, src)
+        choices = _CHOICES.get(_generic_key(key))
+        if choices is not None and kwargs[k] not in choices:
+            raise _err(src, key, f"expected one of {list(choices)}", v)
+    return cls(**kwargs)
+
+
+def _generic_key(key: str) -> str:
+    import re
+
+    return re.sub(r"\[\d+\]", "", key)
+
+
+def _validate(cfg: Config, src: str) -> Config:
+    if not cfg.tasks:
+        raise _err(src, "tasks", "at least one task is required", cfg.tasks)
+    for t in cfg.tasks:
+        if t not in TASKS:
+            raise _err(src, f"tasks.{t}", f"unknown task; expected one of {sorted(TASKS)}", t)
+    for i, ds in enumerate(cfg.data.datasets):
+        for t in ds.tasks:
+            if t not in TASKS:
+                raise _err(src, f"data.datasets[{i}].tasks", f"unknown task; expected one of {sorted(TASKS)}", t)
+            if t not in cfg.tasks:
+                raise _err(src, f"data.datasets[{i}].tasks", "task not listed under tasks:", t)
+    if not cfg.data.datasets:
+        raise _err(src, "data.datasets", "at least one dataset is required", cfg.data.datasets)
+    if cfg.train.steps <= 0:
+        raise _err(src, "train.steps", "must be positive", cfg.train.steps)
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise _err(src, "data.max_bad_fraction", "must be in [0, 1]", cfg.data.max_bad_fraction)
+    from ._factory import list_models
+
+    if cfg.model.backbone not in list_models():
+        raise _err(src, "model.backbone", f"unknown backbone; expected one of {list_models()}", cfg.model.backbone)
+    return cfg
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping (got {type(data).__name__})")
+    return data
+
+
+def _apply_set(data: dict, item: str, src: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"{src}: --set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{src}: {key}: cannot set inside a non-mapping value (got {nxt!r})")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict, src: str = "<dict>") -> Config:
+    """Validate a plain dict (as read from YAML) into a :class:`Config`."""
+    return _validate(_build(Config, data, "", src), src)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (merging its ``_base_`` file, one level, relative to it), apply ``key=value`` overrides
+    (values parsed as YAML) and validate."""
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("_base_", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _base_: expected a file name (got {base!r})")
+        base_data = _read_yaml(path.parent / base)
+        if "_base_" in base_data:
+            raise ConfigError(f"{path.parent / base}: _base_: only one level of _base_ is supported")
+        data = _deep_merge(base_data, data)
+    for item in overrides or []:
+        _apply_set(data, item, f"{path} --set")
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,147 @@
+"""Checkpoints: weights as safetensors + a JSON config that rebuilds the model, plus the training state
+(optimizer / scheduler / sampler / RNG) as a ``torch.save`` file read back with ``weights_only=True``.
+Every file is written atomically (temp file in the same folder, then ``os.replace``); loading never
+unpickles code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_checkpoint", "load_model", "load_train_state", "latest_checkpoint", "CheckpointError",
+           "atomic_write_bytes", "atomic_write_text"]
+
+_logger = logging.getLogger(__name__)
+WEIGHTS, CONFIG, STATE = "model.safetensors", "config.json", "train_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, config: dict[str, Any],
+                    train_state: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors``, ``config.json`` (``config`` + the weights' sha256) and, if given,
+    ``train_state.pt`` into ``directory``; config.json goes last so a complete config means complete weights."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(d / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    if train_state is not None:
+        _atomic(d / STATE, lambda tmp: torch.save(train_state, tmp))
+    cfg = dict(config, weights_sha256=_sha256(d / WEIGHTS))
+    atomic_write_text(d / CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
+    return d
+
+
+def _resolve_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not (p / CONFIG).is_file():
+        raise CheckpointError(f"{p / CONFIG}: not found; expected a checkpoint folder with {CONFIG} and {WEIGHTS}")
+    return p
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    d = _resolve_dir(path)
+    try:
+        return json.loads((d / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{d / CONFIG}: invalid JSON ({e})") from None
+
+
+def load_model(path: str | Path, verify: bool = True):
+    """Rebuild the :class:`MultiTaskModel` of a checkpoint folder (or its weights file) and load its weights.
+
+    Returns ``(model, config)``. A truncated file, a checksum mismatch or weights that do not fit the config
+    raise :class:`CheckpointError` naming the file.
+    """
+    from ..models.multitask import build_multitask_model
+
+    d = _resolve_dir(path)
+    cfg = read_config(d)
+    wpath = d / WEIGHTS
+    if not wpath.is_file():
+        raise CheckpointError(f"{wpath}: not found")
+    if verify and "weights_sha256" in cfg and _sha256(wpath) != cfg["weights_sha256"]:
+        raise CheckpointError(f"{wpath}: sha256 does not match {CONFIG} (truncated or modified file)")
+    try:
+        sd = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{wpath}: cannot read safetensors ({e})") from None
+    m = cfg.get("model")
+    if not isinstance(m, dict) or "backbone" not in m or "tasks" not in m:
+        raise CheckpointError(f"{d / CONFIG}: no 'model' section with backbone and tasks")
+    try:
+        model = build_multitask_model(m["backbone"], m["tasks"], img_size=m.get("img_size", 224),
+                                      head=m.get("head", "setr_pup"), head_kwargs=m.get("head_kwargs") or {},
+                                      **(m.get("backbone_kwargs") or {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / CONFIG}: cannot build the model ({e})") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(f"{wpath}: weights do not match {CONFIG}: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}, shape mismatch {bad_shape[:3]}")
+    model.load_state_dict(sd)
+    return model, cfg
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """The optimizer / scheduler / sampler / RNG state of a checkpoint (``weights_only=True``)."""
+    f = _resolve_dir(path) / STATE
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: not found; this checkpoint holds no training state") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read training state ({str(e).splitlines()[0]})") from None
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoints/step_*`` folder under ``out_dir``."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step_*") if (p / CONFIG).is_file() and (p / STATE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None

@@ -1,0 +1,200 @@
+"""Datasets from a config and the deterministic step plan (which dataset, which samples, which augmentation
+seed at every step), so a resumed run sees exactly the batches an uninterrupted one would."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Config, DatasetConfig
+
+__all__ = ["build_dataset", "StepPlan", "PlanDataset", "collate_plan", "BadSampleTracker", "TooManyBadSamples",
+           "reseed_sample"]
+
+_logger = logging.getLogger(__name__)
+
+
+def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None):
+    """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline."""
+    from ..data.transforms import build_transforms
+
+    tasks = list(tasks if tasks is not None else ds.tasks or cfg.tasks)
+    augment = train and cfg.data.augment
+    tf = build_transforms(train=augment, img_size=cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
+                          tasks=tasks, **({"scale": tuple(cfg.data.crop_scale)} if augment else {}))
+    root = Path(ds.root).expanduser()
+    if ds.format == "builtin":
+        from ..data.builtin import BuiltinDataset, prepare_builtin
+
+        root = prepare_builtin(root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val,
+                               img_size=cfg.model.img_size)
+        return BuiltinDataset(root, split, tasks=tasks, transform=tf)
+    from .. import data as D
+
+    name = {"coco": "CocoDetection", "ade20k": "SegmentationFolder", "imagenet_folder": "ImageFolderClassification",
+            "pascal_context": "PascalContext", "nyud": "NYUDv2"}[ds.format]
+    cls = getattr(D, name, None)
+    if cls is None:
+        raise ValueError(f"dataset format {ds.format!r}: vision_moe.data has no {name}")
+    kwargs: dict[str, Any] = {"transform": tf}
+    if ds.format == "coco":
+        ann = ds.ann_file if split == ds.train_split else (ds.val_ann_file or ds.ann_file)
+        if ann:
+            kwargs["ann_file"] = root / ann
+    return cls(root, split, tasks=tasks, **kwargs) if ds.format != "coco" or "ann_file" not in kwargs else cls(
+        root, split, **kwargs)
+
+
+def reseed_sample(dataset: Any, seed: int) -> None:
+    """Seed every RNG a sample's loading and augmentation may use (python, numpy, torch, albumentations)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    ds = dataset
+    while ds is not None:
+        tf = getattr(ds, "transform", None)
+        comp = getattr(tf, "compose", tf)
+        if hasattr(comp, "set_random_seed"):
+            comp.set_random_seed(seed)
+            return
+        ds = getattr(ds, "dataset", None)
+
+
+class StepPlan:
+    """Step s -> (dataset index, this rank's sample indices, per-sample seeds); a pure function of the seed.
+
+    Datasets are drawn round-robin or by weight (one per step, the same on every rank); inside a dataset,
+    each epoch is a seeded permutation cut into global batches of ``batch_size * world``, rank r taking every
+    world-th sample. Incomplete last batches are dropped.
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int, mode: str = "round_robin",
+                 weights: Sequence[float] | None = None, rank: int = 0, world: int = 1) -> None:
+        if any(n <= 0 for n in sizes):
+            raise ValueError(f"empty dataset in {list(sizes)}")
+        self.sizes, self.batch_size, self.seed, self.mode = list(sizes), batch_size, seed, mode
+        self.weights = torch.tensor(list(weights) if weights else [1.0] * len(sizes), dtype=torch.float64)
+        self.rank, self.world = rank, world
+        self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _dataset_at(self, step: int) -> int:
+        if self.mode == "round_robin" or len(self.sizes) == 1:
+            return step % len(self.sizes)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return int(torch.multinomial(self.weights, 1, generator=g))
+
+    def _perm(self, d: int, epoch: int) -> torch.Tensor:
+        key = (d, epoch)
+        if key not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 7_919 + d * 104_729 + epoch)
+            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != d}
+            self._perm_cache[key] = torch.randperm(self.sizes[d], generator=g)
+        return self._perm_cache[key]
+
+    def plan(self, start: int, stop: int) -> list[tuple[int, list[int], list[int]]]:
+        """The entries of steps ``start .. stop-1``."""
+        counts = [0] * len(self.sizes)
+        for s in range(start):
+            counts[self._dataset_at(s)] += 1
+        out = []
+        gb = self.batch_size * self.world
+        for s in range(start, stop):
+            d = self._dataset_at(s)
+            n = self.sizes[d]
+            per_epoch = max(1, n // gb)
+            epoch, j = divmod(counts[d], per_epoch)
+            counts[d] += 1
+            perm = self._perm(d, epoch)
+            idx = [int(perm[(j * gb + k) % n]) for k in range(gb)][self.rank :: self.world]
+            seeds = [(self.seed * 1_000_003 + d * 7_919 + epoch * 104_729 + i) % 2**31 for i in idx]
+            out.append((d, idx, seeds))
+        return out
+
+
+@dataclass
+class _Bad:
+    reason: str
+
+
+class PlanDataset(torch.utils.data.Dataset):
+    """Items are (dataset index, sample index, seed); each sample is loaded after reseeding its RNGs. A sample
+    raising ``BadSampleError`` comes back as a :class:`_Bad` record (counted by the trainer, not fatal)."""
+
+    def __init__(self, datasets: Sequence[Any]) -> None:
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, item: tuple[int, int, int]):
+        from ..data import BadSampleError
+
+        d, i, seed = item
+        ds = self.datasets[d]
+        in_main = torch.utils.data.get_worker_info() is None
+        if in_main:  # loading in the training process: leave its RNG streams (router noise, dropout) untouched
+            saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        reseed_sample(ds, seed)
+        try:
+            return ds[i]
+        except BadSampleError as e:
+            return _Bad(str(e))
+        finally:
+            if in_main:
+                torch.set_rng_state(saved[0])
+                np.random.set_state(saved[1])
+                random.setstate(saved[2])
+
+
+def collate_plan(batch: list) -> tuple[torch.Tensor, list[dict], list[str]]:
+    """(images (B, 3, H, W), targets, reasons of the bad samples dropped from this batch)."""
+    from ..data import collate_multitask
+
+    bad = [b.reason for b in batch if isinstance(b, _Bad)]
+    images, targets = collate_multitask([b for b in batch if not isinstance(b, _Bad)])
+    return images, targets, bad
+
+
+class TooManyBadSamples(RuntimeError):
+    """More samples than ``data.max_bad_fraction`` could not be read."""
+
+
+class BadSampleTracker:
+    """Counts unreadable samples; raises :class:`TooManyBadSamples` once their fraction exceeds the limit
+    (checked after ``min_seen`` samples so one early bad file does not stop a run)."""
+
+    def __init__(self, max_fraction: float, min_seen: int = 50) -> None:
+        self.max_fraction, self.min_seen = max_fraction, min_seen
+        self.seen = 0
+        self.bad: list[str] = []
+
+    def update(self, n_seen: int, reasons: Sequence[str]) -> None:
+        self.seen += n_seen
+        for r in reasons:
+            if len(self.bad) < 1000:
+                self.bad.append(r)
+            _logger.warning("skipped bad sample: %s", r)
+        self.check(final=False)
+
+    @property
+    def fraction(self) -> float:
+        return len(self.bad) / max(1, self.seen)
+
+    def check(self, final: bool = True) -> None:
+        if (final or self.seen >= self.min_seen) and self.bad and self.fraction > self.max_fraction:
+            raise TooManyBadSamples(
+                f"{len(self.bad)} of {self.seen} samples were unreadable ({self.fraction:.1%} > data.max_bad_fraction="
+                f"{self.max_fraction:.1%}); first: {self.bad[0]}")
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "bad": list(self.bad)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.seen, self.bad = int(s["seen"]), list(s["bad"])

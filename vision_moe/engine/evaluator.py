@@ -1,0 +1,76 @@
+"""Evaluation of a multi-task model on each task's held-out split with the metrics of ``vision_moe.metrics``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..tasks import get_task, stack_key
+
+__all__ = ["build_metric", "update_metric", "evaluate_task"]
+
+_logger = logging.getLogger(__name__)
+
+
+def build_metric(task: str, dataset: Any, num_classes: int | None):
+    """The task's metric accumulator, configured from its dataset (COCO ground truth, number of classes)."""
+    from .. import metrics as M
+
+    spec = get_task(task)
+    cls = getattr(M, spec.metric)
+    if spec.kind == "detection":
+        return cls(dataset.coco, dataset.contiguous_to_cat_id)
+    if spec.metric == "SegmentationMetric":
+        return cls(num_classes, ignore_index=255)
+    return cls()
+
+
+def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> None:
+    """Feed one batch of model output (``MultiTaskModel.forward``'s dict) and targets to ``metric``."""
+    kind = get_task(task).kind
+    out = result["out"]
+    if kind == "classification":
+        labels = torch.stack([torch.as_tensor(t["class_label"]) for t in targets]).long()
+        metric.update(out.float().cpu(), labels)
+    elif kind == "detection":
+        dets = [{k: v.cpu() for k, v in d.items()} for d in result["detections"]]
+        metric.update(dets, targets)
+    elif task in ("semseg", "human_parts"):
+        metric.update(out.argmax(1).cpu(), stack_key(targets, task))
+    elif task in ("saliency", "edges"):
+        metric.update(torch.sigmoid(out.float()).cpu(), stack_key(targets, task))
+    elif task == "normals":
+        metric.update(F.normalize(out.float(), dim=1).cpu(), stack_key(targets, task))
+    elif task == "depth":
+        metric.update(out.float().cpu(), stack_key(targets, task))
+    else:
+        raise ValueError(f"no metric adapter for task {task!r}")
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, task: str, loader, dataset: Any, num_classes: int | None,
+                  device: torch.device, max_batches: int = 0, amp_ctx=None) -> dict[str, float]:
+    """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``."""
+    was = model.training
+    model.eval()
+    metric = build_metric(task, dataset, num_classes)
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            images, targets = batch[0], batch[1]
+            if len(targets) == 0:
+                continue
+            if amp_ctx is not None:
+                with amp_ctx():
+                    result = model(images.to(device), task)
+            else:
+                result = model(images.to(device), task)
+            update_metric(task, metric, result, targets)
+        return {k: float(v) for k, v in metric.compute().items() if isinstance(v, (int, float))}
+    finally:
+        model.train(was)

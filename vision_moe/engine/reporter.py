@@ -1,0 +1,101 @@
+"""Console progress (tqdm, ETA, per-task loss), TensorBoard scalars and metrics.json; rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+
+__all__ = ["Reporter", "format_table"]
+
+_logger = logging.getLogger(__name__)
+
+
+def format_table(metrics: dict[str, dict[str, float]], primary: dict[str, str] | None = None) -> str:
+    """A plain-text table: one row per task, its headline metric first."""
+    rows = []
+    for task, m in metrics.items():
+        keys = sorted(m, key=lambda k: (k != (primary or {}).get(task), k))
+        rows.append((task, "  ".join(f"{k}={m[k]:.4f}" for k in keys)))
+    w = max([len("task")] + [len(r[0]) for r in rows])
+    lines = [f"{'task':<{w}}  metrics", f"{'-' * w}  {'-' * 40}"]
+    lines += [f"{t:<{w}}  {v}" for t, v in rows]
+    return "\n".join(lines)
+
+
+class Reporter:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
+                 tensorboard: bool) -> None:
+        self.out_dir, self.enabled = out_dir, enabled
+        self.ema: dict[str, float] = {}
+        self.history: list[dict] = []
+        self.bar = self.writer = None
+        self.t0 = time.perf_counter()
+        if not enabled:
+            return
+        mpath = out_dir / "metrics.json"
+        if mpath.is_file():
+            self.history = [h for h in json.loads(mpath.read_text()).get("history", []) if h["step"] <= start_step]
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                _logger.warning("tensorboard is not installed; no TensorBoard logs")
+            else:
+                self.writer = SummaryWriter(str(out_dir / "tb"))
+
+    def step(self, step: int, losses: dict[str, float], lr: float, log: bool) -> None:
+        if not self.enabled:
+            return
+        for k, v in losses.items():
+            self.ema[k] = v if k not in self.ema else 0.9 * self.ema[k] + 0.1 * v
+        if self.bar is not None:
+            self.bar.update(1)
+            if log:
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in self.ema.items() if not k.startswith("moe")}, refresh=False)
+        if self.writer is not None and log:
+            for k, v in losses.items():
+                self.writer.add_scalar(f"loss/{k}", v, step)
+            self.writer.add_scalar("lr", lr, step)
+
+    def expert_load(self, step: int, loads: dict[str, list[list[float]]]) -> None:
+        """``loads[task][layer][expert]`` = fraction of the task's assignments that went to that expert."""
+        if self.writer is None:
+            return
+        for task, layers in loads.items():
+            for li, row in enumerate(layers):
+                self.writer.add_scalars(f"expert_load/{task}/layer{li}", {f"e{e}": v for e, v in enumerate(row)}, step)
+
+    def evaluation(self, step: int, metrics: dict[str, dict[str, float]], extra: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        self.history.append({"step": step, "metrics": metrics, **(extra or {})})
+        atomic_write_text(self.out_dir / "metrics.json",
+                          json.dumps({"latest": self.history[-1], "history": self.history}, indent=2))
+        if self.writer is not None:
+            for task, m in metrics.items():
+                for k, v in m.items():
+                    self.writer.add_scalar(f"metrics/{task}/{k}", v, step)
+        self.message(f"step {step}: " + "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
+                                                 for t, m in metrics.items()))
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

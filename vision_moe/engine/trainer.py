@@ -1,0 +1,335 @@
+"""The multi-task trainer: one dataset per step, the backbone run once per task of that dataset, MoE aux
+losses from the returned aux records, AMP, clipping, atomic checkpoints, exact resume, DDP via torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import Config, config_to_dict
+from ..models.multitask import MultiTaskModel, build_multitask_model
+from ..tasks import get_task
+from . import distributed as dist_utils
+from .checkpoint import latest_checkpoint, load_model, load_train_state, save_checkpoint
+from .data import BadSampleTracker, PlanDataset, StepPlan, build_dataset, collate_plan
+from .evaluator import evaluate_task
+from .losses import UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
+from .optim import build_optimizer, build_scheduler
+from .reporter import Reporter, format_table
+
+__all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint"]
+
+_logger = logging.getLogger(__name__)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _amp_ctx(cfg: Config, device: torch.device):
+    if not cfg.train.amp:
+        return contextlib.nullcontext
+    dtype = cfg.train.amp_dtype
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=tdtype)
+
+
+def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, Any]:
+    """What ``config.json`` holds: everything to rebuild the model, plus the experiment config."""
+    m = cfg.model
+    head_kwargs = dict(head_channels=m.head_channels, head_norm=m.head_norm, det_channels=m.det_channels,
+                       det_num_convs=m.det_num_convs, det_scale_factors=list(m.det_scale_factors),
+                       cls_pool=m.cls_pool)
+    return {"model": {"backbone": m.backbone, "tasks": dict(num_classes), "img_size": m.img_size, "head": m.head,
+                      "head_kwargs": head_kwargs, "backbone_kwargs": dict(m.backbone_kwargs),
+                      "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
+            "experiment": config_to_dict(cfg)}
+
+
+def build_model_from_config(mc: dict[str, Any]) -> MultiTaskModel:
+    m = mc["model"]
+    return build_multitask_model(m["backbone"], m["tasks"], img_size=m["img_size"], head=m["head"],
+                                 head_kwargs=m["head_kwargs"], **m["backbone_kwargs"])
+
+
+class _StepModule(nn.Module):
+    """One training step's forward: every task of the step's dataset on the same images, losses combined.
+    A single module call so DDP sees one forward per backward."""
+
+    def __init__(self, model: MultiTaskModel, cfg: Config, uncertainty: UncertaintyWeighting | None) -> None:
+        super().__init__()
+        self.model, self.cfg, self.uncertainty = model, cfg, uncertainty
+
+    def forward(self, images: torch.Tensor, targets: list[dict], tasks: Sequence[str]):
+        total = images.new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        aux_by_task = {}
+        for task in tasks:
+            r = self.model(images, task, targets)
+            loss_t = sum(r["losses"].values())
+            logs[task] = loss_t.detach()
+            w = self.cfg.tasks[task].weight
+            total = total + (self.uncertainty(task, w * loss_t) if self.uncertainty is not None else w * loss_t)
+            aux_l = moe_aux_loss(r["aux"], self.cfg.moe)
+            if aux_l is not None:
+                total = total + aux_l
+                logs[f"moe_aux/{task}"] = aux_l.detach()
+            aux_by_task[task] = r["aux"]
+        mi = mutual_information_across_tasks(aux_by_task, self.cfg.moe.mi_weight)
+        if mi is not None:
+            total = total + mi
+            logs["moe_mi"] = mi.detach()
+        loads = {t: [(a.expert_load.float() / a.expert_load.sum().clamp_min(1)).tolist() for a in aux]
+                 for t, aux in aux_by_task.items()}
+        return total, logs, loads
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+            "numpy_gauss": [int(np_state[3]), float(np_state[4])]}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_gauss"][0],
+                         s["numpy_gauss"][1]))
+
+
+class Trainer:
+    """Builds data, model, optimiser and schedule from a :class:`Config`; :meth:`fit` trains and evaluates."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False) -> None:
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = _device(cfg.train.device)
+        self.distributed = dist_utils.init_distributed(self.device)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.main = self.rank == 0
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        # data (the built-in set is generated by rank 0 first; prepare_builtin is atomic and cached)
+        if self.main:
+            self.train_sets = self._build_sets(cfg.data.datasets, train=True)
+        dist_utils.barrier()
+        if not self.main:
+            self.train_sets = self._build_sets(cfg.data.datasets, train=True)
+        self.num_classes = self._num_classes()
+        self.model_cfg = model_config(cfg, self.num_classes)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model_from_config(self.model_cfg).to(self.device)
+        self.uncertainty = UncertaintyWeighting(list(cfg.tasks)).to(self.device) if cfg.train.uncertainty_weighting \
+            else None
+        extra = list(self.uncertainty.parameters()) if self.uncertainty is not None else None
+        self.optimizer = build_optimizer(self.model, cfg.optim, extra)
+        self.scheduler = build_scheduler(self.optimizer, cfg.sched, cfg.train.steps)
+        self.amp_ctx = _amp_ctx(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp and self.device.type == "cuda"
+                                           and cfg.train.amp_dtype == "fp16")
+        self.plan = StepPlan([len(ds) for ds, _ in self.train_sets], cfg.data.batch_size, cfg.train.seed,
+                             cfg.data.sampling, [d.sample_weight for d in cfg.data.datasets], self.rank, self.world)
+        self.bad = BadSampleTracker(cfg.data.max_bad_fraction)
+        self.step = 0
+        if resume:
+            self._resume()
+        self.step_module = _StepModule(self.model, cfg, self.uncertainty)
+        if self.distributed:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)  # other tasks' heads and unrouted experts get no gradient
+        self._val: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _build_sets(self, datasets, train: bool) -> list[tuple[Any, list[str]]]:
+        out = []
+        for ds in datasets:
+            tasks = list(ds.tasks or self.cfg.tasks)
+            out.append((build_dataset(ds, self.cfg, ds.train_split if train else ds.val_split, train, tasks), tasks))
+        return out
+
+    def _num_classes(self) -> dict[str, int | None]:
+        nc: dict[str, int | None] = {}
+        for t, tc in self.cfg.tasks.items():
+            n = tc.num_classes
+            if n is None:
+                for ds, tasks in self.train_sets:
+                    if t in tasks and t in getattr(ds, "num_classes", {}):
+                        n = ds.num_classes[t]
+                        break
+            if n is None:
+                n = get_task(t).out_channels
+            if n is None:
+                raise ValueError(f"tasks.{t}.num_classes: not given and no dataset reports it")
+            nc[t] = n
+        missing = [t for t in self.cfg.tasks if not any(t in tasks for _, tasks in self.train_sets)]
+        if missing:
+            raise ValueError(f"tasks {missing} are not labelled by any dataset under data.datasets")
+        return nc
+
+    def _train_state(self) -> dict[str, Any]:
+        s = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "sampler": {"step": self.step, "seed": self.cfg.train.seed}, "rng": _rng_state(),
+             "bad_samples": self.bad.state_dict(), "scaler": self.scaler.state_dict()}
+        if self.uncertainty is not None:
+            s["uncertainty"] = self.uncertainty.state_dict()
+        return s
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            _logger.warning("--resume: no checkpoint under %s; starting from scratch", self.out_dir)
+            return
+        model, _ = load_model(ckpt)
+        self.model.load_state_dict(model.state_dict())
+        st = load_train_state(ckpt)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
+        if self.uncertainty is not None and "uncertainty" in st:
+            self.uncertainty.load_state_dict(st["uncertainty"])
+        self.bad.load_state_dict(st["bad_samples"])
+        self.step = int(st["step"])
+        _set_rng_state(st["rng"])
+        _logger.info("resumed from %s at step %d", ckpt, self.step)
+
+    def save(self) -> Path | None:
+        """Checkpoint to ``out_dir/checkpoints/step_XXXXXXX`` (rank 0 only)."""
+        path = None
+        if self.main:
+            path = save_checkpoint(self.out_dir / "checkpoints" / f"step_{self.step:07d}", self.model,
+                                   self.model_cfg, self._train_state())
+        dist_utils.barrier()
+        return path
+
+    # ------------------------------------------------------------------ evaluation
+    def _val_loaders(self) -> dict[str, tuple[Any, Any]]:
+        from ..data import SkipBadSamples, collate_multitask
+
+        if not self._val:
+            for dcfg in self.cfg.data.datasets:
+                tasks = list(dcfg.tasks or self.cfg.tasks)
+                ds = build_dataset(dcfg, self.cfg, dcfg.val_split, train=False, tasks=tasks)
+                loader = torch.utils.data.DataLoader(SkipBadSamples(ds), batch_size=self.cfg.data.eval_batch_size,
+                                                     shuffle=False, collate_fn=collate_multitask,
+                                                     num_workers=self.cfg.data.num_workers,
+                                                     generator=torch.Generator())
+                for t in tasks:
+                    self._val.setdefault(t, (loader, ds))
+        return self._val
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Metrics of every task on its held-out split (rank 0 computes; other ranks wait)."""
+        results: dict[str, dict[str, float]] = {}
+        if self.main:
+            for task, (loader, ds) in self._val_loaders().items():
+                results[task] = evaluate_task(self.model, task, loader, ds, self.num_classes[task], self.device,
+                                              self.cfg.train.eval_max_batches, self.amp_ctx)
+        dist_utils.barrier()
+        return results
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict[str, dict[str, float]]:
+        cfg = self.cfg
+        total = cfg.train.steps
+        rep = Reporter(self.out_dir, total, self.step, self.main, cfg.train.progress, cfg.train.tensorboard)
+        entries = self.plan.plan(self.step, total)
+        batches = [[(d, i, s) for i, s in zip(idx, seeds)] for d, idx, seeds in entries]
+        loader = torch.utils.data.DataLoader(PlanDataset([ds for ds, _ in self.train_sets]), batch_sampler=batches,
+                                             collate_fn=collate_plan, num_workers=cfg.data.num_workers,
+                                             generator=torch.Generator())
+        self.model.train()
+        t0 = time.perf_counter()
+        metrics: dict[str, dict[str, float]] = {}
+        try:
+            for (d, idx, _), (images, targets, bad) in zip(entries, loader):
+                self.bad.update(len(idx), bad)
+                tasks = self.train_sets[d][1]
+                log = self.step % max(1, cfg.train.log_every) == 0
+                with self.amp_ctx():
+                    loss, logs, loads = self.step_module(images.to(self.device), targets, tasks)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {self.step}: loss is {loss.item()} (tasks {tasks})")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if cfg.optim.clip_grad > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scheduler.step()
+                self.step += 1
+                rep.step(self.step, {"total": loss.item(), **{k: v.item() for k, v in logs.items()}}, lr, log)
+                if log:
+                    rep.expert_load(self.step, loads)
+                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < total:
+                    self.save()
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
+                    rep.evaluation(self.step, self.evaluate())
+            self.bad.check(final=True)
+            self.save()
+            metrics = self.evaluate()
+            wall = time.perf_counter() - t0
+            rep.evaluation(self.step, metrics, {"train_seconds": round(wall, 1), "bad_samples": len(self.bad.bad),
+                                                "samples_seen": self.bad.seen})
+            if self.bad.bad:
+                rep.message(f"{len(self.bad.bad)} of {self.bad.seen} samples were unreadable and skipped "
+                            f"(first: {self.bad.bad[0]})")
+            rep.message(f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n"
+                        + format_table(metrics, {t: get_task(t).primary for t in metrics}))
+        finally:
+            rep.close()
+        return metrics
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, dict[str, float]]:
+    """Train ``cfg`` into ``out_dir`` (``--resume`` continues from its newest checkpoint); returns final metrics."""
+    try:
+        return Trainer(cfg, out_dir, resume).fit()
+    finally:
+        dist_utils.cleanup()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, task: str, max_batches: int | None = None,
+                        device: str = "auto") -> dict[str, float]:
+    """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them."""
+    from ..config import config_from_dict
+    from ..data import SkipBadSamples, collate_multitask
+
+    model, mc = load_model(checkpoint)
+    exp = dict(mc["experiment"])
+    cfg = config_from_dict(exp, str(checkpoint))
+    if task not in model.tasks:
+        raise ValueError(f"unknown task {task!r}; this checkpoint has {list(model.tasks)}")
+    dev = _device(device)
+    model.to(dev)
+    for dcfg in cfg.data.datasets:
+        tasks = list(dcfg.tasks or cfg.tasks)
+        if task in tasks:
+            ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=tasks)
+            loader = torch.utils.data.DataLoader(SkipBadSamples(ds), batch_size=cfg.data.eval_batch_size,
+                                                 shuffle=False, collate_fn=collate_multitask,
+                                                 num_workers=cfg.data.num_workers)
+            mb = cfg.train.eval_max_batches if max_batches is None else max_batches
+            return evaluate_task(model, task, loader, ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev))
+    raise ValueError(f"no dataset in the checkpoint's config labels task {task!r}")
