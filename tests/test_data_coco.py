@@ -12,7 +12,7 @@ from vision_moe.data import BadSampleError, CocoDetection, SkipBadSamples, build
 
 def test_coco_loader_reads_real_json(tmp_path):
     img_dir, ann = write_coco(tmp_path)
-    ds = CocoDetection(img_dir, ann)
+    ds = CocoDetection(img_dir.parent, "train2017")
     assert len(ds) == 4  # the image without boxes is kept
     assert ds.num_dropped_boxes == 1  # zero-width box
     assert ds.num_crowd == 1
@@ -37,7 +37,7 @@ def test_coco_loader_reads_real_json(tmp_path):
 
 def test_coco_with_train_transform_keeps_boxes_inside(tmp_path):
     img_dir, ann = write_coco(tmp_path)
-    ds = CocoDetection(img_dir, ann, transform=build_transforms(True, 32, tasks=("detection",), seed=0))
+    ds = CocoDetection(img_dir.parent, "train2017", transform=build_transforms(True, 32, tasks=("detection",), seed=0))
     images, targets = collate_multitask([ds[i] for i in range(len(ds))])
     assert images.shape == (4, 3, 32, 32)
     for t in targets:
@@ -63,7 +63,7 @@ def test_malformed_coco_json_is_one_line_error(tmp_path, mutate, expected):
     mutate(data)
     ann.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=expected) as e:
-        CocoDetection(img_dir, ann)
+        CocoDetection(img_dir.parent, "train2017")
     msg = str(e.value)
     assert "\n" not in msg and str(ann) in msg
 
@@ -72,12 +72,12 @@ def test_not_json(tmp_path):
     img_dir, ann = write_coco(tmp_path)
     ann.write_text('{"images": [')
     with pytest.raises(ValueError, match="not valid JSON"):
-        CocoDetection(img_dir, ann)
+        CocoDetection(img_dir.parent, "train2017")
 
 
 def test_corrupt_and_truncated_images_raise_bad_sample_and_are_skipped(tmp_path):
     img_dir, ann = write_coco(tmp_path)
-    ds = CocoDetection(img_dir, ann)
+    ds = CocoDetection(img_dir.parent, "train2017")
     (img_dir / ds.coco.imgs[2]["file_name"]).write_bytes(b"this is not a jpeg")
     p4 = img_dir / ds.coco.imgs[4]["file_name"]
     p4.write_bytes(p4.read_bytes()[: len(p4.read_bytes()) // 2])  # truncated
@@ -98,7 +98,7 @@ def test_corrupt_and_truncated_images_raise_bad_sample_and_are_skipped(tmp_path)
 
 def test_missing_image_file(tmp_path):
     img_dir, ann = write_coco(tmp_path)
-    ds = CocoDetection(img_dir, ann)
+    ds = CocoDetection(img_dir.parent, "train2017")
     (img_dir / ds.coco.imgs[1]["file_name"]).unlink()
     with pytest.raises(BadSampleError, match="file not found"):
         ds[0]
@@ -107,5 +107,5 @@ def test_missing_image_file(tmp_path):
 def test_unknown_task(tmp_path):
     img_dir, ann = write_coco(tmp_path)
     with pytest.raises(ValueError, match="unknown task 'semseg'"):
-        CocoDetection(img_dir, ann, tasks=("semseg",))
-    assert np.isfinite(CocoDetection(img_dir, ann)[0][0].numpy()).all()
+        CocoDetection(img_dir.parent, "train2017", tasks=("semseg",))
+    assert np.isfinite(CocoDetection(img_dir.parent, "train2017")[0][0].numpy()).all()

@@ -20,15 +20,17 @@ def test_ade20k_reduce_zero_label(tmp_path):
     _, t = ds[0]
     expected = np.where(raw_png == 0, 255, raw_png - 1)
     np.testing.assert_array_equal(t["semseg"].numpy(), expected)
-    plain = SegmentationFolder(tmp_path / "images" / "training", tmp_path / "annotations" / "training", 5)
+    plain = SegmentationFolder(tmp_path, "training", num_classes=5, reduce_zero_label=False)
     np.testing.assert_array_equal(plain[0][1]["semseg"].numpy(), raw_png)
     with pytest.raises(ValueError, match="unknown split"):
         ade20k(tmp_path, "test")
+    with pytest.raises(ValueError, match="split folder not found"):
+        SegmentationFolder(tmp_path, "val")
 
 
 def test_segmentation_bad_label_and_missing_annotation(tmp_path):
     write_ade20k(tmp_path)
-    ds = SegmentationFolder(tmp_path / "images" / "training", tmp_path / "annotations" / "training", 3)
+    ds = SegmentationFolder(tmp_path, "training", num_classes=3, reduce_zero_label=False)
     with pytest.raises(BadSampleError, match="outside 0..2"):
         [ds[i] for i in range(len(ds))]
     # truncated label PNG
@@ -58,7 +60,8 @@ def test_voc_layout(tmp_path):
 def test_imagenet_folders(tmp_path):
     root = write_imagenet_folders(tmp_path)
     (root / "n01440764" / "notes.txt").write_text("not an image")  # ignored like torchvision does
-    ds = ImageFolderClassification(root, transform=build_transforms(True, 16, tasks=("classification",)))
+    tf = build_transforms(True, 16, tasks=("classification",))
+    ds = ImageFolderClassification(tmp_path, "train", transform=tf)
     assert ds.classes == ["n01440764", "n01443537", "n01484850"] and len(ds) == 6
     assert ds.num_classes == {"classification": 3}
     images, targets = collate_multitask([ds[i] for i in range(len(ds))])

@@ -157,7 +157,7 @@ def test_coco_metric_on_targets_perfect_and_shifted():
 
 def test_coco_metric_against_dataset_annotations(tmp_path):
     img_dir, ann = write_coco(tmp_path)
-    ds = CocoDetection(img_dir, ann, transform=build_transforms(False, 32, tasks=("detection",)))
+    ds = CocoDetection(img_dir.parent, "train2017", transform=build_transforms(False, 32, tasks=("detection",)))
     samples = [ds[i] for i in range(len(ds))]
     targets = [t for _, t in samples]
     m = CocoDetectionMetric(ds.coco, ds.contiguous_to_cat_id)

@@ -11,9 +11,9 @@ from .common import (
     collate_multitask,
     stack_target,
 )
-from .multitask import NYUDv2MT, PascalContextMT
+from .multitask import NYUDv2, NYUDv2MT, PascalContext, PascalContextMT
 from .sampling import MultiTaskBatch, MultiTaskLoader, ShardedInfiniteSampler, TaskScheduler
-from .segmentation import SegmentationFolder, ade20k, voc_segmentation
+from .segmentation import PairedSegmentationFolders, SegmentationFolder, ade20k, voc_segmentation
 from .transforms import build_transforms
 
 __all__ = [
@@ -28,10 +28,13 @@ __all__ = [
     "load_coco_json",
     "ImageFolderClassification",
     "SegmentationFolder",
+    "PairedSegmentationFolders",
     "ade20k",
     "voc_segmentation",
     "PascalContextMT",
+    "PascalContext",
     "NYUDv2MT",
+    "NYUDv2",
     "build_transforms",
     "MultiTaskBatch",
     "MultiTaskLoader",

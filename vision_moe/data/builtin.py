@@ -334,7 +334,7 @@ class BuiltinDataset(torch.utils.data.Dataset):
         self.tasks = check_tasks(tasks, BUILTIN_TASKS, type(self).__name__)
         self.transform = transform
         self.dir = self.root / split
-        self.det = CocoDetection(self.dir / "images", self.root / "annotations" / f"instances_{split}.json")
+        self.det = CocoDetection(self.root, split, img_dir=self.dir / "images")
         self.coco = self.det.coco
         self.contiguous_to_cat_id = self.det.contiguous_to_cat_id
         self.class_names = list(SHAPE_CLASSES)

@@ -13,11 +13,20 @@ from .common import check_tasks, finalize_sample, read_image
 
 
 class ImageFolderClassification(torch.utils.data.Dataset):
-    """Classes are the sorted sub-folder names (as torchvision's ImageFolder); images are read with PIL and
+    """``root/<split>/<class>/<image>`` (``split=None``: ``root/<class>/<image>``).
+
+    Classes are the sorted sub-folder names (as torchvision's ImageFolder); images are read with PIL and
     unreadable ones raise BadSampleError instead of crashing."""
 
-    def __init__(self, root: str | Path, transform: Any = None, tasks: Sequence[str] | None = None):
-        self.root = Path(root)
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        tasks: Sequence[str] | None = None,
+        transform: Any = None,
+    ):
+        self.root = Path(root) / split if split else Path(root)
+        self.split = split
         if not self.root.is_dir():
             raise ValueError(f"{self.root}: class folder root not found")
         self.transform = transform

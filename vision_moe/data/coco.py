@@ -89,7 +89,8 @@ def load_coco_json(ann_file: str | Path) -> tuple[COCO, int]:
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """COCO-format detection: ``img_dir/<file_name>`` + instances JSON.
+    """COCO-format detection: ``root/<split>/<file_name>`` + ``root/annotations/instances_<split>.json``
+    (``ann_file`` / ``img_dir`` override either path).
 
     Crowd regions are left out of the targets (COCOeval still ignores matches to them through ``.coco``);
     images without boxes are kept; category ids map to contiguous labels 0..K-1 in sorted id order.
@@ -97,13 +98,19 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        img_dir: str | Path,
-        ann_file: str | Path,
-        transform: Any = None,
+        root: str | Path,
+        split: str = "train2017",
         tasks: Sequence[str] | None = None,
+        transform: Any = None,
+        ann_file: str | Path | None = None,
+        img_dir: str | Path | None = None,
     ):
-        self.img_dir = Path(img_dir)
-        self.ann_file = Path(ann_file)
+        root = Path(root)
+        self.split = split
+        self.img_dir = Path(img_dir) if img_dir is not None else root / split
+        self.ann_file = Path(ann_file) if ann_file is not None else root / "annotations" / f"instances_{split}.json"
+        if not self.ann_file.exists():
+            raise ValueError(f"{self.ann_file}: COCO annotation file not found")
         self.transform = transform
         self.tasks = check_tasks(tasks, ("detection",), type(self).__name__)
         self.coco, self.num_dropped_boxes = load_coco_json(self.ann_file)

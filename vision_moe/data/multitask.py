@@ -222,3 +222,8 @@ class NYUDv2MT(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         return finalize_sample(self.load_raw(index), self.transform, self.tasks)
+
+
+# the names the engine's dataset config uses
+PascalContext = PascalContextMT
+NYUDv2 = NYUDv2MT

@@ -12,7 +12,7 @@ import torch
 from .common import IGNORE_INDEX, BadSampleError, check_tasks, finalize_sample, read_image, read_label_png
 
 
-class SegmentationFolder(torch.utils.data.Dataset):
+class PairedSegmentationFolders(torch.utils.data.Dataset):
     """Images and label PNGs paired by file stem: ``img_dir/<stem><img_suffix>``, ``ann_dir/<stem><ann_suffix>``.
 
     ``reduce_zero_label`` applies the ADE20K convention (0 = "other" -> 255 ignore, 1..150 -> 0..149).
@@ -68,21 +68,54 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return finalize_sample(self.load_raw(index), self.transform, self.tasks)
 
 
+class SegmentationFolder(PairedSegmentationFolders):
+    """ADE20K-style folders: ``root/images/<split>/*.jpg`` + ``root/annotations/<split>/*.png``.
+
+    Defaults are ADEChallengeData2016's: 150 classes, label 0 ("other") ignored and the rest shifted down.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "training",
+        tasks: Sequence[str] | None = None,
+        transform: Any = None,
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        img_suffix: str = ".jpg",
+        ann_suffix: str = ".png",
+    ):
+        root = Path(root)
+        self.split = split
+        if not (root / "images" / split).is_dir():
+            found = sorted(p.name for p in (root / "images").iterdir()) if (root / "images").is_dir() else []
+            raise ValueError(f"{root / 'images' / split}: split folder not found; found splits {found}")
+        super().__init__(
+            root / "images" / split,
+            root / "annotations" / split,
+            num_classes,
+            transform,
+            reduce_zero_label,
+            img_suffix,
+            ann_suffix,
+            tasks=tasks,
+        )
+
+
 def ade20k(root: str | Path, split: str = "training", transform: Any = None) -> SegmentationFolder:
-    """ADEChallengeData2016: ``images/<split>/*.jpg`` + ``annotations/<split>/*.png``, 150 classes, 0 ignored."""
+    """ADEChallengeData2016 (``split`` 'training' or 'validation'), 150 classes, 0 ignored."""
     if split not in ("training", "validation"):
         raise ValueError(f"ade20k: unknown split {split!r}; expected 'training' or 'validation'")
-    root = Path(root)
-    return SegmentationFolder(
-        root / "images" / split, root / "annotations" / split, 150, transform, reduce_zero_label=True
-    )
+    return SegmentationFolder(root, split, transform=transform)
 
 
-def voc_segmentation(root: str | Path, split: str = "train", transform: Any = None) -> SegmentationFolder:
+def voc_segmentation(root: str | Path, split: str = "train", transform: Any = None) -> PairedSegmentationFolders:
     """VOC2012: ``JPEGImages`` + palette PNGs in ``SegmentationClass`` (255 = boundary, ignored), 21 classes,
     samples listed in ``ImageSets/Segmentation/<split>.txt``."""
     root = Path(root)
     split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not split_file.exists():
         raise ValueError(f"{split_file}: split list not found")
-    return SegmentationFolder(root / "JPEGImages", root / "SegmentationClass", 21, transform, split_file=split_file)
+    return PairedSegmentationFolders(
+        root / "JPEGImages", root / "SegmentationClass", 21, transform, split_file=split_file
+    )
