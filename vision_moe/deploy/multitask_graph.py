@@ -168,6 +168,8 @@ class TaskIndexedModel(nn.Module):
     def output_groups(self, images: torch.Tensor) -> dict[str, list[int]]:
         """Output name -> indices of the tasks it serves: ``logits`` (rank-2 outputs, classification) and/or ``out``
         (rank-4, dense). A task's result is read from its group's output; the other output holds another task's."""
+        if self.heads is None:
+            return {"logits": list(range(len(self.tasks)))}
         with torch.no_grad():
             outs = self._head_outputs(images, torch.zeros(1, dtype=torch.long))
         groups: dict[str, list[int]] = {}

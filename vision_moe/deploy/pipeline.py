@@ -119,13 +119,35 @@ class _DetectionDecoded(nn.Module):
         return decode_detections(self.model(images), self.points, self.image_size)
 
 
+def prepare_copy(model: nn.Module, image_size: tuple[int, int], dispatcher: str = "dense") -> nn.Module:
+    """An eval-mode copy with a static-shape dispatcher and its position embedding resampled to ``image_size``.
+
+    The backbone resamples ``pos_embed`` inside ``forward`` behind a Python ``if`` on the input size, which a
+    trace records as whatever it was at trace time; baking the export size into the copy removes the branch.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    m = copy.deepcopy(model).eval()
+    bb = _backbone(m)
+    bb.set_dispatcher(dispatcher)
+    p = bb.patch_embed.patch_size
+    grid = (image_size[0] // p[0], image_size[1] // p[1])
+    if grid != tuple(bb.patch_embed.grid_size):
+        with torch.no_grad():
+            # old_size given: timm infers a square grid from the token count otherwise
+            bb.pos_embed = nn.Parameter(resample_abs_pos_embed(bb.pos_embed.detach(), grid,
+                                                               old_size=tuple(bb.patch_embed.grid_size),
+                                                               num_prefix_tokens=bb.num_prefix_tokens))
+        bb.patch_embed.set_input_size(img_size=tuple(image_size))
+    return m
+
+
 def task_module(model: nn.Module, task: str, image_size: tuple[int, int], dispatcher: str = "dense"
                 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
-    """The exportable single-task module for ``task``: ``model.specialize(task)`` with a static-shape dispatcher,
-    its output names, and metadata (kind, detection decoding parameters)."""
+    """The exportable single-task module for ``task``: ``model.specialize(task)`` with a static-shape dispatcher
+    at ``image_size``, its output names, and metadata (kind, detection decoding parameters)."""
     _check_task(model, task)
-    m = copy.deepcopy(model).eval()
-    _backbone(m).set_dispatcher(dispatcher)
+    m = prepare_copy(model, image_size, dispatcher)
     spec = m.specialize(task).eval()
     kind = task_kind(model, task)
     meta: dict[str, Any] = {"kind": kind}
@@ -176,9 +198,8 @@ def _parity(session, module: nn.Module, images: np.ndarray, names: list[str], rt
 
 
 def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -> tuple[onnx.ModelProto, dict]:
-    check_static_graph(model_proto)
     raw_ops = len(model_proto.graph.node)
-    slim = simplify_onnx(model_proto)
+    slim = simplify_onnx(model_proto)  # its shape inference also resolves dims the exporter left symbolic
     check_static_graph(slim)
     onnx.save(slim, str(path))
     trt = {v: check_tensorrt_support(slim, v).as_dict() for v in cfg.trt_versions}
@@ -274,8 +295,7 @@ def _export_multitask(model: nn.Module, tasks: list[str], images: np.ndarray, ou
     if det:
         raise ValueError(f"tasks {det} are detection: the multi-task graph holds single-output heads; export "
                          "detection per task")
-    m = copy.deepcopy(model).eval()
-    _backbone(m).set_dispatcher(cfg.dispatcher)
+    m = prepare_copy(model, images.shape[-2:], cfg.dispatcher)
     mt = TaskIndexedModel(m, tuple(tasks)).eval()
     path = out / "multitask.onnx"
     x = torch.from_numpy(images[:cfg.batch])
@@ -286,20 +306,24 @@ def _export_multitask(model: nn.Module, tasks: list[str], images: np.ndarray, ou
                         exporter=cfg.exporter, dynamic_batch=cfg.dynamic_batch)
     proto, info = _finish_graph(proto, path, cfg)
     sess = ort_session(proto)
+    has_task = "task" in {i.name for i in sess.get_inputs()}
+    if not has_task:  # nothing depends on the task (dense twin with one shared head): the exporter drops the input
+        info["note"] = "the graph does not depend on the task; the exporter removed the unused task input"
     info["tasks"] = {t: i for i, t in enumerate(tasks)}
     info["task_output"] = {tasks[i]: name for name, idx in groups.items() for i in idx}
     info["out_channels"] = dict(zip(tasks, mt.out_channels(x)))
     info["parity"], info["vs_per_task_graph"] = {}, {}
     for i, t in enumerate(tasks):
         ti = np.array([i], dtype=np.int64)
-        info["parity"][t] = _parity(sess, mt, images, names, FP32_RTOL, cfg.batch, extra={"task": ti},
+        feed = {"task": ti} if has_task else {}
+        info["parity"][t] = _parity(sess, mt, images, names, FP32_RTOL, cfg.batch, extra=feed,
                                     torch_extra=(torch.from_numpy(ti),))
         per_task = ort_session(out / f"{t}.onnx")
         c, k = info["out_channels"][t], names.index(info["task_output"][t])
         worst = 0.0
         for j in range(0, len(images) - cfg.batch + 1, cfg.batch):
             xb = images[j:j + cfg.batch]
-            a = sess.run(None, {"images": xb, "task": ti})[k][:, :c]
+            a = sess.run(None, {"images": xb, **feed})[k][:, :c]
             b = per_task.run(None, {"images": xb})[0]
             st = compare_outputs([a], [b], ["out"], FP32_RTOL, f"multitask[{t}] vs {t}.onnx")
             worst = max(worst, st["out"]["rel"])

@@ -76,11 +76,15 @@ def stacked_weight_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:
-    """FP16 weights and compute, fp32 inputs/outputs (Cast at the edges); routers' TopK stays consistent because
-    the whole graph, gate included, runs in the same precision."""
+    """FP16 weights and compute with fp32 inputs/outputs; the routers (gate GEMM, softmax, top-k) stay fp32, as
+    in training (routers run with autocast off), so expert choices match the fp32 model's."""
+    import onnxslim
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
+    model = onnx.load(str(src))
+    router_nodes = [n.name for n in model.graph.node if "/router/" in n.name or n.op_type == "TopK"]
+    m = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, node_block_list=router_nodes)
+    m = onnxslim.slim(m)  # the converter appends its Casts at the end: re-sort (and fold Cast pairs)
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(dst))
     return Path(dst)

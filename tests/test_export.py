@@ -1,0 +1,321 @@
+"""Export pipeline: every registered model x task to ONNX with ORT parity, multi-task graph, INT8/FP16, detection
+decoding + NMS vs torchvision, TensorRT op checks and engine-build commands, the Jetson kit's NumPy pre/post."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import vision_moe
+from vision_moe.deploy import (
+    ExportConfig,
+    ExportError,
+    ParityError,
+    TensorRTSupportError,
+    check_static_graph,
+    check_tensorrt_support,
+    compare_outputs,
+    export_model,
+    export_onnx,
+)
+from vision_moe.deploy.onnx_export import FORBIDDEN_OPS
+from vision_moe.deploy.prepost import load_images, preprocess
+from vision_moe.models.multitask import build_multitask_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(depth=2, embed_dim=64, num_heads=4)
+MOE = dict(num_experts=4, top_k=2, expert_hidden=64)
+
+
+def _small(name: str, **kw) -> torch.nn.Module:
+    extra = {} if name.startswith("vit_mtl") else dict(MOE)
+    if name.startswith("modsquad"):
+        extra["expert_heads"] = 2
+    torch.manual_seed(0)
+    return vision_moe.create_model(name, tasks=("a", "b"), img_size=(32, 48), num_classes=5, **SMALL, **extra, **kw)
+
+
+def _kit_prepost():
+    spec = importlib.util.spec_from_file_location("kit_prepost", ROOT / "export" / "prepost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _assert_clean(report: dict) -> None:
+    for task, e in report["tasks"].items():
+        assert e["fp32"]["parity"]["outputs"], task
+        for out, st in e["fp32"]["parity"]["outputs"].items():
+            assert st["rel"] <= 1e-4, (task, out, st)
+        assert not set(e["fp32"]["op_counts"]) & FORBIDDEN_OPS
+        assert e["fp32"]["opset"] >= 17
+        for v in ("10.3", "10.16"):
+            assert e["fp32"]["tensorrt"][v]["ok"], e["fp32"]["tensorrt"][v]["errors"]
+
+
+@pytest.mark.parametrize("name", vision_moe.list_models())
+def test_every_model_and_task_exports_with_parity(name, tmp_path):
+    """Batch 3, non-square 32x48; both tasks; the multi-task graph equals each per-task graph."""
+    model = _small(name)
+    rep = export_model(model, ExportConfig(out_dir=str(tmp_path), batch=3, multitask=True, parity_images=3))
+    assert set(rep["tasks"]) == {"a", "b"}
+    _assert_clean(rep)
+    assert rep["tasks"]["a"]["fp32"]["io"]["inputs"]["images"] == [3, 3, 32, 48]
+    assert rep["tasks"]["a"]["fp32"]["io"]["outputs"]["logits"] == [3, 5]
+    mt = rep["multitask"]
+    if not name.startswith("vit_mtl"):
+        assert mt["io"]["inputs"]["task"] == [1]
+    for t in ("a", "b"):
+        assert mt["vs_per_task_graph"][t]["rel"] <= 1e-4
+    if not name.startswith("vit_mtl"):  # the per-task graph holds one gate; the multi-task graph gathers by task
+        assert "TopK" in rep["tasks"]["a"]["fp32"]["op_counts"] and "Gather" in mt["op_counts"]
+    saved = json.loads((tmp_path / "export_report.json").read_text())
+    assert saved["tasks"]["b"]["fp32"]["sha256"] == rep["tasks"]["b"]["fp32"]["sha256"]
+
+
+def test_square_dynamic_batch_1_and_3(tmp_path):
+    model = _small("m3vit_tiny_patch16_224")
+    rep = export_model(model, ExportConfig(out_dir=str(tmp_path), tasks=["b"], batch=1, dynamic_batch=True,
+                                           img_size=(32, 32), parity_images=3))
+    e = rep["tasks"]["b"]["fp32"]
+    assert e["io"]["inputs"]["images"] == ["batch", 3, 32, 32]
+    assert e["parity"]["batch"] == 1 and e["parity_batch_3"]["batch"] == 3
+    assert e["parity_batch_3"]["outputs"]["logits"]["rel"] <= 1e-4
+
+
+def test_multitask_model_heads_int8_and_fp16(tmp_path):
+    """MultiTaskModel with classification + dense heads: mixed-output multi-task graph, INT8 drop, FP16 parity."""
+    torch.manual_seed(0)
+    m = build_multitask_model("m3vit_tiny_patch16_224", {"classification": 6, "semseg": 7, "depth": None},
+                              img_size=(32, 48), head="linear", **SMALL, **MOE)
+    rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=1, precision="int8", multitask=True,
+                                       calib_images=4, eval_images=4, parity_images=2))
+    _assert_clean(rep)
+    assert rep["multitask"]["task_output"] == {"classification": "logits", "semseg": "out", "depth": "out"}
+    for t, e in rep["tasks"].items():
+        ev = e["int8"]["evaluation"]
+        assert ev["images"] == 4 and ev["drop"] == pytest.approx(ev["fp32"] - ev["quantized"])
+        ops = onnx.load(str(tmp_path / f"{t}.int8.onnx"))
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in ops.graph.node}
+        assert e["int8"]["tensorrt"]["10.3"]["ok"]  # symmetric: zero points are 0, as TensorRT requires
+    rep16 = export_model(m, ExportConfig(out_dir=str(tmp_path / "fp16"), tasks=["semseg"], precision="fp16",
+                                         parity_images=2))
+    assert rep16["tasks"]["semseg"]["fp16"]["parity"]["outputs"]["out"]["rel"] <= 2e-2
+
+
+def test_detection_decoding_and_both_nms_paths_match_torchvision(tmp_path):
+    torch.manual_seed(0)
+    m = build_multitask_model("m3vit_tiny_patch16_224", {"detection": 3}, img_size=(64, 64), **SMALL, **MOE,
+                              head_kwargs=dict(det_channels=32, det_num_convs=1))
+    head = m.heads["detection"]
+    head.score_thresh = 0.0  # random weights: keep candidates so NMS has work to do
+    rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=2, parity_images=2))
+    _assert_clean(rep)
+    e = rep["tasks"]["detection"]
+    assert set(e["fp32"]["io"]["outputs"]) == {"boxes", "scores"}
+    x = preprocess(load_images(None, 2), (64, 64))
+    from vision_moe.deploy import ort_session
+    from vision_moe.deploy.prepost import detection_postprocess
+
+    boxes, scores = ort_session(tmp_path / "detection.onnx").run(None, {"images": x})
+    spec = m.eval().specialize("detection").eval()
+    with torch.no_grad():
+        ref = spec.postprocess(spec(torch.from_numpy(x)), (64, 64))
+    args = (e["level_counts"], e["score_thresh"], e["nms_thresh"], e["topk_candidates"], e["detections_per_img"])
+    kit = _kit_prepost()
+    for impl in (detection_postprocess, kit.detection_postprocess):  # library (torchvision ops) and Jetson NumPy
+        got = impl(boxes, scores, *args)
+        for g, r in zip(got, ref):
+            assert len(g["boxes"]) == len(r["boxes"]) > 0
+            # same detections; order may differ between near-tied scores (fp32 ORT vs torch), so compare sorted
+            og = np.lexsort((g["boxes"][:, 1].round(2), g["boxes"][:, 0].round(2), g["labels"]))
+            orf = np.lexsort((r["boxes"][:, 1].numpy().round(2), r["boxes"][:, 0].numpy().round(2), r["labels"]))
+            np.testing.assert_allclose(g["scores"][og], r["scores"].numpy()[orf], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(g["boxes"][og], r["boxes"].numpy()[orf], rtol=1e-4, atol=1e-3)
+            np.testing.assert_array_equal(g["labels"][og], r["labels"].numpy()[orf])
+
+
+def test_parity_failure_raises():
+    ref = np.ones((2, 5), np.float32)
+    compare_outputs([ref + 1e-6], [ref], ["logits"], 1e-4)
+    with pytest.raises(ParityError, match="logits"):
+        compare_outputs([ref + 1e-2], [ref], ["logits"], 1e-4)
+
+
+def test_data_dependent_graph_is_rejected(tmp_path):
+    class NonZero(torch.nn.Module):
+        def forward(self, x):
+            return torch.nonzero(x > 0).float().sum().reshape(1)
+
+    proto = export_onnx(NonZero(), (torch.randn(2, 3),), tmp_path / "nz.onnx", input_names=["x"],
+                        output_names=["y"])
+    with pytest.raises(ExportError, match="NonZero"):
+        check_static_graph(proto)
+
+
+def _graph(op: str, inputs, attrs=None, inits=(), opset=17):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op, inputs, ["y"] + (["i"] if op == "TopK" else []), **(attrs or {}))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if op == "TopK":
+        outs.append(helper.make_tensor_value_info("i", TensorProto.INT64, None))
+    g = helper.make_graph([node], "g", [x], outs, initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_tensorrt_op_table_and_restrictions():
+    from onnx import numpy_helper
+
+    k = lambda v: numpy_helper.from_array(np.array([v], np.int64), "k")  # noqa: E731
+    assert check_tensorrt_support(_graph("TopK", ["x", "k"], inits=[k(16)])).errors == []
+    with pytest.raises(TensorRTSupportError, match="3840"):
+        check_tensorrt_support(_graph("TopK", ["x", "k"], inits=[k(4000)]))
+    with pytest.raises(TensorRTSupportError, match="Unique"):
+        check_tensorrt_support(_graph("Unique", ["x"]))
+    rep = check_tensorrt_support(_graph("Relu", ["x"], opset=22), "10.3", raise_on_error=False)
+    assert rep.errors and "opset 22" in rep.errors[0]
+    assert check_tensorrt_support(_graph("Relu", ["x"], opset=22), "10.16").errors == []
+
+
+def test_trtexec_command_and_script(tmp_path):
+    from vision_moe.deploy.tensorrt_build import build_or_script, trtexec_command
+
+    cmd = trtexec_command("a.onnx", "a.engine", "fp16", (32, 48), batch=2, dynamic_batch=True)
+    assert "--fp16" in cmd and "--minShapes=images:1x3x32x48" in cmd and "--optShapes=images:2x3x32x48" in cmd
+    assert "--int8" in trtexec_command("a.int8.onnx", "a.engine", "int8", (32, 48))
+    assert "--stronglyTyped" in trtexec_command("a.fp16.onnx", "a.engine", "fp16", (32, 48), strongly_typed=True)
+    (tmp_path / "a.onnx").write_bytes(b"")
+    if importlib.util.find_spec("tensorrt") is None:
+        res = build_or_script(tmp_path / "a.onnx", tmp_path / "a.fp16.engine", "fp16", (32, 48), 1, False)
+        assert res["built"] is False and not (tmp_path / "a.fp16.engine").exists()
+        script = (tmp_path / "build_engine.sh").read_text()
+        assert "--onnx=a.onnx --saveEngine=a.fp16.engine" in script and "--fp16" in script
+
+
+def test_build_engine_api_sequence_with_mocked_tensorrt(tmp_path, monkeypatch):
+    """MOCK: a fake ``tensorrt`` module records the TensorRT Python API calls; no engine is built or claimed."""
+    calls = []
+
+    class Rec:
+        def __init__(self, name):
+            self._n = name
+
+        def __getattr__(self, item):
+            def f(*a, **k):
+                calls.append((f"{self._n}.{item}", a))
+                if item == "parse_from_file":
+                    return True
+                if item == "build_serialized_network":
+                    return b"serialized"
+                if item == "create_timing_cache":
+                    return Rec("cache")
+                if item == "serialize":
+                    return b"cache"
+                return Rec(item)
+            return f
+
+    trt = types.SimpleNamespace(
+        __version__="10.3-mock", Logger=lambda *a: None, Builder=lambda lg: Rec("builder"),
+        OnnxParser=lambda net, lg: Rec("parser"), MemoryPoolType=types.SimpleNamespace(WORKSPACE="WS"),
+        BuilderFlag=types.SimpleNamespace(FP16="FP16", INT8="INT8"))
+    trt.Logger.WARNING = 2
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    from vision_moe.deploy.tensorrt_build import build_engine
+
+    res = build_engine(tmp_path / "a.int8.onnx", tmp_path / "a.engine", "int8", (32, 48), batch=2,
+                       dynamic_batch=True, timing_cache=tmp_path / "t.cache")
+    names = [c[0] for c in calls]
+    assert names.index("parser.parse_from_file") < names.index("builder.build_serialized_network")
+    for flag in ("FP16", "INT8"):
+        assert ("create_builder_config.set_flag", (flag,)) in calls
+    assert any(n.endswith("set_shape") for n in names) and "create_builder_config.add_optimization_profile" in names
+    assert (tmp_path / "a.engine").read_bytes() == b"serialized" and res["tensorrt"] == "10.3-mock"
+
+
+@pytest.mark.parametrize("use_cv2", [True, False])
+def test_kit_preprocess_matches_library(use_cv2):
+    kit = _kit_prepost()
+    images = load_images(None, 4)
+    for hw in [(32, 48), (64, 64)]:
+        lib = preprocess(images, hw, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        got = kit.preprocess(images, hw, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), use_cv2=use_cv2)
+        assert got.shape == lib.shape == (4, 3, *hw)
+        if use_cv2:
+            np.testing.assert_allclose(got, lib, rtol=0, atol=1e-5)  # same cv2 resize; float op order only
+        else:  # float bilinear vs OpenCV's fixed-point: at most one grey level apart
+            assert np.max(np.abs(got - lib)) <= 1.0 / (255 * 0.224) + 1e-5
+
+
+def test_kit_nms_matches_torchvision():
+    from torchvision.ops import batched_nms
+
+    kit = _kit_prepost()
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 50, (200, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 20, (200, 2)).astype(np.float32)], 1)
+    scores = rng.uniform(0, 1, 200).astype(np.float32)
+    labels = rng.integers(0, 3, 200)
+    ref = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), 0.5).numpy()
+    np.testing.assert_array_equal(kit.batched_nms(boxes, scores, labels, 0.5), ref)
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = ["--model", "m3vit_tiny_patch16_224", "--set", "depth=2", "--out", str(tmp_path / "o")]
+    assert tool.main([*base, "--task", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown task 'nope'") and "\n" not in err
+    assert tool.main([*base, "--task", "semseg", "--opset", "13"]) == 2
+    assert "opset 13 is too old" in capsys.readouterr().err
+    # a checkpoint whose config does not match its weights
+    from vision_moe.engine.checkpoint import save_checkpoint
+
+    m = build_multitask_model("m3vit_tiny_patch16_224", {"classification": 6}, img_size=32, head="linear",
+                              **SMALL, **MOE)
+    cfg = dict(model=dict(backbone="m3vit_tiny_patch16_224", tasks={"classification": 6}, img_size=32, head="linear",
+                          backbone_kwargs=dict(SMALL, **MOE)))
+    ck = save_checkpoint(tmp_path / "ck", m, cfg)
+    c = json.loads((ck / "config.json").read_text())
+    c["model"]["backbone_kwargs"]["embed_dim"] = 128
+    (ck / "config.json").write_text(json.dumps(c))
+    assert tool.main(["--checkpoint", str(ck), "--all-tasks", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "do not match" in err and "\n" not in err
+
+
+def test_cli_checkpoint_roundtrip(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from vision_moe.engine.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    m = build_multitask_model("m3vit_tiny_patch16_224", {"classification": 6, "saliency": None}, img_size=32,
+                              head="linear", **SMALL, **MOE)
+    cfg = dict(model=dict(backbone="m3vit_tiny_patch16_224", tasks={"classification": 6, "saliency": None},
+                          img_size=32, head="linear", backbone_kwargs=dict(SMALL, **MOE)))
+    ck = save_checkpoint(tmp_path / "ck", m, cfg)
+    out = tmp_path / "o"
+    assert tool.main(["--checkpoint", str(ck), "--task", "saliency", "--format", "engine", "--out", str(out)]) == 0
+    assert "saliency" in capsys.readouterr().out
+    rep = json.loads((out / "export_report.json").read_text())
+    assert rep["tasks"]["saliency"]["fp32"]["io"]["outputs"]["out"] == [1, 1, 32, 32]
+    assert (out / "build_engine.sh").exists() or rep["tasks"]["saliency"]["engine"]["built"]
+
+
+def test_dynamo_exporter_dense_vit(tmp_path):
+    rep = export_model(_small("vit_mtl_tiny_patch16_224"), ExportConfig(out_dir=str(tmp_path), tasks=["a"],
+                                                                        exporter="dynamo", parity_images=1))
+    _assert_clean(rep)

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Export task-specialised ONNX graphs (and TensorRT engines or their build scripts) with verified parity.
+
+  python tools/export.py --checkpoint runs/x/ckpt --task semseg --precision int8 --calib-data data/builtin --out out/
+  python tools/export.py --model m3vit_tiny_patch16_224 --set depth=2 --all-tasks --multitask --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint folder (config.json + model.safetensors)")
+    src.add_argument("--model", help="registered model name (random weights unless --checkpoint)")
+    p.add_argument("--tasks-def", default=None,
+                   help="with --model: JSON task -> classes, e.g. '{\"semseg\": 7}' builds "
+                   "a MultiTaskModel; without it the model's own classifier serves its tasks")
+    p.add_argument("--head", default="setr_pup", help="with --model and --tasks-def: dense head")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="backbone override (JSON value)")
+    t = p.add_mutually_exclusive_group(required=True)
+    t.add_argument("--task", action="append", help="task to export (repeatable)")
+    t.add_argument("--all-tasks", action="store_true")
+    p.add_argument("--multitask", action="store_true", help="also write multitask.onnx (task as an int64 input)")
+    p.add_argument("--format", choices=["onnx", "engine"], default="onnx")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--calib-data", default=None, help="folder of images from the task's dataset (INT8)")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--dynamic-batch", action="store_true")
+    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    p.add_argument("--out", required=True)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace):
+    """(model, info, mean, std) from the arguments."""
+    overrides = {}
+    for kv in args.set:
+        if "=" not in kv:
+            raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        overrides[k] = _value(v)
+    if args.checkpoint:
+        from vision_moe.engine.checkpoint import load_model
+
+        if overrides:
+            raise ValueError("--set cannot change a checkpoint's architecture; its config.json defines the model")
+        model, cfg = load_model(args.checkpoint)
+        data = cfg.get("data") or {}
+        mean = tuple(data.get("mean", (0.5, 0.5, 0.5)))
+        std = tuple(data.get("std", (0.5, 0.5, 0.5)))
+        return model, dict(checkpoint=args.checkpoint, config=cfg.get("model")), mean, std
+    import vision_moe
+
+    if args.tasks_def:
+        from vision_moe.models.multitask import build_multitask_model
+
+        tasks = json.loads(args.tasks_def)
+        img = overrides.pop("img_size", tuple(args.img_size) if args.img_size else 224)
+        model = build_multitask_model(args.model, tasks, img_size=img, head=args.head, **overrides)
+    else:
+        if args.img_size and "img_size" not in overrides:
+            overrides["img_size"] = tuple(args.img_size)
+        model = vision_moe.create_model(args.model, **overrides)
+    return model, dict(model=args.model, overrides=overrides, weights="random init"), (0.5,) * 3, (0.5,) * 3
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from vision_moe.deploy import ExportConfig, export_model
+
+    try:
+        model, info, mean, std = build(args)
+        tasks = None if args.all_tasks else args.task
+        cfg = ExportConfig(out_dir=args.out, tasks=tasks, fmt=args.format, precision=args.precision,
+                           batch=args.batch, dynamic_batch=args.dynamic_batch,
+                           img_size=tuple(args.img_size) if args.img_size else None, opset=args.opset,
+                           exporter=args.exporter, calib_data=args.calib_data, multitask=args.multitask,
+                           mean=mean, std=std)
+        report = export_model(model, cfg, info)
+    except (ValueError, TypeError, RuntimeError, AssertionError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/export_report.json")
+    for task, e in report["tasks"].items():
+        par = max(v["rel"] for v in e["fp32"]["parity"]["outputs"].values())
+        line = f"  {task:<16} {e['kind']:<14} nodes {e['fp32']['nodes']:>4}  fp32 rel err {par:.2e}"
+        if "fp16" in e:
+            line += f"  fp16 rel err {max(v['rel'] for v in e['fp16']['parity']['outputs'].values()):.2e}"
+        if "int8" in e:
+            ev = e["int8"]["evaluation"]
+            line += f"  int8 {ev['metric']}: fp32 {ev['fp32']:.2f} int8 {ev['quantized']:.2f} (drop {ev['drop']:.2f})"
+        if "engine" in e:
+            line += "  engine built" if e["engine"]["built"] else f"  engine: run {e['engine']['script']}"
+        print(line)
+    if "multitask" in report:
+        worst = max(v["rel"] for v in report["multitask"]["vs_per_task_graph"].values())
+        print(f"  multitask.onnx  tasks {report['multitask']['tasks']}  max rel diff vs per-task graphs {worst:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
