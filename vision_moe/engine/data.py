@@ -38,18 +38,14 @@ def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks
         return BuiltinDataset(root, split, tasks=tasks, transform=tf)
     from .. import data as D
 
-    name = {"coco": "CocoDetection", "ade20k": "SegmentationFolder", "imagenet_folder": "ImageFolderClassification",
-            "pascal_context": "PascalContext", "nyud": "NYUDv2"}[ds.format]
-    cls = getattr(D, name, None)
-    if cls is None:
-        raise ValueError(f"dataset format {ds.format!r}: vision_moe.data has no {name}")
-    kwargs: dict[str, Any] = {"transform": tf}
+    cls = {"coco": D.CocoDetection, "ade20k": D.SegmentationFolder, "imagenet_folder": D.ImageFolderClassification,
+           "pascal_context": D.PascalContextMT, "nyud": D.NYUDv2MT}[ds.format]
+    kwargs: dict[str, Any] = {"tasks": tasks, "transform": tf}
     if ds.format == "coco":
         ann = ds.ann_file if split == ds.train_split else (ds.val_ann_file or ds.ann_file)
         if ann:
             kwargs["ann_file"] = root / ann
-    return cls(root, split, tasks=tasks, **kwargs) if ds.format != "coco" or "ann_file" not in kwargs else cls(
-        root, split, **kwargs)
+    return cls(root, split, **kwargs)
 
 
 def reseed_sample(dataset: Any, seed: int) -> None:

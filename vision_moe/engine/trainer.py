@@ -150,6 +150,7 @@ class Trainer:
                              cfg.data.sampling, [d.sample_weight for d in cfg.data.datasets], self.rank, self.world)
         self.bad = BadSampleTracker(cfg.data.max_bad_fraction)
         self.step = 0
+        self.loss_history: list[float] = []  # total loss of each step run by this Trainer
         if resume:
             self._resume()
         self.step_module = _StepModule(self.model, cfg, self.uncertainty)
@@ -279,6 +280,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 self.step += 1
+                self.loss_history.append(loss.item())
                 rep.step(self.step, {"total": loss.item(), **{k: v.item() for k, v in logs.items()}}, lr, log)
                 if log:
                     rep.expert_load(self.step, loads)

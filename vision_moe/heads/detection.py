@@ -95,8 +95,8 @@ class FCOSDetectionHead(nn.Module):
         topk_candidates: int = 1000,
     ) -> None:
         super().__init__()
-        if channels % 16:
-            raise ValueError(f"detection head channels must be a multiple of 16 (FCOS GroupNorm), got {channels}")
+        if channels % 32:
+            raise ValueError(f"detection head channels must be a multiple of 32 (FCOS GroupNorm(32)), got {channels}")
         self.num_classes, self.num_prefix_tokens = num_classes, num_prefix_tokens
         self.fpn = SimpleFeaturePyramid(embed_dim, channels, scale_factors)
         self.strides = [patch_size / s for s in self.fpn.scale_factors]
