@@ -89,3 +89,13 @@ def test_linear_probe_runs_and_is_weak(builtin_root):
     torch.manual_seed(0)
     r = linear_probe_baseline(builtin_root)
     assert 0.0 <= r["top1"] <= 1.0 and r["chance_top1"] == pytest.approx(1 / 6)
+
+
+def test_parallel_generation_gives_the_same_bytes(tmp_path):
+    kw = dict(seed=1, num_train=50, num_val=4, img_size=32)
+    a = prepare_builtin(tmp_path / "a", workers=1, **kw)
+    b = prepare_builtin(tmp_path / "b", workers=2, **kw)
+    assert (
+        json.loads((a / "manifest.json").read_text())["sha256"]
+        == json.loads((b / "manifest.json").read_text())["sha256"]
+    )

@@ -21,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -202,12 +204,12 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path, compress_level=1)
 
 
-def _write_split(out: Path, split: str, seed: int, num: int, img_size: int) -> None:
+def _render_range(out: Path, split: str, seed: int, start: int, stop: int, img_size: int) -> tuple[list, list, list]:
+    """Render and write images start..stop-1 of a split; return their COCO images, annotations (no ids yet)
+    and classification lines. Each image has its own generator, so any chunking gives the same bytes."""
     d = out / split
-    for sub in ("images", "semseg", "saliency", "edges", "depth", "normals"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
     images, annotations, cls_lines = [], [], []
-    for i in range(num):
+    for i in range(start, stop):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
         sc = render_scene(rng, img_size)
         name = f"{i:06d}.png"
@@ -224,7 +226,6 @@ def _write_split(out: Path, split: str, seed: int, num: int, img_size: int) -> N
             rle["counts"] = rle["counts"].decode("ascii")
             annotations.append(
                 dict(
-                    id=len(annotations) + 1,
                     image_id=image_id,
                     category_id=o["cls"] + 1,
                     bbox=o["bbox"],
@@ -234,18 +235,29 @@ def _write_split(out: Path, split: str, seed: int, num: int, img_size: int) -> N
                 )
             )
         cls_lines.append(f"{name} {sc['class_label']}\n")
+    return images, annotations, cls_lines
+
+
+def _write_split(out: Path, split: str, seed: int, num: int, img_size: int, workers: int = 1) -> None:
+    d = out / split
+    for sub in ("images", "semseg", "saliency", "edges", "depth", "normals"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers, num // 25))  # tiny splits: not worth a process
+    bounds = np.linspace(0, num, workers + 1).astype(int)
+    jobs = [(out, split, seed, int(a), int(b), img_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+            parts = list(ex.map(_render_range, *zip(*jobs)))
+    else:
+        parts = [_render_range(*j) for j in jobs]
+    images = [x for p in parts for x in p[0]]
+    annotations = [dict(id=k + 1, **a) for k, a in enumerate(a for p in parts for a in p[1])]
+    cls_lines = [x for p in parts for x in p[2]]
     cats = [dict(id=k + 1, name=n, supercategory="shape") for k, n in enumerate(SHAPE_CLASSES)]
     (out / "annotations").mkdir(exist_ok=True)
     with open(out / "annotations" / f"instances_{split}.json", "w") as f:
-        json.dump(
-            dict(
-                info=dict(description="vision-moe built-in shapes", version=_VERSION),
-                images=images,
-                annotations=annotations,
-                categories=cats,
-            ),
-            f,
-        )
+        info = dict(description="vision-moe built-in shapes", version=_VERSION)
+        json.dump(dict(info=info, images=images, annotations=annotations, categories=cats), f)
     with open(d / "classification.txt", "w") as f:
         f.writelines(cls_lines)
 
@@ -266,12 +278,15 @@ def prepare_builtin(
     num_val: int = 300,
     img_size: int = 64,
     verify: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Generate the built-in data under ``root/<name-from-arguments>`` (or reuse it) and return that folder.
 
     Deterministic in the arguments. A folder is reused when its ``manifest.json`` holds the same arguments and,
     with ``verify``, the same content hash (so a damaged copy is regenerated). Written to a temporary folder
-    and renamed into place, so concurrent callers (DDP ranks) never see a half-written copy.
+    and renamed into place, so concurrent callers (DDP ranks) never see a half-written copy. ``workers``
+    processes render in parallel (forked; default 1, the safe choice inside a training process); the bytes do
+    not depend on it.
     """
     if img_size < 32:
         raise ValueError(f"prepare_builtin: img_size={img_size}; expected >= 32 (objects are 8 px to img_size/2)")
@@ -292,8 +307,8 @@ def prepare_builtin(
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=".builtin-", dir=root))
     try:
-        _write_split(tmp, "train", seed, num_train, img_size)
-        _write_split(tmp, "val", seed, num_val, img_size)
+        _write_split(tmp, "train", seed, num_train, img_size, workers)
+        _write_split(tmp, "val", seed, num_val, img_size, workers)
         (tmp / "classes.txt").write_text("".join(f"{n}\n" for n in SHAPE_CLASSES))
         man = dict(
             params=params,
