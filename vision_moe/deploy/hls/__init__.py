@@ -10,5 +10,19 @@ from .ir import UnsupportedModelError
 from .perf import EDGE_MOE_PUBLISHED, estimate
 from .reference import quantize_model, run_reference
 
-__all__ = ["BOARDS", "FxType", "HLSConfig", "parse_fx", "HLSProject", "builtin_images", "compile_csim", "export_hls",
-           "run_csim", "UnsupportedModelError", "EDGE_MOE_PUBLISHED", "estimate", "quantize_model", "run_reference"]
+__all__ = [
+    "BOARDS",
+    "FxType",
+    "HLSConfig",
+    "parse_fx",
+    "HLSProject",
+    "builtin_images",
+    "compile_csim",
+    "export_hls",
+    "run_csim",
+    "UnsupportedModelError",
+    "EDGE_MOE_PUBLISHED",
+    "estimate",
+    "quantize_model",
+    "run_reference",
+]

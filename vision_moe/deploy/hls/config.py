@@ -61,11 +61,29 @@ class Board:
 
 # Device totals from the AMD/Xilinx Zynq UltraScale+ MPSoC product tables (ZU9EG, ZU7EV, K26 SOM).
 BOARDS: dict[str, Board] = {
-    "zcu102": Board("zcu102", "xczu9eg-ffvb1156-2-e", "xilinx_zcu102_base_202320_1", 300.0, 2520, 1824, 0, 128,
-                    "Edge-MoE's board (300 MHz)"),
+    "zcu102": Board(
+        "zcu102",
+        "xczu9eg-ffvb1156-2-e",
+        "xilinx_zcu102_base_202320_1",
+        300.0,
+        2520,
+        1824,
+        0,
+        128,
+        "Edge-MoE's board (300 MHz)",
+    ),
     "zcu104": Board("zcu104", "xczu7ev-ffvc1156-2-e", "xilinx_zcu104_base_202320_1", 300.0, 1728, 624, 96, 128),
-    "kv260": Board("kv260", "xck26-sfvc784-2LV-c", "xilinx_kv260_base_202320_1", 250.0, 1248, 288, 64, 128,
-                   "KV260 has no AMD base platform in every release; pass --platform for your own"),
+    "kv260": Board(
+        "kv260",
+        "xck26-sfvc784-2LV-c",
+        "xilinx_kv260_base_202320_1",
+        250.0,
+        1248,
+        288,
+        64,
+        128,
+        "KV260 has no AMD base platform in every release; pass --platform for your own",
+    ),
 }
 
 
@@ -108,7 +126,9 @@ class HLSConfig:
         if a.frac < self.gelu_bits or a.frac < self.table_bits:
             raise ValueError(f"activation type {a} needs at least {max(self.gelu_bits, self.table_bits)} fraction bits")
         if a.int_bits < 5:
-            raise ValueError(f"activation type {a} needs at least 5 integer bits (GELU table range +-{self.gelu_range})")
+            raise ValueError(
+                f"activation type {a} needs at least 5 integer bits (GELU table range +-{self.gelu_range})"
+            )
         if a.frac + self.weight.frac > 60 or 2 * a.frac > 60:
             raise ValueError(f"activation {a} x weight {self.weight} products are too wide for the 64-bit accumulators")
         for name in ("par_in", "attn_rows", "attn_lanes"):

@@ -19,8 +19,21 @@ import numpy as np
 
 from .config import FxType, HLSConfig
 
-__all__ = ["OverflowLog", "Tables", "quantize", "to_float", "cast", "wrap", "exact_matmul", "mul_shift",
-           "exp_fx", "recip_fx", "rsqrt_fx", "gelu_fx", "msb"]
+__all__ = [
+    "OverflowLog",
+    "Tables",
+    "quantize",
+    "to_float",
+    "cast",
+    "wrap",
+    "exact_matmul",
+    "mul_shift",
+    "exp_fx",
+    "recip_fx",
+    "rsqrt_fx",
+    "gelu_fx",
+    "msb",
+]
 
 
 @dataclass
@@ -154,14 +167,20 @@ class Tables:
         s = float(1 << cfg.table_frac)
         rnd = lambda x: np.floor(x * s + 0.5).astype(np.int64)  # noqa: E731
         g = np.arange(-cfg.gelu_range * (1 << cfg.gelu_bits), cfg.gelu_range * (1 << cfg.gelu_bits) + 1) / (
-            1 << cfg.gelu_bits)
+            1 << cfg.gelu_bits
+        )
         if approximate == "tanh":
             gv = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
         else:
             gv = 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2)))
-        return cls(exp2=rnd(2.0**i), recip=rnd(1.0 / (1.0 + i)), rsqrt1=rnd(1.0 / np.sqrt(1.0 + i)),
-                   rsqrt2=rnd(1.0 / np.sqrt(2.0 * (1.0 + i))), gelu=quantize(gv, cfg.act),
-                   log2e=int(math.floor(math.log2(math.e) * (1 << cfg.exp_type.frac) + 0.5)))
+        return cls(
+            exp2=rnd(2.0**i),
+            recip=rnd(1.0 / (1.0 + i)),
+            rsqrt1=rnd(1.0 / np.sqrt(1.0 + i)),
+            rsqrt2=rnd(1.0 / np.sqrt(2.0 * (1.0 + i))),
+            gelu=quantize(gv, cfg.act),
+            log2e=int(math.floor(math.log2(math.e) * (1 << cfg.exp_type.frac) + 0.5)),
+        )
 
 
 def _interp(table: np.ndarray, idx: np.ndarray, r: np.ndarray, rbits: np.ndarray | int) -> np.ndarray:

@@ -142,19 +142,32 @@ def choose_tile(dim: int, heads: int, requested: int | None) -> int:
     raise UnsupportedModelError(f"no tile size for embedding dim {dim} with {heads} heads")
 
 
-def extract(model: nn.Module, tasks: tuple[str, ...], cfg: HLSConfig, img_size: tuple[int, int] | None = None,
-            name: str = "model", all_experts: bool = False) -> ModelSpec:
+def extract(
+    model: nn.Module,
+    tasks: tuple[str, ...],
+    cfg: HLSConfig,
+    img_size: tuple[int, int] | None = None,
+    name: str = "model",
+    all_experts: bool = False,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> ModelSpec:
     """Describe ``model`` (an M³ViT; already specialised when one task) for ``tasks``.
 
-    ``all_experts`` keeps every expert (used to measure the full model's footprint)."""
+    ``all_experts`` keeps every expert (used to measure the full model's footprint); ``mean``/``std`` override the
+    model's input normalisation (folded into the patch embedding)."""
     from ...models.moe_vit import MoEVisionTransformer
     from ...moe import MoEMlp
     from ...moe.router import MultiGateRouter, TaskEmbeddingRouter
 
     if not isinstance(model, MoEVisionTransformer):
-        raise UnsupportedModelError(f"unsupported model {type(model).__name__}; the HLS kernels run MoEVisionTransformer")
+        raise UnsupportedModelError(
+            f"unsupported model {type(model).__name__}; the HLS kernels run MoEVisionTransformer"
+        )
     if model.moe_attn_block_idx:
-        raise UnsupportedModelError(f"unsupported layer: MoE attention (Mod-Squad) in blocks {list(model.moe_attn_block_idx)}")
+        raise UnsupportedModelError(
+            f"unsupported layer: MoE attention (Mod-Squad) in blocks {list(model.moe_attn_block_idx)}"
+        )
     if model.task_embed is not None:
         raise UnsupportedModelError("unsupported layer: per-block task embedding (task_embed_blocks=True)")
     if not model.has_class_token:
@@ -182,8 +195,10 @@ def extract(model: nn.Module, tasks: tuple[str, ...], cfg: HLSConfig, img_size: 
     tile = choose_tile(dim, heads, cfg.tile)
 
     cfg_d = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(float(v) for v in cfg_d.get("mean", (0.5, 0.5, 0.5)))
-    std = tuple(float(v) for v in cfg_d.get("std", (0.5, 0.5, 0.5)))
+    mean = tuple(float(v) for v in (mean or cfg_d.get("mean", (0.5, 0.5, 0.5))))
+    std = tuple(float(v) for v in (std or cfg_d.get("std", (0.5, 0.5, 0.5))))
+    if len(mean) != 3 or len(std) != 3:
+        raise UnsupportedModelError(f"input normalisation needs 3 channels, got mean {mean} std {std}")
     # x_norm = (byte/255 - mean) / std and the pixel port holds v = byte/256, so x_norm = v * 256/(255 std) - mean/std.
     wconv = _np(pe.proj.weight)  # (C, 3, p, p)
     scale = np.array([256.0 / (255.0 * s) for s in std])
@@ -225,7 +240,9 @@ def extract(model: nn.Module, tasks: tuple[str, ...], cfg: HLSConfig, img_size: 
         mlp = blk.mlp
         if isinstance(mlp, MoEMlp):
             if mlp.capacity is not None or mlp.capacity_factor is not None:
-                raise UnsupportedModelError(f"unsupported routing in block {i}: expert capacity limit (the HLS MoE is dropless)")
+                raise UnsupportedModelError(
+                    f"unsupported routing in block {i}: expert capacity limit (the HLS MoE is dropless)"
+                )
             ex = mlp.experts
             act = ex.act
             r = mlp.router
@@ -257,7 +274,9 @@ def extract(model: nn.Module, tasks: tuple[str, ...], cfg: HLSConfig, img_size: 
                 spec.experts.append((f1, f2))
             spec.expert_ids = list(kept)
             if moe_cfg["top_k"] and (moe_cfg["top_k"] != mlp.top_k or moe_cfg["hidden"] != ex.hidden):
-                raise UnsupportedModelError(f"unsupported model: MoE blocks differ in top_k or expert hidden (block {i})")
+                raise UnsupportedModelError(
+                    f"unsupported model: MoE blocks differ in top_k or expert hidden (block {i})"
+                )
             moe_cfg.update(top_k=mlp.top_k, renorm=renorm, hidden=ex.hidden, experts_full=r.num_experts)
         else:
             if not (hasattr(mlp, "fc1") and hasattr(mlp, "fc2")) or not isinstance(mlp.norm, nn.Identity):
@@ -281,9 +300,26 @@ def extract(model: nn.Module, tasks: tuple[str, ...], cfg: HLSConfig, img_size: 
         raise UnsupportedModelError(f"unsupported model: LayerNorms with different eps {sorted(eps)}")
     head = _linear(model.head) if model.num_classes > 0 else None
     return ModelSpec(
-        name=name, tasks=tuple(tasks), img_size=(h, w), patch=p, dim=dim, heads=heads, hidden=hidden,
-        expert_hidden=moe_cfg["hidden"], num_experts_full=moe_cfg["experts_full"], top_k=moe_cfg["top_k"],
-        renormalize=moe_cfg["renorm"], gelu_approx=gelu_approx or "none", ln_eps=float(eps.pop() if eps else 1e-6),
-        patch_embed=LinearSpec(w_pe, b_pe), cls_pos=cls_pos, pos=pos[1:], blocks=blocks,
-        norm=_ln(model.norm, "norm"), head=head, mean=mean, std=std, tile=tile,
+        name=name,
+        tasks=tuple(tasks),
+        img_size=(h, w),
+        patch=p,
+        dim=dim,
+        heads=heads,
+        hidden=hidden,
+        expert_hidden=moe_cfg["hidden"],
+        num_experts_full=moe_cfg["experts_full"],
+        top_k=moe_cfg["top_k"],
+        renormalize=moe_cfg["renorm"],
+        gelu_approx=gelu_approx or "none",
+        ln_eps=float(eps.pop() if eps else 1e-6),
+        patch_embed=LinearSpec(w_pe, b_pe),
+        cls_pos=cls_pos,
+        pos=pos[1:],
+        blocks=blocks,
+        norm=_ln(model.norm, "norm"),
+        head=head,
+        mean=mean,
+        std=std,
+        tile=tile,
     )

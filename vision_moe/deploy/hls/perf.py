@@ -65,12 +65,18 @@ class PerfReport:
         lines = [f"{'layer':<{w}}  {'cycles':>12}  {'MACs':>12}  {'weights':>10}"]
         for layer in self.layers:
             lines.append(f"{layer.name:<{w}}  {layer.cycles:>12,}  {layer.macs:>12,}  {layer.weight_bytes:>9,}B")
-        lines.append(f"{'total':<{w}}  {self.cycles:>12,}  {sum(x.macs for x in self.layers):>12,}  "
-                     f"{sum(x.weight_bytes for x in self.layers):>9,}B")
-        lines.append(f"latency {self.latency_ms:.3f} ms at {self.clock_mhz:g} MHz ({1e3 / self.latency_ms:.1f} frames/s)")
-        lines.append(f"DSP ~{self.dsp} of {self.board_dsp} ({100 * self.dsp / self.board_dsp:.0f}%), "
-                     f"BRAM18K ~{self.bram18k} of {self.board_bram18k} ({100 * self.bram18k / self.board_bram18k:.0f}%) "
-                     f"on {self.board}")
+        lines.append(
+            f"{'total':<{w}}  {self.cycles:>12,}  {sum(x.macs for x in self.layers):>12,}  "
+            f"{sum(x.weight_bytes for x in self.layers):>9,}B"
+        )
+        lines.append(
+            f"latency {self.latency_ms:.3f} ms at {self.clock_mhz:g} MHz ({1e3 / self.latency_ms:.1f} frames/s)"
+        )
+        lines.append(
+            f"DSP ~{self.dsp} of {self.board_dsp} ({100 * self.dsp / self.board_dsp:.0f}%), "
+            f"BRAM18K ~{self.bram18k} of {self.board_bram18k} ({100 * self.bram18k / self.board_bram18k:.0f}%) "
+            f"on {self.board}"
+        )
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -120,8 +126,14 @@ def estimate(spec: ModelSpec, cfg: HLSConfig, queues: list[list[int]] | None = N
                 compute = f1.cycles + f2.cycles
                 cyc += max(compute, load) if i else load + compute  # the first expert's load is exposed
                 macs += f1.macs + f2.macs
-            layers.append(LayerPerf(p + f"moe ({len(active)}/{e} experts)", cyc + n * c, macs,
-                                    len(active) * w_words * cfg.weight.width // 8))
+            layers.append(
+                LayerPerf(
+                    p + f"moe ({len(active)}/{e} experts)",
+                    cyc + n * c,
+                    macs,
+                    len(active) * w_words * cfg.weight.width // 8,
+                )
+            )
         else:
             layers.append(_linear(p + "fc1", n, c, spec.hidden, cfg, t))
             layers.append(_linear(p + "fc2", n, spec.hidden, c, cfg, t))
@@ -139,18 +151,26 @@ def estimate(spec: ModelSpec, cfg: HLSConfig, queues: list[list[int]] | None = N
     max_k = max(3 * spec.patch**2, c, spec.hidden, spec.expert_hidden)
     aw = cfg.act.width
     arrays = [
-        (n * c * aw, 1), (n * c * aw, 1), (n * big * aw, 1),  # x, h, big
+        (n * c * aw, 1),
+        (n * c * aw, 1),
+        (n * big * aw, 1),  # x, h, big
         ((n - 1) * 3 * spec.patch**2 * cfg.pixel.width, 1),  # patches
         (max_k * cfg.weight.width, 2 * t),  # weight tile ping-pong, partitioned by TILE
         (n * spec.top_k * (aw + 32), 1),  # routing
     ]
     if spec.num_experts:
         e = spec.num_experts
-        arrays += [(n * eh * aw, 1), (n * c * aw, 1), (e * n * (aw + 32), 1),  # hid, y, queues
-                   ((c * _pad(eh, t) + eh * c) * cfg.weight.width, 2)]  # expert ping-pong
+        arrays += [
+            (n * eh * aw, 1),
+            (n * c * aw, 1),
+            (e * n * (aw + 32), 1),  # hid, y, queues
+            ((c * _pad(eh, t) + eh * c) * cfg.weight.width, 2),
+        ]  # expert ping-pong
     arrays += [(257 * 32, 4), (((2 * cfg.gelu_range) << cfg.gelu_bits) * aw, 1)]  # tables
     bram = sum(parts * max(1, math.ceil(bits / parts / 18432)) for bits, parts in arrays)
     bi = cfg.board_info
-    notes = [f"parallelism: TILE={t} x par_in={cfg.par_in} MACs, attention {rows_par} rows x {lanes} lanes; "
-             f"AXI {bi.axi_bits} bits/cycle per port"]
+    notes = [
+        f"parallelism: TILE={t} x par_in={cfg.par_in} MACs, attention {rows_par} rows x {lanes} lanes; "
+        f"AXI {bi.axi_bits} bits/cycle per port"
+    ]
     return PerfReport(layers, cfg.clock, dsp, bram, bi.name, bi.dsp, bi.bram18k, notes)

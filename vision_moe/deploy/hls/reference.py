@@ -57,7 +57,9 @@ def quantize_model(spec: ModelSpec, cfg: HLSConfig) -> QuantModel:
     log = OverflowLog()
 
     def ql(lin: LinearSpec, name: str) -> QLinear:
-        return QLinear(quantize(lin.w, cfg.weight, log, name + ".weight"), quantize(lin.b, cfg.bias, log, name + ".bias"))
+        return QLinear(
+            quantize(lin.w, cfg.weight, log, name + ".weight"), quantize(lin.b, cfg.bias, log, name + ".bias")
+        )
 
     def qn(p: tuple[np.ndarray, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
         return quantize(p[0], cfg.bias, log, name + ".weight"), quantize(p[1], cfg.bias, log, name + ".bias")
@@ -65,21 +67,35 @@ def quantize_model(spec: ModelSpec, cfg: HLSConfig) -> QuantModel:
     blocks = []
     for b in spec.blocks:
         p = f"blocks.{b.index}."
-        d = dict(ln1=qn(b.ln1, p + "norm1"), qkv=ql(b.qkv, p + "attn.qkv"), proj=ql(b.proj, p + "attn.proj"),
-                 ln2=qn(b.ln2, p + "norm2"))
+        d = dict(
+            ln1=qn(b.ln1, p + "norm1"),
+            qkv=ql(b.qkv, p + "attn.qkv"),
+            proj=ql(b.proj, p + "attn.proj"),
+            ln2=qn(b.ln2, p + "norm2"),
+        )
         if b.is_moe:
             d["gates"] = [(ql(g.lin, p + f"mlp.router[{g.task}]"), g.mask.copy()) for g in b.gates]
-            d["experts"] = [(ql(f1, p + f"mlp.experts[{e}].fc1"), ql(f2, p + f"mlp.experts[{e}].fc2"))
-                            for e, (f1, f2) in zip(b.expert_ids, b.experts)]
+            d["experts"] = [
+                (ql(f1, p + f"mlp.experts[{e}].fc1"), ql(f2, p + f"mlp.experts[{e}].fc2"))
+                for e, (f1, f2) in zip(b.expert_ids, b.experts)
+            ]
         else:
             d["fc1"], d["fc2"] = ql(b.fc1, p + "mlp.fc1"), ql(b.fc2, p + "mlp.fc2")
         blocks.append(d)
     eps = max(1, int(np.floor(spec.ln_eps * 2.0**cfg.var_type.frac + 0.5)))
     return QuantModel(
-        spec=spec, cfg=cfg, tables=Tables.build(cfg, spec.gelu_approx), patch_embed=ql(spec.patch_embed, "patch_embed"),
-        cls_pos=quantize(spec.cls_pos, cfg.bias, log, "cls_token+pos_embed"), pos=quantize(spec.pos, cfg.bias, log, "pos_embed"),
-        blocks=blocks, norm=qn(spec.norm, "norm"), head=ql(spec.head, "head") if spec.head is not None else None,
-        inv_dim=int(np.floor(2.0**cfg.inv_bits / spec.dim + 0.5)), eps=eps, log=log,
+        spec=spec,
+        cfg=cfg,
+        tables=Tables.build(cfg, spec.gelu_approx),
+        patch_embed=ql(spec.patch_embed, "patch_embed"),
+        cls_pos=quantize(spec.cls_pos, cfg.bias, log, "cls_token+pos_embed"),
+        pos=quantize(spec.pos, cfg.bias, log, "pos_embed"),
+        blocks=blocks,
+        norm=qn(spec.norm, "norm"),
+        head=ql(spec.head, "head") if spec.head is not None else None,
+        inv_dim=int(np.floor(2.0**cfg.inv_bits / spec.dim + 0.5)),
+        eps=eps,
+        log=log,
     )
 
 
@@ -144,8 +160,12 @@ class _Ref:
         d = wrap(x - mean[:, None], c.act, self.log, name + ".dev")
         sq = wrap((d * d) >> (2 * fa - c.sq_type.frac), c.sq_type, self.log, name + ".sq")  # d*d < 2**62
         vs = sq.sum(axis=-1)  # ap_ufixed<64, 64 - F_SQ>
-        var = wrap(np.asarray((vs.astype(object) * qm.inv_dim) >> (ib + c.sq_type.frac - c.var_type.frac)),
-                   c.var_type, self.log, name + ".var")
+        var = wrap(
+            np.asarray((vs.astype(object) * qm.inv_dim) >> (ib + c.sq_type.frac - c.var_type.frac)),
+            c.var_type,
+            self.log,
+            name + ".var",
+        )
         var = wrap(var + qm.eps, c.var_type, self.log, name + ".var")
         rstd = rsqrt_fx(np.maximum(var, 1), c, self.tab, self.log, name + ".rstd")
         n = wrap(mul_shift(d, rstd[:, None], c.rstd_type.frac), c.act, self.log, name + ".norm")
@@ -250,7 +270,9 @@ def run_reference(qm: QuantModel, pixels: np.ndarray, task: str | None = None) -
     gh, gw = sp.grid
     patches = pixels.reshape(3, gh, p, gw, p).transpose(1, 3, 0, 2, 4).reshape(gh * gw, 3 * p * p)
     pe = r.linear(patches, c.pixel.frac, qm.patch_embed, "patch_embed")
-    x = np.concatenate([cast(qm.cls_pos[None, :], fb, c.act), wrap(pe + (qm.pos << (fa - fb)), c.act, log, "patch_embed")])
+    x = np.concatenate(
+        [cast(qm.cls_pos[None, :], fb, c.act), wrap(pe + (qm.pos << (fa - fb)), c.act, log, "patch_embed")]
+    )
     out["patch_embed"] = x
     queues, routes = [], []
     for b, qb in zip(sp.blocks, qm.blocks):
