@@ -24,11 +24,10 @@ from .ir import ModelSpec
 __all__ = ["LayerPerf", "PerfReport", "estimate", "EDGE_MOE_PUBLISHED"]
 
 PIPE_DEPTH = 8  # cycles to fill the MAC pipeline per row
-# Published facts about Edge-MoE (Sarkar et al., ICCAD 2023, arXiv:2305.18691), shown beside the model's figures.
+# Published facts about Edge-MoE (Sarkar et al., ICCAD 2023, arXiv:2305.18691), shown beside the model's figures:
+# the paper's abstract and the authors' repository (github.com/sharc-lab/Edge-MoE, prebuilt ZCU102 bitstream).
 EDGE_MOE_PUBLISHED = {
-    "board": "AMD/Xilinx ZCU102",
-    "clock": "300 MHz",
-    "activation / weight types": "ap_fixed<32,10> / ap_fixed<16,2>",
+    "board": "AMD/Xilinx ZCU102 (prebuilt bitstream in the authors' repository)",
     "energy efficiency": "2.24x vs GPU, 4.90x vs CPU (paper abstract)",
 }
 
