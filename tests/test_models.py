@@ -122,3 +122,9 @@ def test_grad_checkpointing_gives_the_same_gradients():
         grads.append(model.blocks[1].mlp.experts.fc1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
     assert {"pos_embed", "cls_token", "task_embed"} <= model.no_weight_decay()
+
+
+def test_non_square_model_runs_at_other_sizes():
+    model = vision_moe.create_model("m3vit_tiny_patch16_224", img_size=(32, 64), depth=2, tasks=TASKS).eval()
+    for size in ((32, 64), (48, 32), (64, 64)):
+        assert torch.isfinite(model(torch.randn(1, 3, *size), task="seg")).all()

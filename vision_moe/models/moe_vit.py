@@ -339,7 +339,9 @@ class MoEVisionTransformer(nn.Module):
         x = x.reshape(b, h * w, c)
         pos_embed = self.pos_embed
         if (h, w) != tuple(self.patch_embed.grid_size):
-            pos_embed = resample_abs_pos_embed(pos_embed, (h, w), num_prefix_tokens=self.num_prefix_tokens)
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, (h, w), old_size=tuple(self.patch_embed.grid_size), num_prefix_tokens=self.num_prefix_tokens
+            )
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         return self.pos_drop(x + pos_embed)

@@ -74,8 +74,8 @@ class TopKGate(nn.Module):
     def route(self, logits: torch.Tensor) -> RouterOutput:
         """Top-k routing from clean fp32 logits (S, E)."""
         k = self.top_k
-        if not bool(self.expert_mask.all()):
-            logits = logits.masked_fill(~self.expert_mask, float("-inf"))
+        # Unconditional (no data-dependent Python branch): keeps the graph static for torch.export / ONNX.
+        logits = logits.masked_fill(~self.expert_mask, float("-inf"))
         probs = logits.softmax(dim=-1)
         sigma = self.noise_std / self.num_experts
         load_prob = None
@@ -238,9 +238,7 @@ class TaskEmbeddingRouter(_TaskRouter):
             logits = F.linear(
                 inp, self.gate.proj.weight.float(), None if self.gate.proj.bias is None else self.gate.proj.bias.float()
             )
-            mask = self.task_expert_mask[t]
-            if not bool(mask.all()):
-                logits = logits.masked_fill(~mask, float("-inf"))
+            logits = logits.masked_fill(~self.task_expert_mask[t], float("-inf"))
             return self.gate.route(logits)
 
     def specialize(self, task: str, keep: torch.Tensor) -> TaskEmbeddingRouter:
