@@ -18,7 +18,8 @@ def _targets(task: str, b: int) -> list[dict]:
         if task == "classification":
             t["class_label"] = torch.tensor(i % 5)
         elif task == "detection":
-            t["boxes"] = torch.tensor([[2.0, 3.0, 20.0, 25.0], [10.0, 4.0, 40.0, 30.0]]) if i == 0 else torch.zeros(0, 4)
+            boxes = torch.tensor([[2.0, 3.0, 20.0, 25.0], [10.0, 4.0, 40.0, 30.0]])
+            t["boxes"] = boxes if i == 0 else torch.zeros(0, 4)
             t["labels"] = torch.tensor([1, 3]) if i == 0 else torch.zeros(0, dtype=torch.long)
         elif task in ("semseg", "human_parts"):
             m = torch.randint(0, 5, (h, w), generator=g)

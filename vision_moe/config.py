@@ -237,9 +237,15 @@ def _validate(cfg: Config, src: str) -> Config:
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """Merge ``over`` into ``base`` recursively; a mapping holding ``_delete_: true`` replaces instead (as mmcv)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and v.get("_delete_") is True:
+            out[k] = {kk: vv for kk, vv in v.items() if kk != "_delete_"}
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
     return out
 
 

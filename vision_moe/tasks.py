@@ -25,7 +25,8 @@ EDGE_POS_WEIGHT = 0.95  # M³ViT's BalancedBinaryCrossEntropyLoss(pos_weight=0.9
 
 def stack_key(targets: list[dict], key: str, device: torch.device | None = None) -> torch.Tensor:
     """Stack one dense target key of a batch into (B, ...)."""
-    return torch.stack([t[key] for t in targets]).to(device) if device is not None else torch.stack([t[key] for t in targets])
+    out = torch.stack([t[key] for t in targets])
+    return out.to(device) if device is not None else out
 
 
 def _ce_loss(key: str) -> Callable:
@@ -132,7 +133,8 @@ def build_head(task: str, embed_dim: int, num_outputs: int | None, patch_size: i
     raise ValueError(f"unknown dense head {head!r}; expected one of {list(DENSE_HEADS)}")
 
 
-def task_loss(task: str, head: nn.Module, out, targets: list[dict], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+def task_loss(task: str, head: nn.Module, out, targets: list[dict],
+              image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The task's loss terms (a dict; their sum is the task loss)."""
     spec = get_task(task)
     if spec.kind == "detection":

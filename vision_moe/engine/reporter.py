@@ -59,7 +59,8 @@ class Reporter:
         if self.bar is not None:
             self.bar.update(1)
             if log:
-                self.bar.set_postfix({k: f"{v:.3f}" for k, v in self.ema.items() if not k.startswith("moe")}, refresh=False)
+                shown = {k: f"{v:.3f}" for k, v in self.ema.items() if not k.startswith("moe")}
+                self.bar.set_postfix(shown, refresh=False)
         if self.writer is not None and log:
             for k, v in losses.items():
                 self.writer.add_scalar(f"loss/{k}", v, step)

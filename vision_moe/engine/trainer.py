@@ -265,6 +265,10 @@ class Trainer:
             for (d, idx, _), (images, targets, bad) in zip(entries, loader):
                 self.bad.update(len(idx), bad)
                 tasks = self.train_sets[d][1]
+                if not targets:  # every sample of this batch was unreadable (counted above): nothing to learn from
+                    self.scheduler.step()
+                    self.step += 1
+                    continue
                 log = self.step % max(1, cfg.train.log_every) == 0
                 with self.amp_ctx():
                     loss, logs, loads = self.step_module(images.to(self.device), targets, tasks)

@@ -138,7 +138,8 @@ class FCOSDetectionHead(nn.Module):
         head_outputs = {k: v.float() for k, v in head_outputs.items()}
         counts = self._level_counts(image_size, self._grid_from(image_size))
         b = head_outputs["cls_logits"].shape[0]
-        tg = [{"boxes": t["boxes"].to(anchors.device).float(), "labels": t["labels"].to(anchors.device)} for t in targets]
+        dev = anchors.device
+        tg = [{"boxes": t["boxes"].to(dev).float(), "labels": t["labels"].to(dev)} for t in targets]
         return FCOS.compute_loss(self, tg, head_outputs, [anchors.float()] * b, counts)
 
     def _grid_from(self, image_size: tuple[int, int]) -> tuple[int, int]:

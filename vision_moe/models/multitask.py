@@ -34,7 +34,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         missing = [t for t in heads if t not in backbone.tasks]
         if missing:
-            raise ValueError(f"heads for tasks {missing} that the backbone does not route; it knows {list(backbone.tasks)}")
+            raise ValueError(f"heads for tasks {missing} the backbone does not route; it routes {list(backbone.tasks)}")
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.tasks = tuple(heads)

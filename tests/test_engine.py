@@ -1,0 +1,88 @@
+"""Engine pieces: checkpoints (atomic, verified), schedules, the step plan (determinism, DDP shards), bad samples."""
+
+import json
+
+import pytest
+import torch
+
+from vision_moe.config import SchedConfig
+from vision_moe.engine.checkpoint import CheckpointError, load_model, load_train_state, save_checkpoint
+from vision_moe.engine.data import BadSampleTracker, StepPlan, TooManyBadSamples
+from vision_moe.engine.optim import lr_factor
+from vision_moe.models.multitask import build_multitask_model
+
+TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_experts=4, top_k=2, expert_hidden=32)
+HEADS = dict(head_channels=8, det_channels=32, det_num_convs=1, det_scale_factors=[2.0, 1.0, 0.5])
+
+
+def _model_and_config():
+    tasks = {"classification": 3, "detection": 2, "semseg": 4}
+    m = build_multitask_model("m3vit_tiny_patch16_224", tasks, img_size=32, head_kwargs=HEADS, **TINY)
+    cfg = {"model": {"backbone": "m3vit_tiny_patch16_224", "tasks": tasks, "img_size": 32, "head": "setr_pup",
+                     "head_kwargs": HEADS, "backbone_kwargs": TINY}}
+    return m, cfg
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    m, cfg = _model_and_config()
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(1, 3, 32, 32), "semseg")["out"].sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "step": 3, "rng": torch.get_rng_state()}
+    d = save_checkpoint(tmp_path / "ck", m, cfg, state)
+    assert not list(d.glob("*.tmp")) and not list(d.glob(".*"))
+    m2, cfg2 = load_model(d)
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    st = load_train_state(d)
+    assert st["step"] == 3 and "state" in st["optimizer"]
+    # a truncated weights file
+    w = d / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256"):
+        load_model(d)
+    with pytest.raises(CheckpointError, match="cannot read safetensors"):
+        load_model(d, verify=False)
+    w.write_bytes(data)
+    # a config that does not match the weights
+    c = json.loads((d / "config.json").read_text())
+    c["model"]["tasks"]["semseg"] = 9
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="do not match config.json"):
+        load_model(d)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nothing")
+
+
+def test_lr_schedules():
+    cos = SchedConfig(name="cosine", warmup_steps=10, warmup_start_factor=0.0, min_lr_factor=0.1)
+    assert lr_factor(0, 110, cos) == 0.0 and lr_factor(5, 110, cos) == pytest.approx(0.5)
+    assert lr_factor(10, 110, cos) == pytest.approx(1.0) and lr_factor(110, 110, cos) == pytest.approx(0.1)
+    assert lr_factor(60, 110, cos) == pytest.approx(0.55)
+    poly = SchedConfig(name="poly", power=1.0)
+    assert lr_factor(50, 100, poly) == pytest.approx(0.5)
+
+
+def test_step_plan_is_deterministic_and_shards_ranks():
+    full = StepPlan([10, 7], batch_size=2, seed=3, mode="weighted", weights=[1.0, 2.0]).plan(0, 30)
+    again = StepPlan([10, 7], batch_size=2, seed=3, mode="weighted", weights=[1.0, 2.0])
+    assert again.plan(12, 30) == full[12:]  # resuming at step 12 replays the same batches
+    assert {d for d, _, _ in full} == {0, 1}
+    r0 = StepPlan([10], batch_size=2, seed=0, rank=0, world=2).plan(0, 5)
+    r1 = StepPlan([10], batch_size=2, seed=0, rank=1, world=2).plan(0, 5)
+    for (_, a, _), (_, b, _) in zip(r0, r1):
+        assert len(a) == len(b) == 2 and not set(a) & set(b)  # each rank its own shard
+    epoch = sorted(i for _, idx, _ in r0[:2] + r1[:2] for i in idx)
+    assert epoch == sorted(set(epoch)) and len(epoch) == 8  # within an epoch no sample repeats
+    rr = StepPlan([4, 4, 4], batch_size=1, seed=0).plan(0, 6)
+    assert [d for d, _, _ in rr] == [0, 1, 2, 0, 1, 2]
+
+
+def test_bad_sample_tracker():
+    t = BadSampleTracker(max_fraction=0.1, min_seen=10)
+    t.update(8, ["a.jpg: cannot decode"])  # 1/8 but fewer than min_seen: not yet judged
+    t.update(8, [])
+    assert t.fraction == pytest.approx(1 / 16)
+    with pytest.raises(TooManyBadSamples, match=r"3 of 20 samples were unreadable .*first: a.jpg: cannot decode"):
+        t.update(4, ["b.jpg: truncated", "c.jpg: truncated"])
