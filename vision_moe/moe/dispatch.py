@@ -149,9 +149,24 @@ class SortDispatcher(Dispatcher):
 
 
 class DenseDispatcher(Dispatcher):
-    """Static shapes: run every expert on every token, gather the chosen outputs."""
+    """Static shapes: run every expert on every token, gather the chosen outputs.
+
+    For MLP experts the combine is folded into the second layer (it is linear):
+    y = sum_e g[s, e] (act(x W1_e + b1_e) W2_e + b2_e) = [g * act(x W1_cat + b1_cat)] W2_cat + g b2, with
+    W1_cat (M, E*H) and W2_cat (E*H, O): two plain 2-D GEMMs and no gather. Runtimes run them at full
+    GEMM speed and ONNX Runtime's quantiser treats them as ordinary per-channel MatMul weights.
+    """
 
     static_shapes = True
+
+    def forward(self, x, expert_index, combine_weights, experts, keep=None):
+        if not hasattr(experts, "forward_dense_gated"):
+            return super().forward(x, expert_index, combine_weights, experts, keep)
+        w = combine_weights.to(x.dtype)
+        if keep is not None:
+            w = w * keep.to(w.dtype)
+        gates = (_one_hot(expert_index, experts.num_experts, x.dtype) * w.unsqueeze(-1)).sum(1)  # (S, E)
+        return experts.forward_dense_gated(x, gates)
 
     def compute(self, x, expert_index, experts, keep=None):
         e = experts.num_experts

@@ -104,6 +104,22 @@ class MlpExperts(nn.Module):
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2.forward_expert(e, self.drop(self.act(self.fc1.forward_expert(e, x)))))
 
+    def forward_dense_gated(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """sum_e gates[:, e] * expert_e(x) with every expert on every token, as two 2-D GEMMs.
+
+        x (S, M), gates (S, E) -> (S, O). Experts with a zero gate contribute nothing (exactly).
+        """
+        e, m, h = self.fc1.weight.shape
+        s = x.shape[0]
+        w1 = self.fc1.weight.permute(1, 0, 2).reshape(m, e * h)  # (M, E*H)
+        b1 = None if self.fc1.bias is None else self.fc1.bias.reshape(e * h)
+        hid = self.drop(self.act(F.linear(x, w1.t(), b1)))  # (S, E*H)
+        hid = (hid.view(s, e, h) * gates.unsqueeze(-1)).reshape(s, e * h)
+        y = hid @ self.fc2.weight.reshape(e * h, -1)  # (S, O)
+        if self.fc2.bias is not None:
+            y = y + gates @ self.fc2.bias
+        return self.drop(y)
+
     def select(self, keep: torch.Tensor) -> MlpExperts:
         new = MlpExperts.__new__(MlpExperts)
         nn.Module.__init__(new)
