@@ -69,6 +69,15 @@ def time_alternating(fns: dict[str, Callable[[], object]], baseline: str, rounds
             f()
             times[n].append(time.perf_counter() - t)
     return {
-        n: dict(ms=statistics.median(ts) * 1e3, ratio=statistics.median(a / b for a, b in zip(ts, times[baseline])))
+        n: dict(
+            ms=statistics.median(ts) * 1e3,
+            ratio=statistics.median(a / b for a, b in zip(ts, times[baseline])),
+            times=ts,
+        )
         for n, ts in times.items()
     }
+
+
+def paired_ratio(res: dict, a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b), from a :func:`time_alternating` result."""
+    return statistics.median(x / y for x, y in zip(res[a]["times"], res[b]["times"]))

@@ -62,3 +62,17 @@ def test_specialized_is_independent_and_exportable_dispatcher():
         torch.testing.assert_close(spec2(x), model(x, task="seg"), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown task 'x'"):
         model.specialize("x")
+
+
+def test_prune_experts_keeps_used_or_most_used():
+    torch.manual_seed(0)
+    model = vision_moe.create_model("m3vit_tiny_patch16_224", img_size=32, depth=2, tasks=TASKS, num_classes=5).eval()
+    images = torch.randn(1, 3, 32, 32)  # 5 tokens x top-4 choices: at most 20 assignments over 16 experts
+    load = model.expert_usage(images, "seg")[0]
+    used = load > 0
+    (mask,) = model.prune_experts("seg", images)
+    assert (mask & used).sum() == used.sum() and int(mask.sum()) == max(4, int(used.sum()))
+    # the images it was measured on still choose the same experts (the softmax now runs over the kept ones only)
+    assert torch.equal(model.expert_usage(images, "seg")[0], load)
+    assert [int(m.sum()) for m in model.prune_experts("depth", images, keep=5)] == [5]
+    assert model.specialize("depth").blocks[1].mlp.num_experts == 5

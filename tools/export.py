@@ -13,13 +13,6 @@ import logging
 import sys
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -50,21 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """(model, info, mean, std) from the arguments."""
-    overrides = {}
-    for kv in args.set:
-        if "=" not in kv:
-            raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
-        k, v = kv.split("=", 1)
-        overrides[k] = _value(v)
-    if args.checkpoint:
-        from vision_moe.engine.checkpoint import load_model
+    from vision_moe.deploy.source import load_checkpoint_source, parse_overrides
 
-        if overrides:
-            raise ValueError("--set cannot change a checkpoint's architecture; its config.json defines the model")
-        model, cfg = load_model(args.checkpoint)
-        data = cfg.get("data") or {}
-        mean = tuple(data.get("mean", (0.5, 0.5, 0.5)))
-        std = tuple(data.get("std", (0.5, 0.5, 0.5)))
+    overrides = parse_overrides(args.set)
+    if args.checkpoint:
+        model, cfg, mean, std = load_checkpoint_source(args.checkpoint, overrides)
         return model, dict(checkpoint=args.checkpoint, config=cfg.get("model")), mean, std
     import vision_moe
 

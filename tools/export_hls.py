@@ -10,16 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,21 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """(backbone, name, mean, std) from the arguments."""
-    overrides = {}
-    for kv in args.set:
-        if "=" not in kv:
-            raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
-        k, v = kv.split("=", 1)
-        overrides[k] = _value(v)
-    if args.checkpoint:
-        from vision_moe.engine.checkpoint import load_model
+    from vision_moe.deploy.source import load_checkpoint_source, parse_overrides
 
-        if overrides:
-            raise ValueError("--set cannot change a checkpoint's architecture; its config.json defines the model")
-        model, cfg = load_model(args.checkpoint)
-        data = cfg.get("data") or {}
-        backbone = getattr(model, "backbone", model)
-        return backbone, args.checkpoint, tuple(data.get("mean", (0.5,) * 3)), tuple(data.get("std", (0.5,) * 3))
+    overrides = parse_overrides(args.set)
+    if args.checkpoint:
+        model, _, mean, std = load_checkpoint_source(args.checkpoint, overrides)
+        return getattr(model, "backbone", model), args.checkpoint, mean, std
     import vision_moe
 
     if args.model not in vision_moe.list_models():
@@ -118,15 +101,7 @@ def main(argv=None) -> int:
                 [torch.from_numpy(i).permute(2, 0, 1).float() / 127.5 - 1.0 for _, i in builtin_images(size, 4)]
             )
             for t in model.tasks if tasks == "all" else tasks:
-                usage = model.expert_usage(imgs, t)
-                masks = []
-                for u in usage:
-                    keep = u > 0
-                    k = model.moe_layers()[0][1].top_k
-                    if int(keep.sum()) < k:  # a task must keep at least top_k experts
-                        keep[u.argsort(descending=True)[:k]] = True
-                    masks.append(keep)
-                model.restrict_experts(t, masks)
+                model.prune_experts(t, imgs)  # keep the experts the task uses (at least top_k)
         proj = export_hls(
             model,
             tasks,

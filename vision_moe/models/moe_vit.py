@@ -470,6 +470,21 @@ class MoEVisionTransformer(nn.Module):
             layer.router.set_expert_mask(task, mask)
         return self
 
+    @torch.no_grad()
+    def prune_experts(self, task: str, images: torch.Tensor, keep: int | None = None) -> list[torch.Tensor]:
+        """Mod-Squad pruning in one call: route ``images`` for ``task`` and keep, in each MoE layer, the experts
+        it used (``keep=None``; topped up to top_k by usage) or its ``keep`` most used ones. Returns the masks.
+
+        Changes the model's output for ``task`` where pruned experts were chosen; measure the task metric after.
+        """
+        masks = []
+        for (_, layer), used in zip(self.moe_layers(), self.expert_usage(images, task)):
+            n = max(layer.top_k, int((used > 0).sum()) if keep is None else keep)
+            order = torch.sort(used, descending=True, stable=True).indices  # ties: lower expert index first
+            masks.append(torch.zeros_like(used, dtype=torch.bool).scatter_(0, order[:n], True))
+        self.restrict_experts(task, masks)
+        return masks
+
     def routing_summary(self, aux: list[MoEAux]) -> torch.Tensor:
         """(num MoE layers, E) fraction of assignments per expert, from a forward's aux records."""
         return torch.stack([a.expert_load.float() / a.expert_load.sum().clamp_min(1) for a in aux])
