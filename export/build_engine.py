@@ -20,8 +20,15 @@ from pathlib import Path
 MAX_DYNAMIC_BATCH = 8
 
 
-def build(onnx_path: Path, engine_path: Path, precision: str, strongly_typed: bool, workspace_mib: int,
-          timing_cache: Path | None, max_batch: int) -> None:
+def build(
+    onnx_path: Path,
+    engine_path: Path,
+    precision: str,
+    strongly_typed: bool,
+    workspace_mib: int,
+    timing_cache: Path | None,
+    max_batch: int,
+) -> None:
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)

@@ -47,15 +47,17 @@ class _Cuda:
 
     def h2d(self, dst, arr: np.ndarray) -> None:
         if self.cudart:
-            self.cudart.cudaMemcpyAsync(dst, arr.ctypes.data, arr.nbytes,
-                                        self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
+            self.cudart.cudaMemcpyAsync(
+                dst, arr.ctypes.data, arr.nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            )
         else:
             self.drv.memcpy_htod_async(dst, arr, self.stream)
 
     def d2h(self, arr: np.ndarray, src) -> None:
         if self.cudart:
-            self.cudart.cudaMemcpyAsync(arr.ctypes.data, src, arr.nbytes,
-                                        self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream)
+            self.cudart.cudaMemcpyAsync(
+                arr.ctypes.data, src, arr.nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            )
         else:
             self.drv.memcpy_dtoh_async(arr, src, self.stream)
 
@@ -125,8 +127,10 @@ def load_images(folder: Path | None, n: int, hw) -> list[np.ndarray]:
 
 def stats(ms: list[float]) -> str:
     a = np.asarray(ms)
-    return (f"mean {a.mean():.2f} ms  p50 {np.percentile(a, 50):.2f} ms  p99 {np.percentile(a, 99):.2f} ms  "
-            f"FPS {1000.0 / a.mean():.1f}")
+    return (
+        f"mean {a.mean():.2f} ms  p50 {np.percentile(a, 50):.2f} ms  p99 {np.percentile(a, 99):.2f} ms  "
+        f"FPS {1000.0 / a.mean():.1f}"
+    )
 
 
 def main(argv=None) -> int:
@@ -169,8 +173,15 @@ def main(argv=None) -> int:
         elif kind == "detection":
             e = report["tasks"][t]
             o = runs[t]()
-            det = prepost.detection_postprocess(o["boxes"], o["scores"], e["level_counts"], e["score_thresh"],
-                                                e["nms_thresh"], e["topk_candidates"], e["detections_per_img"])
+            det = prepost.detection_postprocess(
+                o["boxes"],
+                o["scores"],
+                e["level_counts"],
+                e["score_thresh"],
+                e["nms_thresh"],
+                e["topk_candidates"],
+                e["detections_per_img"],
+            )
             print(f"   {len(det[0]['boxes'])} detections in image 0")
     return 0
 

@@ -42,8 +42,11 @@ def preprocess(images, img_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), use_
         s = min(hh / h, ww / w)
         nh, nw = max(1, round(h * s)), max(1, round(w * s))  # albumentations LongestMaxSize's rounding
         if (nh, nw) != (h, w):
-            im = cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) if (use_cv2 and cv2 is not None) \
+            im = (
+                cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR)
+                if (use_cv2 and cv2 is not None)
                 else _resize_bilinear(im, nh, nw)
+            )
         canvas = np.zeros((hh, ww, 3), np.float32)
         canvas[:nh, :nw] = im
         out[i] = ((canvas - mean) / std).transpose(2, 0, 1)
@@ -98,8 +101,15 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_t
     return nms(boxes + offs, scores, iou_thresh)
 
 
-def detection_postprocess(boxes: np.ndarray, scores: np.ndarray, level_counts, score_thresh: float,
-                          nms_thresh: float, topk_candidates: int, detections_per_img: int) -> list[dict]:
+def detection_postprocess(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    level_counts,
+    score_thresh: float,
+    nms_thresh: float,
+    topk_candidates: int,
+    detections_per_img: int,
+) -> list[dict]:
     """Decoded boxes (B, A, 4) and scores (B, A, K) -> per image dict boxes/scores/labels (FCOS's selection)."""
     results = []
     k = scores.shape[-1]
@@ -107,11 +117,11 @@ def detection_postprocess(boxes: np.ndarray, scores: np.ndarray, level_counts, s
         bs, ss, ls = [], [], []
         start = 0
         for n in level_counts:
-            sc = scores[bi, start:start + n].reshape(-1)
-            bx = boxes[bi, start:start + n]
+            sc = scores[bi, start : start + n].reshape(-1)
+            bx = boxes[bi, start : start + n]
             start += n
             idx = np.nonzero(sc > score_thresh)[0]
-            top = np.argsort(-sc[idx], kind="stable")[:min(topk_candidates, idx.size)]
+            top = np.argsort(-sc[idx], kind="stable")[: min(topk_candidates, idx.size)]
             idx = idx[top]
             bs.append(bx[idx // k])
             ss.append(sc[idx])

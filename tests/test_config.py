@@ -29,16 +29,19 @@ def _write(tmp_path, text, name="c.yaml"):
 BASE = "tasks: {semseg: {}}\n"
 
 
-@pytest.mark.parametrize("text,key,value", [
-    (BASE + "optim: {lr: fast}\n", "optim.lr", "'fast'"),
-    (BASE + "train: {stepz: 3}\n", "train.stepz", "3"),
-    ("tasks: {segmentation: {}}\n", "tasks.segmentation", "'segmentation'"),
-    (BASE + "train: {steps: 1.5}\n", "train.steps", "1.5"),
-    (BASE + "data: {datasets: [{format: coco, tasks: [detection]}]}\n", "data.datasets[0].tasks", "'detection'"),
-    (BASE + "model: {head: fpn}\n", "model.head", "'fpn'"),
-    (BASE + "model: {backbone: resnet50}\n", "model.backbone", "'resnet50'"),
-    (BASE + "train: {amp: 'yes'}\n", "train.amp", "'yes'"),
-])
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        (BASE + "optim: {lr: fast}\n", "optim.lr", "'fast'"),
+        (BASE + "train: {stepz: 3}\n", "train.stepz", "3"),
+        ("tasks: {segmentation: {}}\n", "tasks.segmentation", "'segmentation'"),
+        (BASE + "train: {steps: 1.5}\n", "train.steps", "1.5"),
+        (BASE + "data: {datasets: [{format: coco, tasks: [detection]}]}\n", "data.datasets[0].tasks", "'detection'"),
+        (BASE + "model: {head: fpn}\n", "model.head", "'fpn'"),
+        (BASE + "model: {backbone: resnet50}\n", "model.backbone", "'resnet50'"),
+        (BASE + "train: {amp: 'yes'}\n", "train.amp", "'yes'"),
+    ],
+)
 def test_errors_name_file_key_value(tmp_path, text, key, value):
     p = _write(tmp_path, text)
     with pytest.raises(ConfigError) as e:

@@ -18,8 +18,16 @@ HEADS = dict(head_channels=8, det_channels=32, det_num_convs=1, det_scale_factor
 def _model_and_config():
     tasks = {"classification": 3, "detection": 2, "semseg": 4}
     m = build_multitask_model("m3vit_tiny_patch16_224", tasks, img_size=32, head_kwargs=HEADS, **TINY)
-    cfg = {"model": {"backbone": "m3vit_tiny_patch16_224", "tasks": tasks, "img_size": 32, "head": "setr_pup",
-                     "head_kwargs": HEADS, "backbone_kwargs": TINY}}
+    cfg = {
+        "model": {
+            "backbone": "m3vit_tiny_patch16_224",
+            "tasks": tasks,
+            "img_size": 32,
+            "head": "setr_pup",
+            "head_kwargs": HEADS,
+            "backbone_kwargs": TINY,
+        }
+    }
     return m, cfg
 
 

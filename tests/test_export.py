@@ -83,8 +83,12 @@ def test_every_model_and_task_exports_with_parity(name, tmp_path):
 
 def test_square_dynamic_batch_1_and_3(tmp_path):
     model = _small("m3vit_tiny_patch16_224")
-    rep = export_model(model, ExportConfig(out_dir=str(tmp_path), tasks=["b"], batch=1, dynamic_batch=True,
-                                           img_size=(32, 32), parity_images=3))
+    rep = export_model(
+        model,
+        ExportConfig(
+            out_dir=str(tmp_path), tasks=["b"], batch=1, dynamic_batch=True, img_size=(32, 32), parity_images=3
+        ),
+    )
     e = rep["tasks"]["b"]["fp32"]
     assert e["io"]["inputs"]["images"] == ["batch", 3, 32, 32]
     assert e["parity"]["batch"] == 1 and e["parity_batch_3"]["batch"] == 3
@@ -94,10 +98,26 @@ def test_square_dynamic_batch_1_and_3(tmp_path):
 def test_multitask_model_heads_int8_and_fp16(tmp_path):
     """MultiTaskModel with classification + dense heads: mixed-output multi-task graph, INT8 drop, FP16 parity."""
     torch.manual_seed(0)
-    m = build_multitask_model("m3vit_tiny_patch16_224", {"classification": 6, "semseg": 7, "depth": None},
-                              img_size=(32, 48), head="linear", **SMALL, **MOE)
-    rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=1, precision="int8", multitask=True,
-                                       calib_images=4, eval_images=4, parity_images=2))
+    m = build_multitask_model(
+        "m3vit_tiny_patch16_224",
+        {"classification": 6, "semseg": 7, "depth": None},
+        img_size=(32, 48),
+        head="linear",
+        **SMALL,
+        **MOE,
+    )
+    rep = export_model(
+        m,
+        ExportConfig(
+            out_dir=str(tmp_path),
+            batch=1,
+            precision="int8",
+            multitask=True,
+            calib_images=4,
+            eval_images=4,
+            parity_images=2,
+        ),
+    )
     _assert_clean(rep)
     assert rep["multitask"]["task_output"] == {"classification": "logits", "semseg": "out", "depth": "out"}
     for t, e in rep["tasks"].items():
@@ -106,15 +126,22 @@ def test_multitask_model_heads_int8_and_fp16(tmp_path):
         ops = onnx.load(str(tmp_path / f"{t}.int8.onnx"))
         assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in ops.graph.node}
         assert e["int8"]["tensorrt"]["10.3"]["ok"]  # symmetric: zero points are 0, as TensorRT requires
-    rep16 = export_model(m, ExportConfig(out_dir=str(tmp_path / "fp16"), tasks=["semseg"], precision="fp16",
-                                         parity_images=2))
+    rep16 = export_model(
+        m, ExportConfig(out_dir=str(tmp_path / "fp16"), tasks=["semseg"], precision="fp16", parity_images=2)
+    )
     assert rep16["tasks"]["semseg"]["fp16"]["parity"]["outputs"]["out"]["rel"] <= 2e-2
 
 
 def test_detection_decoding_and_both_nms_paths_match_torchvision(tmp_path):
     torch.manual_seed(0)
-    m = build_multitask_model("m3vit_tiny_patch16_224", {"detection": 3}, img_size=(64, 64), **SMALL, **MOE,
-                              head_kwargs=dict(det_channels=32, det_num_convs=1))
+    m = build_multitask_model(
+        "m3vit_tiny_patch16_224",
+        {"detection": 3},
+        img_size=(64, 64),
+        **SMALL,
+        **MOE,
+        head_kwargs=dict(det_channels=32, det_num_convs=1),
+    )
     head = m.heads["detection"]
     head.score_thresh = 0.0  # random weights: keep candidates so NMS has work to do
     rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=2, parity_images=2))
@@ -155,8 +182,7 @@ def test_data_dependent_graph_is_rejected(tmp_path):
         def forward(self, x):
             return torch.nonzero(x > 0).float().sum().reshape(1)
 
-    proto = export_onnx(NonZero(), (torch.randn(2, 3),), tmp_path / "nz.onnx", input_names=["x"],
-                        output_names=["y"])
+    proto = export_onnx(NonZero(), (torch.randn(2, 3),), tmp_path / "nz.onnx", input_names=["x"], output_names=["y"])
     with pytest.raises(ExportError, match="NonZero"):
         check_static_graph(proto)
 
@@ -222,18 +248,30 @@ def test_build_engine_api_sequence_with_mocked_tensorrt(tmp_path, monkeypatch):
                 if item == "serialize":
                     return b"cache"
                 return Rec(item)
+
             return f
 
     trt = types.SimpleNamespace(
-        __version__="10.3-mock", Logger=lambda *a: None, Builder=lambda lg: Rec("builder"),
-        OnnxParser=lambda net, lg: Rec("parser"), MemoryPoolType=types.SimpleNamespace(WORKSPACE="WS"),
-        BuilderFlag=types.SimpleNamespace(FP16="FP16", INT8="INT8"))
+        __version__="10.3-mock",
+        Logger=lambda *a: None,
+        Builder=lambda lg: Rec("builder"),
+        OnnxParser=lambda net, lg: Rec("parser"),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WS"),
+        BuilderFlag=types.SimpleNamespace(FP16="FP16", INT8="INT8"),
+    )
     trt.Logger.WARNING = 2
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     from vision_moe.deploy.tensorrt_build import build_engine
 
-    res = build_engine(tmp_path / "a.int8.onnx", tmp_path / "a.engine", "int8", (32, 48), batch=2,
-                       dynamic_batch=True, timing_cache=tmp_path / "t.cache")
+    res = build_engine(
+        tmp_path / "a.int8.onnx",
+        tmp_path / "a.engine",
+        "int8",
+        (32, 48),
+        batch=2,
+        dynamic_batch=True,
+        timing_cache=tmp_path / "t.cache",
+    )
     names = [c[0] for c in calls]
     assert names.index("parser.parse_from_file") < names.index("builder.build_serialized_network")
     for flag in ("FP16", "INT8"):
@@ -282,10 +320,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     # a checkpoint whose config does not match its weights
     from vision_moe.engine.checkpoint import save_checkpoint
 
-    m = build_multitask_model("m3vit_tiny_patch16_224", {"classification": 6}, img_size=32, head="linear",
-                              **SMALL, **MOE)
-    cfg = dict(model=dict(backbone="m3vit_tiny_patch16_224", tasks={"classification": 6}, img_size=32, head="linear",
-                          backbone_kwargs=dict(SMALL, **MOE)))
+    m = build_multitask_model(
+        "m3vit_tiny_patch16_224", {"classification": 6}, img_size=32, head="linear", **SMALL, **MOE
+    )
+    cfg = dict(
+        model=dict(
+            backbone="m3vit_tiny_patch16_224",
+            tasks={"classification": 6},
+            img_size=32,
+            head="linear",
+            backbone_kwargs=dict(SMALL, **MOE),
+        )
+    )
     ck = save_checkpoint(tmp_path / "ck", m, cfg)
     c = json.loads((ck / "config.json").read_text())
     c["model"]["backbone_kwargs"]["embed_dim"] = 128
@@ -302,10 +348,18 @@ def test_cli_checkpoint_roundtrip(tmp_path, capsys):
     from vision_moe.engine.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    m = build_multitask_model("m3vit_tiny_patch16_224", {"classification": 6, "saliency": None}, img_size=32,
-                              head="linear", **SMALL, **MOE)
-    cfg = dict(model=dict(backbone="m3vit_tiny_patch16_224", tasks={"classification": 6, "saliency": None},
-                          img_size=32, head="linear", backbone_kwargs=dict(SMALL, **MOE)))
+    m = build_multitask_model(
+        "m3vit_tiny_patch16_224", {"classification": 6, "saliency": None}, img_size=32, head="linear", **SMALL, **MOE
+    )
+    cfg = dict(
+        model=dict(
+            backbone="m3vit_tiny_patch16_224",
+            tasks={"classification": 6, "saliency": None},
+            img_size=32,
+            head="linear",
+            backbone_kwargs=dict(SMALL, **MOE),
+        )
+    )
     ck = save_checkpoint(tmp_path / "ck", m, cfg)
     out = tmp_path / "o"
     assert tool.main(["--checkpoint", str(ck), "--task", "saliency", "--format", "engine", "--out", str(out)]) == 0
@@ -316,6 +370,8 @@ def test_cli_checkpoint_roundtrip(tmp_path, capsys):
 
 
 def test_dynamo_exporter_dense_vit(tmp_path):
-    rep = export_model(_small("vit_mtl_tiny_patch16_224"), ExportConfig(out_dir=str(tmp_path), tasks=["a"],
-                                                                        exporter="dynamo", parity_images=1))
+    rep = export_model(
+        _small("vit_mtl_tiny_patch16_224"),
+        ExportConfig(out_dir=str(tmp_path), tasks=["a"], exporter="dynamo", parity_images=1),
+    )
     _assert_clean(rep)

@@ -46,8 +46,17 @@ CASES = [(t, "setr_pup") for t in sorted(TASKS)] + [(t, "linear") for t in sorte
 def test_head_shapes_and_loss(task, head_kind):
     spec = TASKS[task]
     n = spec.out_channels or 5
-    head = build_head(task, EMBED, n, PATCH, head=head_kind, head_channels=16, det_channels=32, det_num_convs=1,
-                      det_scale_factors=(2.0, 1.0, 0.5))
+    head = build_head(
+        task,
+        EMBED,
+        n,
+        PATCH,
+        head=head_kind,
+        head_channels=16,
+        det_channels=32,
+        det_num_convs=1,
+        det_scale_factors=(2.0, 1.0, 0.5),
+    )
     tokens = torch.randn(2, 1 + GRID[0] * GRID[1], EMBED, requires_grad=True)
     out = head(tokens, GRID, SIZE)
     if spec.kind == "classification":

@@ -22,13 +22,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny(data_root, **sections) -> dict:
     d = {
-        "model": {"backbone": "m3vit_tiny_patch16_224", "img_size": 32, "head_channels": 8, "det_channels": 32,
-                  "det_num_convs": 1, "det_scale_factors": [2.0, 1.0, 0.5],
-                  "backbone_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_experts": 4,
-                                      "top_k": 2, "expert_hidden": 32}},
+        "model": {
+            "backbone": "m3vit_tiny_patch16_224",
+            "img_size": 32,
+            "head_channels": 8,
+            "det_channels": 32,
+            "det_num_convs": 1,
+            "det_scale_factors": [2.0, 1.0, 0.5],
+            "backbone_kwargs": {
+                "patch_size": 8,
+                "embed_dim": 32,
+                "depth": 2,
+                "num_heads": 2,
+                "num_experts": 4,
+                "top_k": 2,
+                "expert_hidden": 32,
+            },
+        },
         "tasks": {"classification": {}, "detection": {}, "semseg": {}},
-        "data": {"datasets": [{"format": "builtin", "root": str(data_root), "num_train": 16, "num_val": 8}],
-                 "batch_size": 4, "eval_batch_size": 8, "num_workers": 0},
+        "data": {
+            "datasets": [{"format": "builtin", "root": str(data_root), "num_train": 16, "num_val": 8}],
+            "batch_size": 4,
+            "eval_batch_size": 8,
+            "num_workers": 0,
+        },
         "optim": {"lr": 2e-3},
         "sched": {"warmup_steps": 2},
         "train": {"steps": 6, "progress": False, "tensorboard": False, "log_every": 1, "threads": 1},
@@ -44,10 +61,15 @@ def data_root(tmp_path_factory):
 
 
 def test_short_training_lowers_the_loss(tmp_path, data_root):
-    cfg = config_from_dict(tiny(data_root, train={"steps": 30, "progress": False, "tensorboard": True,
-                                                  "threads": 1, "log_every": 5},
-                                data={"batch_size": 8}, moe={"mi_weight": 0.005},
-                                tasks={"semseg": {}}))
+    cfg = config_from_dict(
+        tiny(
+            data_root,
+            train={"steps": 30, "progress": False, "tensorboard": True, "threads": 1, "log_every": 5},
+            data={"batch_size": 8},
+            moe={"mi_weight": 0.005},
+            tasks={"semseg": {}},
+        )
+    )
     cfg.tasks = {"semseg": cfg.tasks["semseg"], "classification": cfg.tasks["classification"]}
     cfg.data.datasets[0].tasks = ["semseg", "classification"]
     tr = Trainer(cfg, tmp_path / "run")
@@ -62,8 +84,10 @@ def test_short_training_lowers_the_loss(tmp_path, data_root):
 
 
 def test_resume_continues_the_same_trajectory(tmp_path, data_root):
-    base = tiny(data_root, train={"steps": 6, "ckpt_every": 3, "progress": False, "tensorboard": False,
-                                  "threads": 1, "log_every": 1})
+    base = tiny(
+        data_root,
+        train={"steps": 6, "ckpt_every": 3, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1},
+    )
     straight = Trainer(config_from_dict(base), tmp_path / "a")
     straight.fit()
 
@@ -101,8 +125,20 @@ def test_ddp_two_processes(tmp_path, data_root):
     p = tmp_path / "ddp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tools" / "train.py"), "--config", str(p), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tools" / "train.py"),
+        "--config",
+        str(p),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = latest_checkpoint(tmp_path / "out")
@@ -126,9 +162,15 @@ def _class_folders(root: Path, n_good: int, n_bad: int) -> None:
 
 
 def _folder_cfg(root: Path, max_bad: float) -> dict:
-    d = tiny(root, data={"datasets": [{"format": "imagenet_folder", "root": str(root)}], "batch_size": 4,
-                         "max_bad_fraction": max_bad},
-             train={"steps": 4, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1})
+    d = tiny(
+        root,
+        data={
+            "datasets": [{"format": "imagenet_folder", "root": str(root)}],
+            "batch_size": 4,
+            "max_bad_fraction": max_bad,
+        },
+        train={"steps": 4, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1},
+    )
     d["tasks"] = {"classification": {}}
     return d
 
@@ -154,7 +196,11 @@ def test_too_many_bad_samples_stop_training(tmp_path):
 def test_train_tool_reports_config_errors(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("tasks: {semseg: {}}\noptim: {lr: fast}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(p)], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == f"config error: {p}: optim.lr: expected a number (got 'fast')"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Export task-specialised ONNX graphs (and TensorRT engines or their build scripts) with verified parity.
 
-  python tools/export.py --checkpoint runs/x/ckpt --task semseg --precision int8 --calib-data data/builtin --out out/
-  python tools/export.py --model m3vit_tiny_patch16_224 --set depth=2 --all-tasks --multitask --out out/
+python tools/export.py --checkpoint runs/x/ckpt --task semseg --precision int8 --calib-data data/builtin --out out/
+python tools/export.py --model m3vit_tiny_patch16_224 --set depth=2 --all-tasks --multitask --out out/
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint folder (config.json + model.safetensors)")
     src.add_argument("--model", help="registered model name (random weights unless --checkpoint)")
-    p.add_argument("--tasks-def", default=None,
-                   help="with --model: JSON task -> classes, e.g. '{\"semseg\": 7}' builds "
-                   "a MultiTaskModel; without it the model's own classifier serves its tasks")
+    p.add_argument(
+        "--tasks-def",
+        default=None,
+        help="with --model: JSON task -> classes, e.g. '{\"semseg\": 7}' builds "
+        "a MultiTaskModel; without it the model's own classifier serves its tasks",
+    )
     p.add_argument("--head", default="setr_pup", help="with --model and --tasks-def: dense head")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="backbone override (JSON value)")
     t = p.add_mutually_exclusive_group(required=True)
@@ -72,11 +75,21 @@ def main(argv=None) -> int:
     try:
         model, info, mean, std = build(args)
         tasks = None if args.all_tasks else args.task
-        cfg = ExportConfig(out_dir=args.out, tasks=tasks, fmt=args.format, precision=args.precision,
-                           batch=args.batch, dynamic_batch=args.dynamic_batch,
-                           img_size=tuple(args.img_size) if args.img_size else None, opset=args.opset,
-                           exporter=args.exporter, calib_data=args.calib_data, multitask=args.multitask,
-                           mean=mean, std=std)
+        cfg = ExportConfig(
+            out_dir=args.out,
+            tasks=tasks,
+            fmt=args.format,
+            precision=args.precision,
+            batch=args.batch,
+            dynamic_batch=args.dynamic_batch,
+            img_size=tuple(args.img_size) if args.img_size else None,
+            opset=args.opset,
+            exporter=args.exporter,
+            calib_data=args.calib_data,
+            multitask=args.multitask,
+            mean=mean,
+            std=std,
+        )
         report = export_model(model, cfg, info)
     except (ValueError, TypeError, RuntimeError, AssertionError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -18,8 +18,19 @@ import yaml
 from .tasks import DENSE_HEADS, TASKS
 
 __all__ = [
-    "ConfigError", "Config", "ModelConfig", "TaskConfig", "DatasetConfig", "DataConfig", "OptimConfig",
-    "SchedConfig", "TrainConfig", "MoELossConfig", "load_config", "config_from_dict", "config_to_dict",
+    "ConfigError",
+    "Config",
+    "ModelConfig",
+    "TaskConfig",
+    "DatasetConfig",
+    "DataConfig",
+    "OptimConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "MoELossConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
 ]
 
 
@@ -135,9 +146,13 @@ class Config:
 
 
 _CHOICES = {
-    "model.head": DENSE_HEADS, "model.head_norm": ("bn", "gn", "none"), "model.cls_pool": ("token", "avg"),
-    "data.sampling": ("round_robin", "weighted"), "optim.name": ("adamw", "sgd"),
-    "sched.name": ("cosine", "poly", "constant"), "moe.aux_loss": ("importance_load", "switch", "none"),
+    "model.head": DENSE_HEADS,
+    "model.head_norm": ("bn", "gn", "none"),
+    "model.cls_pool": ("token", "avg"),
+    "data.sampling": ("round_robin", "weighted"),
+    "optim.name": ("adamw", "sgd"),
+    "sched.name": ("cosine", "poly", "constant"),
+    "moe.aux_loss": ("importance_load", "switch", "none"),
     "train.amp_dtype": ("auto", "bf16", "fp16"),
     "data.datasets.format": ("builtin", "coco", "ade20k", "imagenet_folder", "pascal_context", "nyud"),
 }

@@ -33,6 +33,7 @@ def _ce_loss(key: str) -> Callable:
     def loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         y = stack_key(targets, key, out.device).long()  # (B, H, W)
         return {key: F.cross_entropy(out.float(), y, ignore_index=IGNORE_INDEX)}
+
     return loss
 
 
@@ -86,12 +87,14 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [
-        TaskSpec("classification", "classification", ("class_label",), None, _cls_loss, "ClassificationMetric",
-                 "top1", True),
+        TaskSpec(
+            "classification", "classification", ("class_label",), None, _cls_loss, "ClassificationMetric", "top1", True
+        ),
         TaskSpec("detection", "detection", ("boxes", "labels"), None, None, "CocoDetectionMetric", "AP50", True),
         TaskSpec("semseg", "dense", ("semseg",), None, _ce_loss("semseg"), "SegmentationMetric", "mIoU", True),
-        TaskSpec("human_parts", "dense", ("human_parts",), None, _ce_loss("human_parts"), "SegmentationMetric",
-                 "mIoU", True),
+        TaskSpec(
+            "human_parts", "dense", ("human_parts",), None, _ce_loss("human_parts"), "SegmentationMetric", "mIoU", True
+        ),
         TaskSpec("saliency", "dense", ("saliency",), 1, _saliency_loss, "SaliencyMetric", "maxF", True),
         TaskSpec("normals", "dense", ("normals",), 3, _normals_loss, "NormalsMetric", "mean_angle", False),
         TaskSpec("edges", "dense", ("edges",), 1, _edge_loss, "EdgeMetric", "odsF", True),
@@ -108,10 +111,20 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def build_head(task: str, embed_dim: int, num_outputs: int | None, patch_size: int, num_prefix_tokens: int = 1,
-               head: str = "setr_pup", head_channels: int = 256, head_norm: str = "bn", det_channels: int = 256,
-               det_num_convs: int = 4, det_scale_factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5),
-               cls_pool: str = "token") -> nn.Module:
+def build_head(
+    task: str,
+    embed_dim: int,
+    num_outputs: int | None,
+    patch_size: int,
+    num_prefix_tokens: int = 1,
+    head: str = "setr_pup",
+    head_channels: int = 256,
+    head_norm: str = "bn",
+    det_channels: int = 256,
+    det_num_convs: int = 4,
+    det_scale_factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5),
+    cls_pool: str = "token",
+) -> nn.Module:
     """The head for ``task``. ``num_outputs`` is the number of classes (classification, detection, semseg,
     human_parts) or channels; tasks with fixed channels (saliency 1, normals 3, edges 1, depth 1) accept None."""
     spec = get_task(task)
@@ -123,18 +136,32 @@ def build_head(task: str, embed_dim: int, num_outputs: int | None, patch_size: i
     if spec.kind == "classification":
         return ClassificationHead(embed_dim, n, pool=cls_pool, num_prefix_tokens=num_prefix_tokens)
     if spec.kind == "detection":
-        return FCOSDetectionHead(embed_dim, n, patch_size=patch_size, channels=det_channels, num_convs=det_num_convs,
-                                 scale_factors=det_scale_factors, num_prefix_tokens=num_prefix_tokens)
+        return FCOSDetectionHead(
+            embed_dim,
+            n,
+            patch_size=patch_size,
+            channels=det_channels,
+            num_convs=det_num_convs,
+            scale_factors=det_scale_factors,
+            num_prefix_tokens=num_prefix_tokens,
+        )
     if head == "setr_pup":
-        return SetrPupHead(embed_dim, n, patch_size=patch_size, channels=head_channels, norm=head_norm,
-                           num_prefix_tokens=num_prefix_tokens)
+        return SetrPupHead(
+            embed_dim,
+            n,
+            patch_size=patch_size,
+            channels=head_channels,
+            norm=head_norm,
+            num_prefix_tokens=num_prefix_tokens,
+        )
     if head == "linear":
         return LinearUpsampleHead(embed_dim, n, num_prefix_tokens=num_prefix_tokens)
     raise ValueError(f"unknown dense head {head!r}; expected one of {list(DENSE_HEADS)}")
 
 
-def task_loss(task: str, head: nn.Module, out, targets: list[dict],
-              image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+def task_loss(
+    task: str, head: nn.Module, out, targets: list[dict], image_size: tuple[int, int]
+) -> dict[str, torch.Tensor]:
     """The task's loss terms (a dict; their sum is the task loss)."""
     spec = get_task(task)
     if spec.kind == "detection":

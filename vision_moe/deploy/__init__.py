@@ -16,7 +16,19 @@ from .pipeline import ExportConfig, export_model, task_module
 from .trt_ops import TensorRTSupportError, check_tensorrt_support
 
 __all__ = [
-    "EXPORTERS", "MIN_OPSET", "ExportConfig", "ExportError", "ParityError", "TaskIndexedModel", "TensorRTSupportError",
-    "check_static_graph", "check_tensorrt_support", "compare_outputs", "export_model", "export_onnx", "ort_session",
-    "simplify_onnx", "task_module",
+    "EXPORTERS",
+    "MIN_OPSET",
+    "ExportConfig",
+    "ExportError",
+    "ParityError",
+    "TaskIndexedModel",
+    "TensorRTSupportError",
+    "check_static_graph",
+    "check_tensorrt_support",
+    "compare_outputs",
+    "export_model",
+    "export_onnx",
+    "ort_session",
+    "simplify_onnx",
+    "task_module",
 ]

@@ -45,8 +45,9 @@ class _TaskIndexedRouter(nn.Module):
             self.register_buffer("mask", router.task_expert_mask[idx] & g.expert_mask)  # (T, E)
             flags = {(g.top_k, g.renormalize)}
         else:
-            raise TypeError(f"cannot index router {type(router).__name__} by task; expected MultiGateRouter or "
-                            "TaskEmbeddingRouter")
+            raise TypeError(
+                f"cannot index router {type(router).__name__} by task; expected MultiGateRouter or TaskEmbeddingRouter"
+            )
         if len(flags) != 1:
             raise ValueError("the tasks' gates differ in top_k or renormalize; one graph needs them equal")
         self.top_k, self.renormalize = flags.pop()
@@ -142,8 +143,9 @@ class TaskIndexedModel(nn.Module):
         self.attn = nn.ModuleList()
         self.mlp = nn.ModuleList()
         for blk in backbone.blocks:
-            self.attn.append(_TaskIndexedAttention(blk.attn, self.tasks) if isinstance(blk.attn, MoEAttention)
-                             else nn.Identity())
+            self.attn.append(
+                _TaskIndexedAttention(blk.attn, self.tasks) if isinstance(blk.attn, MoEAttention) else nn.Identity()
+            )
             self.mlp.append(_TaskIndexedMlp(blk.mlp, self.tasks) if isinstance(blk.mlp, MoEMlp) else nn.Identity())
         if backbone.task_embed is not None:
             idx = [backbone.tasks.index(t) for t in self.tasks]
@@ -186,8 +188,10 @@ class TaskIndexedModel(nn.Module):
         grid = (size[0] // p[0], size[1] // p[1])
         outs = [head(tokens, grid, size) for head in self.heads]
         if any(isinstance(o, (tuple, list)) for o in outs):
-            raise ValueError("detection heads (several raw outputs) cannot share a multi-task output; export "
-                             "detection as a per-task graph")
+            raise ValueError(
+                "detection heads (several raw outputs) cannot share a multi-task output; export "
+                "detection as a per-task graph"
+            )
         return outs
 
     def forward(self, images: torch.Tensor, task: torch.Tensor):

@@ -40,8 +40,21 @@ MIN_OPSET = 17
 MAX_OPSET = {"torchscript": 20, "dynamo": 23}
 EXPORTERS = ("torchscript", "dynamo")
 # Ops whose output shape depends on data, or that scatter by data: not allowed in a static-shape edge graph.
-FORBIDDEN_OPS = frozenset({"NonZero", "ScatterND", "Unique", "Compress", "Loop", "If", "Scan", "SequenceConstruct",
-                           "SplitToSequence", "ConcatFromSequence", "NonMaxSuppression"})
+FORBIDDEN_OPS = frozenset(
+    {
+        "NonZero",
+        "ScatterND",
+        "Unique",
+        "Compress",
+        "Loop",
+        "If",
+        "Scan",
+        "SequenceConstruct",
+        "SplitToSequence",
+        "ConcatFromSequence",
+        "NonMaxSuppression",
+    }
+)
 
 
 class ExportError(RuntimeError):
@@ -99,17 +112,33 @@ def export_onnx(
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on constants
         if exporter == "torchscript":
             dyn = {n: {0: "batch"} for n in [*batched, *output_names]} if dynamic_batch else None
-            torch.onnx.export(wrapped, inputs, str(path), opset_version=opset, dynamo=False,
-                              input_names=list(input_names), output_names=list(output_names), dynamic_axes=dyn,
-                              do_constant_folding=True)
+            torch.onnx.export(
+                wrapped,
+                inputs,
+                str(path),
+                opset_version=opset,
+                dynamo=False,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dyn,
+                do_constant_folding=True,
+            )
         else:
             shapes = None
             if dynamic_batch:
                 b = torch.export.Dim("batch", min=1, max=1024)
                 shapes = tuple({0: b} if n in batched else None for n in input_names)
-            prog = torch.onnx.export(wrapped, inputs, dynamo=True, opset_version=opset, input_names=list(input_names),
-                                     output_names=list(output_names), dynamic_shapes=shapes, optimize=True,
-                                     verbose=False)
+            prog = torch.onnx.export(
+                wrapped,
+                inputs,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=shapes,
+                optimize=True,
+                verbose=False,
+            )
             prog.save(str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
@@ -128,8 +157,10 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
 def graph_io(model: onnx.ModelProto) -> dict[str, dict[str, list[int | str]]]:
     """Names and shapes (ints, or symbol names) of the graph's inputs and outputs."""
     inits = {i.name for i in model.graph.initializer}
-    return dict(inputs={i.name: _dims(i) for i in model.graph.input if i.name not in inits},
-                outputs={o.name: _dims(o) for o in model.graph.output})
+    return dict(
+        inputs={i.name: _dims(i) for i in model.graph.input if i.name not in inits},
+        outputs={o.name: _dims(o) for o in model.graph.output},
+    )
 
 
 def check_static_graph(model: onnx.ModelProto, allowed_symbols: Sequence[str] = ("batch",)) -> None:
@@ -168,8 +199,13 @@ def run_onnx(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, inputs)
 
 
-def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray], names: Sequence[str], rtol: float,
-                    what: str = "onnxruntime vs torch") -> dict[str, dict[str, float]]:
+def compare_outputs(
+    got: Sequence[np.ndarray],
+    ref: Sequence[np.ndarray],
+    names: Sequence[str],
+    rtol: float,
+    what: str = "onnxruntime vs torch",
+) -> dict[str, dict[str, float]]:
     """Max abs error and relative error (max abs error / max |ref|) per output; ParityError past ``rtol``."""
     stats: dict[str, dict[str, float]] = {}
     for name, g, r in zip(names, got, ref):
@@ -180,13 +216,18 @@ def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray], names:
             raise ParityError(f"{what}: output {name!r} has non-finite values")
         if g.dtype.kind in "iub":
             mism = float(np.mean(g != r))
-            stats[name] = dict(max_abs=float(np.max(np.abs(g.astype(np.float64) - r))) if g.size else 0.0,
-                               rel=mism, mismatch_fraction=mism)
+            stats[name] = dict(
+                max_abs=float(np.max(np.abs(g.astype(np.float64) - r))) if g.size else 0.0,
+                rel=mism,
+                mismatch_fraction=mism,
+            )
         else:
             err = float(np.max(np.abs(g.astype(np.float64) - r))) if g.size else 0.0
             scale = float(np.max(np.abs(r))) if r.size else 0.0
             stats[name] = dict(max_abs=err, rel=err / max(scale, 1e-12))
         if stats[name]["rel"] > rtol:
-            raise ParityError(f"{what}: output {name!r} relative error {stats[name]['rel']:.3g} > {rtol:g} "
-                              f"(max abs {stats[name]['max_abs']:.3g})")
+            raise ParityError(
+                f"{what}: output {name!r} relative error {stats[name]['rel']:.3g} > {rtol:g} "
+                f"(max abs {stats[name]['max_abs']:.3g})"
+            )
     return stats

@@ -135,15 +135,21 @@ def prepare_copy(model: nn.Module, image_size: tuple[int, int], dispatcher: str 
     if grid != tuple(bb.patch_embed.grid_size):
         with torch.no_grad():
             # old_size given: timm infers a square grid from the token count otherwise
-            bb.pos_embed = nn.Parameter(resample_abs_pos_embed(bb.pos_embed.detach(), grid,
-                                                               old_size=tuple(bb.patch_embed.grid_size),
-                                                               num_prefix_tokens=bb.num_prefix_tokens))
+            bb.pos_embed = nn.Parameter(
+                resample_abs_pos_embed(
+                    bb.pos_embed.detach(),
+                    grid,
+                    old_size=tuple(bb.patch_embed.grid_size),
+                    num_prefix_tokens=bb.num_prefix_tokens,
+                )
+            )
         bb.patch_embed.set_input_size(img_size=tuple(image_size))
     return m
 
 
-def task_module(model: nn.Module, task: str, image_size: tuple[int, int], dispatcher: str = "dense"
-                ) -> tuple[nn.Module, list[str], dict[str, Any]]:
+def task_module(
+    model: nn.Module, task: str, image_size: tuple[int, int], dispatcher: str = "dense"
+) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """The exportable single-task module for ``task``: ``model.specialize(task)`` with a static-shape dispatcher
     at ``image_size``, its output names, and metadata (kind, detection decoding parameters)."""
     _check_task(model, task)
@@ -153,9 +159,14 @@ def task_module(model: nn.Module, task: str, image_size: tuple[int, int], dispat
     meta: dict[str, Any] = {"kind": kind}
     if kind == "detection":
         head = spec.head
-        meta.update(num_classes=head.num_classes, score_thresh=head.score_thresh, nms_thresh=head.nms_thresh,
-                    topk_candidates=head.topk_candidates, detections_per_img=head.detections_per_img,
-                    level_counts=head._level_counts(image_size, head._grid_from(image_size)))
+        meta.update(
+            num_classes=head.num_classes,
+            score_thresh=head.score_thresh,
+            nms_thresh=head.nms_thresh,
+            topk_candidates=head.topk_candidates,
+            detections_per_img=head.detections_per_img,
+            level_counts=head._level_counts(image_size, head._grid_from(image_size)),
+        )
         return _DetectionDecoded(spec, image_size).eval(), ["boxes", "scores"], meta
     return spec, ["logits" if kind == "classification" else "out"], meta
 
@@ -166,8 +177,14 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return dict(vision_moe=__version__, torch=torch.__version__, onnx=onnx.__version__,
-                onnxruntime=onnxruntime.__version__, onnxslim=onnxslim.__version__, python=platform.python_version())
+    return dict(
+        vision_moe=__version__,
+        torch=torch.__version__,
+        onnx=onnx.__version__,
+        onnxruntime=onnxruntime.__version__,
+        onnxslim=onnxslim.__version__,
+        python=platform.python_version(),
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -181,12 +198,20 @@ def _torch_outputs(module: nn.Module, *inputs: torch.Tensor) -> list[np.ndarray]
     return [o.detach().float().numpy() for o in out]
 
 
-def _parity(session, module: nn.Module, images: np.ndarray, names: list[str], rtol: float, batch: int,
-            extra: dict[str, np.ndarray] | None = None, torch_extra: tuple = ()) -> dict[str, Any]:
+def _parity(
+    session,
+    module: nn.Module,
+    images: np.ndarray,
+    names: list[str],
+    rtol: float,
+    batch: int,
+    extra: dict[str, np.ndarray] | None = None,
+    torch_extra: tuple = (),
+) -> dict[str, Any]:
     """ORT vs torch over ``images`` in chunks of ``batch``; worst case per output."""
     worst: dict[str, dict[str, float]] = {}
     for i in range(0, len(images) - batch + 1, batch):
-        x = images[i:i + batch]
+        x = images[i : i + batch]
         feeds = {session.get_inputs()[0].name: x, **(extra or {})}
         got = session.run(None, feeds)
         ref = _torch_outputs(module, torch.from_numpy(x), *torch_extra)
@@ -203,9 +228,18 @@ def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -
     check_static_graph(slim)
     onnx.save(slim, str(path))
     trt = {v: check_tensorrt_support(slim, v).as_dict() for v in cfg.trt_versions}
-    info = dict(path=path.name, sha256=_sha256(path), bytes=path.stat().st_size, opset=cfg.opset,
-                exporter=cfg.exporter, nodes_before_slim=raw_ops, nodes=len(slim.graph.node), op_counts=op_counts(slim),
-                io=graph_io(onnx.shape_inference.infer_shapes(slim)), tensorrt=trt)
+    info = dict(
+        path=path.name,
+        sha256=_sha256(path),
+        bytes=path.stat().st_size,
+        opset=cfg.opset,
+        exporter=cfg.exporter,
+        nodes_before_slim=raw_ops,
+        nodes=len(slim.graph.node),
+        op_counts=op_counts(slim),
+        io=graph_io(onnx.shape_inference.infer_shapes(slim)),
+        tensorrt=trt,
+    )
     return slim, info
 
 
@@ -229,81 +263,119 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     n_par = max(cfg.parity_images, cfg.batch) // cfg.batch * cfg.batch
     images = sample_images(n_par, hw, cfg.mean, cfg.std)
-    report: dict[str, Any] = dict(model=model_info or {}, config={k: v for k, v in asdict(cfg).items()
-                                                                  if k != "out_dir"},
-                                  input=dict(name="images", shape=["batch" if cfg.dynamic_batch else cfg.batch, 3, *hw],
-                                             dtype="float32", layout="NCHW", mean=list(cfg.mean), std=list(cfg.std),
-                                             preprocess="fit inside (H, W) keeping aspect (bilinear), pad "
-                                                        "bottom/right with 0, (x/255 - mean) / std"),
-                                  versions=_versions(), tasks={})
+    report: dict[str, Any] = dict(
+        model=model_info or {},
+        config={k: v for k, v in asdict(cfg).items() if k != "out_dir"},
+        input=dict(
+            name="images",
+            shape=["batch" if cfg.dynamic_batch else cfg.batch, 3, *hw],
+            dtype="float32",
+            layout="NCHW",
+            mean=list(cfg.mean),
+            std=list(cfg.std),
+            preprocess="fit inside (H, W) keeping aspect (bilinear), pad bottom/right with 0, (x/255 - mean) / std",
+        ),
+        versions=_versions(),
+        tasks={},
+    )
     for task in tasks:
         module, names, meta = task_module(model, task, hw, cfg.dispatcher)
         path = out / f"{task}.onnx"
-        example = torch.from_numpy(images[:cfg.batch])
-        proto = export_onnx(module, (example,), path, input_names=["images"], output_names=names, opset=cfg.opset,
-                            exporter=cfg.exporter, dynamic_batch=cfg.dynamic_batch)
+        example = torch.from_numpy(images[: cfg.batch])
+        proto = export_onnx(
+            module,
+            (example,),
+            path,
+            input_names=["images"],
+            output_names=names,
+            opset=cfg.opset,
+            exporter=cfg.exporter,
+            dynamic_batch=cfg.dynamic_batch,
+        )
         proto, info = _finish_graph(proto, path, cfg)
         sess = ort_session(proto)
         entry: dict[str, Any] = dict(meta, fp32=info)
         entry["fp32"]["parity"] = _parity(sess, module, images, names, FP32_RTOL, cfg.batch)
         if cfg.dynamic_batch:  # a second batch size through the same graph
             b2 = 1 if cfg.batch > 1 else min(3, len(images))
-            entry["fp32"]["parity_batch_" + str(b2)] = _parity(sess, module, images[:b2 * (len(images) // b2)],
-                                                               names, FP32_RTOL, b2)
+            entry["fp32"]["parity_batch_" + str(b2)] = _parity(
+                sess, module, images[: b2 * (len(images) // b2)], names, FP32_RTOL, b2
+            )
         if cfg.precision == "fp16":
             p16 = out / f"{task}.fp16.onnx"
             convert_fp16(path, p16)
-            entry["fp16"] = dict(path=p16.name, sha256=_sha256(p16), note="FP16 weights and activations, fp32 I/O: "
-                                 "for strongly-typed TensorRT (TensorRT 11); TensorRT 10 builds the fp32 graph with "
-                                 "the FP16 builder flag instead",
-                                 parity=_parity(ort_session(p16), module, images, names, FP16_RTOL, cfg.batch),
-                                 tensorrt={v: check_tensorrt_support(onnx.load(str(p16)), v).as_dict()
-                                           for v in cfg.trt_versions})
+            entry["fp16"] = dict(
+                path=p16.name,
+                sha256=_sha256(p16),
+                note="FP16 weights and activations, fp32 I/O: "
+                "for strongly-typed TensorRT (TensorRT 11); TensorRT 10 builds the fp32 graph with "
+                "the FP16 builder flag instead",
+                parity=_parity(ort_session(p16), module, images, names, FP16_RTOL, cfg.batch),
+                tensorrt={v: check_tensorrt_support(onnx.load(str(p16)), v).as_dict() for v in cfg.trt_versions},
+            )
         if cfg.precision == "int8":
             p8 = out / f"{task}.int8.onnx"
             calib = sample_images(cfg.calib_images, hw, cfg.mean, cfg.std, cfg.calib_data)
             quantize_int8(path, p8, calib, cfg.batch)
             held = sample_images(cfg.eval_images, hw, cfg.mean, cfg.std, cfg.calib_data, offset=cfg.calib_images)
-            entry["int8"] = dict(path=p8.name, sha256=_sha256(p8), calibration_images=cfg.calib_images,
-                                 calibration_source=cfg.calib_data or "skimage.data photographs",
-                                 format="QDQ, per-channel symmetric int8 weights, symmetric int8 activations",
-                                 tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict()
-                                           for v in cfg.trt_versions},
-                                 evaluation=evaluate_drop(path, p8, held, meta, cfg.batch, cfg.calib_data, task, hw,
-                                                          cfg.mean, cfg.std))
+            entry["int8"] = dict(
+                path=p8.name,
+                sha256=_sha256(p8),
+                calibration_images=cfg.calib_images,
+                calibration_source=cfg.calib_data or "skimage.data photographs",
+                format="QDQ, per-channel symmetric int8 weights, symmetric int8 activations",
+                tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions},
+                evaluation=evaluate_drop(path, p8, held, meta, cfg.batch, cfg.calib_data, task, hw, cfg.mean, cfg.std),
+            )
         if cfg.fmt == "engine":
             src = {"fp32": path, "fp16": out / f"{task}.onnx", "int8": out / f"{task}.int8.onnx"}[cfg.precision]
-            entry["engine"] = build_or_script(src, out / f"{task}.{cfg.precision}.engine", cfg.precision, hw,
-                                              cfg.batch, cfg.dynamic_batch)
+            entry["engine"] = build_or_script(
+                src, out / f"{task}.{cfg.precision}.engine", cfg.precision, hw, cfg.batch, cfg.dynamic_batch
+            )
         report["tasks"][task] = entry
         _logger.info("exported %s: %s", task, path)
     if cfg.multitask:
         report["multitask"] = _export_multitask(model, tasks, images, out, cfg)
         if cfg.fmt == "engine":
-            report["multitask"]["engine"] = build_or_script(out / "multitask.onnx", out / "multitask.fp32.engine",
-                                                            "fp32" if cfg.precision == "int8" else cfg.precision, hw,
-                                                            cfg.batch, cfg.dynamic_batch)
+            report["multitask"]["engine"] = build_or_script(
+                out / "multitask.onnx",
+                out / "multitask.fp32.engine",
+                "fp32" if cfg.precision == "int8" else cfg.precision,
+                hw,
+                cfg.batch,
+                cfg.dynamic_batch,
+            )
     (out / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
 
-def _export_multitask(model: nn.Module, tasks: list[str], images: np.ndarray, out: Path, cfg: ExportConfig
-                      ) -> dict[str, Any]:
+def _export_multitask(
+    model: nn.Module, tasks: list[str], images: np.ndarray, out: Path, cfg: ExportConfig
+) -> dict[str, Any]:
     """One graph, task as an int64 input; verified against torch and against every per-task graph."""
     kinds = {t: task_kind(model, t) for t in tasks}
     det = [t for t, k in kinds.items() if k == "detection"]
     if det:
-        raise ValueError(f"tasks {det} are detection: the multi-task graph holds single-output heads; export "
-                         "detection per task")
+        raise ValueError(
+            f"tasks {det} are detection: the multi-task graph holds single-output heads; export detection per task"
+        )
     m = prepare_copy(model, images.shape[-2:], cfg.dispatcher)
     mt = TaskIndexedModel(m, tuple(tasks)).eval()
     path = out / "multitask.onnx"
-    x = torch.from_numpy(images[:cfg.batch])
+    x = torch.from_numpy(images[: cfg.batch])
     t0 = torch.zeros(1, dtype=torch.int64)
     groups = mt.output_groups(x)
     names = list(groups)  # ordered as forward returns them: rank-2 'logits' before rank-4 'out'
-    proto = export_onnx(mt, (x, t0), path, input_names=["images", "task"], output_names=names, opset=cfg.opset,
-                        exporter=cfg.exporter, dynamic_batch=cfg.dynamic_batch)
+    proto = export_onnx(
+        mt,
+        (x, t0),
+        path,
+        input_names=["images", "task"],
+        output_names=names,
+        opset=cfg.opset,
+        exporter=cfg.exporter,
+        dynamic_batch=cfg.dynamic_batch,
+    )
     proto, info = _finish_graph(proto, path, cfg)
     sess = ort_session(proto)
     has_task = "task" in {i.name for i in sess.get_inputs()}
@@ -316,13 +388,14 @@ def _export_multitask(model: nn.Module, tasks: list[str], images: np.ndarray, ou
     for i, t in enumerate(tasks):
         ti = np.array([i], dtype=np.int64)
         feed = {"task": ti} if has_task else {}
-        info["parity"][t] = _parity(sess, mt, images, names, FP32_RTOL, cfg.batch, extra=feed,
-                                    torch_extra=(torch.from_numpy(ti),))
+        info["parity"][t] = _parity(
+            sess, mt, images, names, FP32_RTOL, cfg.batch, extra=feed, torch_extra=(torch.from_numpy(ti),)
+        )
         per_task = ort_session(out / f"{t}.onnx")
         c, k = info["out_channels"][t], names.index(info["task_output"][t])
         worst = 0.0
         for j in range(0, len(images) - cfg.batch + 1, cfg.batch):
-            xb = images[j:j + cfg.batch]
+            xb = images[j : j + cfg.batch]
             a = sess.run(None, {"images": xb, **feed})[k][:, :c]
             b = per_task.run(None, {"images": xb})[0]
             st = compare_outputs([a], [b], ["out"], FP32_RTOL, f"multitask[{t}] vs {t}.onnx")

@@ -18,22 +18,38 @@ __all__ = ["preprocess", "sample_images", "load_images", "decode_detections", "d
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # scikit-image's bundled colour photographs (no download needed): the default parity / calibration images.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
-                  "colorwheel", "retina", "cat")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "colorwheel",
+    "retina",
+    "cat",
+)
 
 
-def preprocess(images: Sequence[np.ndarray], img_size: tuple[int, int], mean: Sequence[float] = (0.5, 0.5, 0.5),
-               std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+def preprocess(
+    images: Sequence[np.ndarray],
+    img_size: tuple[int, int],
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> np.ndarray:
     """uint8 RGB (H, W, 3) images -> float32 (B, 3, H', W') batch, the evaluation transform of the data pipeline."""
     import albumentations as A
     import cv2
 
     h, w = int(img_size[0]), int(img_size[1])
-    tf = A.Compose([
-        A.LongestMaxSize(max_size_hw=(h, w), interpolation=cv2.INTER_LINEAR),
-        A.PadIfNeeded(min_height=h, min_width=w, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0),
-        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-    ], strict=True)
+    tf = A.Compose(
+        [
+            A.LongestMaxSize(max_size_hw=(h, w), interpolation=cv2.INTER_LINEAR),
+            A.PadIfNeeded(min_height=h, min_width=w, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+        ],
+        strict=True,
+    )
     out = [tf(image=np.ascontiguousarray(im[..., :3]))["image"].transpose(2, 0, 1) for im in images]
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
@@ -52,22 +68,30 @@ def load_images(source: str | Path | None, n: int, offset: int = 0) -> list[np.n
     root = Path(source)
     if not root.is_dir():
         raise ValueError(f"calibration data {str(root)!r} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and "images" in p.parts
-                   ) or sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and "images" in p.parts) or sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS
+    )
     if not files:
         raise ValueError(f"calibration data {str(root)!r} holds no images ({', '.join(IMAGE_EXTS)})")
     files = [files[(offset + i) % len(files)] for i in range(n)]
     return [np.asarray(Image.open(f).convert("RGB")) for f in files]
 
 
-def sample_images(n: int, img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                  source: str | Path | None = None, offset: int = 0) -> np.ndarray:
+def sample_images(
+    n: int,
+    img_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    source: str | Path | None = None,
+    offset: int = 0,
+) -> np.ndarray:
     """(n, 3, H, W) float32 preprocessed real images (see :func:`load_images`)."""
     return preprocess(load_images(source, n, offset), img_size, mean, std)
 
 
-def decode_detections(raw: Sequence[torch.Tensor], anchors: torch.Tensor, image_size: tuple[int, int]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_detections(
+    raw: Sequence[torch.Tensor], anchors: torch.Tensor, image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """FCOS raw outputs -> boxes (B, A, 4) xyxy clipped to the image, scores (B, A, K) = sqrt(sigmoid(cls) *
     sigmoid(ctrness)): torchvision FCOS's decoding, vectorised over levels (the in-graph part of detection)."""
     from torchvision.models.detection import _utils as det_utils
@@ -84,9 +108,15 @@ def decode_detections(raw: Sequence[torch.Tensor], anchors: torch.Tensor, image_
     return boxes, scores
 
 
-def detection_postprocess(boxes: np.ndarray, scores: np.ndarray, level_counts: Sequence[int], score_thresh: float,
-                          nms_thresh: float, topk_candidates: int, detections_per_img: int
-                          ) -> list[dict[str, np.ndarray]]:
+def detection_postprocess(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    level_counts: Sequence[int],
+    score_thresh: float,
+    nms_thresh: float,
+    topk_candidates: int,
+    detections_per_img: int,
+) -> list[dict[str, np.ndarray]]:
     """Host-side NMS on decoded outputs (one image per row), torchvision FCOS's rules, with torchvision ops."""
     from torchvision.ops import batched_nms
 
@@ -95,8 +125,8 @@ def detection_postprocess(boxes: np.ndarray, scores: np.ndarray, level_counts: S
         all_boxes, all_scores, all_labels = [], [], []
         start = 0
         for n in level_counts:
-            bx = torch.from_numpy(boxes[bi, start:start + n])
-            sc = torch.from_numpy(scores[bi, start:start + n]).flatten()
+            bx = torch.from_numpy(boxes[bi, start : start + n])
+            sc = torch.from_numpy(scores[bi, start : start + n]).flatten()
             start += n
             keep = sc > score_thresh
             sc = sc[keep]

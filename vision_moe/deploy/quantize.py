@@ -25,7 +25,7 @@ class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over a preprocessed (N, 3, H, W) array, ``batch`` at a time."""
 
     def __init__(self, images: np.ndarray, batch: int) -> None:
-        self.chunks = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+        self.chunks = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
         self.i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -38,8 +38,13 @@ class _Reader:
         self.i = 0
 
 
-def quantize_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, batch: int = 1,
-                  op_types: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose")) -> Path:
+def quantize_int8(
+    src: str | Path,
+    dst: str | Path,
+    calib_images: np.ndarray,
+    batch: int = 1,
+    op_types: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose"),
+) -> Path:
     """Static INT8 quantisation (QDQ, per-channel symmetric weights, symmetric activations, MinMax calibration)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -49,11 +54,19 @@ def quantize_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, ba
     quant_pre_process(str(src), str(pre), skip_optimization=False, skip_onnx_shape=False, skip_symbolic_shape=True)
     try:
         excluded = stacked_weight_nodes(onnx.load(str(pre)))
-        quantize_static(str(pre), str(dst), _Reader(calib_images, batch), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(op_types), nodes_to_exclude=excluded,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        quantize_static(
+            str(pre),
+            str(dst),
+            _Reader(calib_images, batch),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types),
+            nodes_to_exclude=excluded,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
     finally:
         pre.unlink(missing_ok=True)
     q = onnx.load(str(dst))
@@ -71,8 +84,7 @@ def stacked_weight_nodes(model: onnx.ModelProto) -> list[str]:
     float; the attention, dense MLP, patch-embedding, head and router GEMMs are quantised.
     """
     ranks = {i.name: len(i.dims) for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and any(ranks.get(x, 0) >= 3 for x in n.input)]
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(ranks.get(x, 0) >= 3 for x in n.input)]
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:
@@ -94,8 +106,9 @@ def _is_builtin(root: str | Path | None) -> bool:
     return root is not None and (Path(root) / "manifest.json").is_file() and (Path(root) / "val").is_dir()
 
 
-def heldout_images(calib_data: str | Path | None, task: str, n: int, hw: tuple[int, int], mean, std,
-                   offset: int) -> tuple[np.ndarray, np.ndarray | None]:
+def heldout_images(
+    calib_data: str | Path | None, task: str, n: int, hw: tuple[int, int], mean, std, offset: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Held-out images (and class labels when the data has them): a built-in dataset's ``val`` split, else the
     images after the calibration ones."""
     from .prepost import preprocess, sample_images
@@ -111,12 +124,22 @@ def heldout_images(calib_data: str | Path | None, task: str, n: int, hw: tuple[i
 
 def _run(path: Path, images: np.ndarray, batch: int) -> list[np.ndarray]:
     sess = ort_session(path)
-    outs = [sess.run(None, {"images": images[i:i + batch]}) for i in range(0, len(images) - batch + 1, batch)]
+    outs = [sess.run(None, {"images": images[i : i + batch]}) for i in range(0, len(images) - batch + 1, batch)]
     return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
 
 
-def evaluate_drop(fp32_path: Path, q_path: Path, images: np.ndarray, meta: dict[str, Any], batch: int,
-                  calib_data: str | None, task: str, hw, mean, std) -> dict[str, Any]:
+def evaluate_drop(
+    fp32_path: Path,
+    q_path: Path,
+    images: np.ndarray,
+    meta: dict[str, Any],
+    batch: int,
+    calib_data: str | None,
+    task: str,
+    hw,
+    mean,
+    std,
+) -> dict[str, Any]:
     """The task metric of the fp32 and quantised graphs on held-out images, and the drop (points).
 
     classification: top-1 accuracy against labels when the data has them (built-in dataset), else top-1 agreement

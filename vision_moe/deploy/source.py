@@ -30,8 +30,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def load_checkpoint_source(path: str | Path, overrides: dict[str, Any] | None = None
-                           ) -> tuple[nn.Module, dict[str, Any], tuple[float, ...], tuple[float, ...]]:
+def load_checkpoint_source(
+    path: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any], tuple[float, ...], tuple[float, ...]]:
     """(model, config, mean, std) of a training checkpoint; its config.json defines the architecture."""
     if overrides:
         raise ValueError("--set cannot change a checkpoint's architecture; its config.json defines the model")

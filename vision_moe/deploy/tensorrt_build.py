@@ -37,14 +37,21 @@ def _shape(b: int, hw: tuple[int, int]) -> str:
     return f"images:{b}x3x{hw[0]}x{hw[1]}"
 
 
-def trtexec_command(onnx_path: str | Path, engine_path: str | Path, precision: str, hw: tuple[int, int], batch: int = 1,
-                    dynamic_batch: bool = False, strongly_typed: bool = False, workspace_mib: int = WORKSPACE_MIB,
-                    timing_cache: str | None = "timing.cache") -> list[str]:
+def trtexec_command(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    precision: str,
+    hw: tuple[int, int],
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    strongly_typed: bool = False,
+    workspace_mib: int = WORKSPACE_MIB,
+    timing_cache: str | None = "timing.cache",
+) -> list[str]:
     """The ``trtexec`` argument list that builds ``engine_path`` from ``onnx_path``."""
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"unknown precision {precision!r}; expected fp32, fp16 or int8")
-    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-           f"--memPoolSize=workspace:{workspace_mib}M"]
+    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", f"--memPoolSize=workspace:{workspace_mib}M"]
     if strongly_typed:
         cmd.append("--stronglyTyped")
     elif precision == "fp16":
@@ -53,15 +60,24 @@ def trtexec_command(onnx_path: str | Path, engine_path: str | Path, precision: s
         cmd += ["--int8", "--fp16"]
     if dynamic_batch:
         opt = max(1, batch)
-        cmd += [f"--minShapes={_shape(1, hw)}", f"--optShapes={_shape(opt, hw)}",
-                f"--maxShapes={_shape(max(opt, MAX_DYNAMIC_BATCH), hw)}"]
+        cmd += [
+            f"--minShapes={_shape(1, hw)}",
+            f"--optShapes={_shape(opt, hw)}",
+            f"--maxShapes={_shape(max(opt, MAX_DYNAMIC_BATCH), hw)}",
+        ]
     if timing_cache:
         cmd.append(f"--timingCacheFile={timing_cache}")
     return cmd
 
 
-def write_build_script(onnx_path: str | Path, engine_path: str | Path, precision: str, hw: tuple[int, int],
-                       batch: int = 1, dynamic_batch: bool = False) -> Path:
+def write_build_script(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    precision: str,
+    hw: tuple[int, int],
+    batch: int = 1,
+    dynamic_batch: bool = False,
+) -> Path:
     """``build_engine.sh`` next to the ONNX (appended to when several graphs share a folder)."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     script = onnx_path.parent / "build_engine.sh"
@@ -69,7 +85,7 @@ def write_build_script(onnx_path: str | Path, engine_path: str | Path, precision
     if not script.exists():
         script.write_text(_SCRIPT_HEAD)
     with script.open("a") as f:
-        f.write("\"$TRTEXEC\" " + shlex.join(cmd[1:]) + "\n")
+        f.write('"$TRTEXEC" ' + shlex.join(cmd[1:]) + "\n")
     script.chmod(0o755)
     return script
 
@@ -90,9 +106,16 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, trt.__version__
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str, hw: tuple[int, int], batch: int = 1,
-                 dynamic_batch: bool = False, workspace_mib: int = WORKSPACE_MIB,
-                 timing_cache: str | Path | None = None) -> dict[str, Any]:
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    precision: str,
+    hw: tuple[int, int],
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    workspace_mib: int = WORKSPACE_MIB,
+    timing_cache: str | Path | None = None,
+) -> dict[str, Any]:
     """Build with the TensorRT Python API (explicit batch, optimisation profile, timing cache, workspace limit)."""
     import tensorrt as trt
 
@@ -128,8 +151,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
     return dict(built=True, engine=str(Path(engine_path).name), tensorrt=trt.__version__, precision=precision)
 
 
-def build_or_script(onnx_path: Path, engine_path: Path, precision: str, hw: tuple[int, int], batch: int,
-                    dynamic_batch: bool) -> dict[str, Any]:
+def build_or_script(
+    onnx_path: Path, engine_path: Path, precision: str, hw: tuple[int, int], batch: int, dynamic_batch: bool
+) -> dict[str, Any]:
     """Build here when possible; always write ``build_engine.sh`` (the on-device path)."""
     script = write_build_script(onnx_path, engine_path, precision, hw, batch, dynamic_batch)
     cmd = shlex.join(trtexec_command(onnx_path.name, engine_path.name, precision, hw, batch, dynamic_batch))
@@ -137,6 +161,7 @@ def build_or_script(onnx_path: Path, engine_path: Path, precision: str, hw: tupl
     if not ok:
         _logger.warning("no engine built (%s): run %s on the device", why, script)
         return dict(built=False, reason=why, trtexec=cmd, script=script.name)
-    res = build_engine(onnx_path, engine_path, precision, hw, batch, dynamic_batch,
-                       timing_cache=onnx_path.parent / "timing.cache")
+    res = build_engine(
+        onnx_path, engine_path, precision, hw, batch, dynamic_batch, timing_cache=onnx_path.parent / "timing.cache"
+    )
     return dict(res, trtexec=cmd, script=script.name)

@@ -21,8 +21,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["TRT_VERSIONS", "TRT_SUPPORTED_OPS", "TRT_UNSUPPORTED_OPS", "TrtSupportReport", "check_tensorrt_support",
-           "TensorRTSupportError"]
+__all__ = [
+    "TRT_VERSIONS",
+    "TRT_SUPPORTED_OPS",
+    "TRT_UNSUPPORTED_OPS",
+    "TrtSupportReport",
+    "check_tensorrt_support",
+    "TensorRTSupportError",
+]
 
 SOURCE = "onnx-tensorrt docs/operators.md (Supported ONNX Operators), TensorRT 10.x tables"
 
@@ -32,17 +38,20 @@ TRT_VERSIONS: dict[str, tuple[int, int]] = {"10.3": (9, 20), "10.16": (9, 24)}
 # op -> documented restriction (empty string: none). Supported in every TensorRT 10.x listed above unless in
 # _SINCE. Types are not encoded: every op here is used with FP32/FP16 (or INT64 indices) tensors.
 TRT_SUPPORTED_OPS: dict[str, str] = {
-    **{op: "" for op in (
-        "Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh BatchNormalization BlackmanWindow Cast CastLike "
-        "Ceil Celu Clip Concat ConstantOfShape Conv ConvTranspose Cos Cosh DepthToSpace Div Einsum Elu Equal Erf Exp "
-        "Expand Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater "
-        "GreaterOrEqual GroupNormalization HammingWindow HannWindow HardSigmoid HardSwish Identity ImageScaler "
-        "InstanceNormalization IsInf IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax LRN LpNormalization MatMul Max "
-        "Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression Not Or Pad ParametricSoftplus Pow PRelu "
-        "Range Reciprocal Relu Reshape ReverseSequence Round ScaledTanh Scan Scatter ScatterElements Selu Shape Shrink "
-        "Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Sub Sum Tan Tanh "
-        "ThresholdedRelu Tile Transpose Trilu Upsample Where Xor"
-    ).split()},
+    **{
+        op: ""
+        for op in (
+            "Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh BatchNormalization BlackmanWindow Cast CastLike "
+            "Ceil Celu Clip Concat ConstantOfShape Conv ConvTranspose Cos Cosh DepthToSpace Div Einsum Elu Equal Erf Exp "
+            "Expand Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater "
+            "GreaterOrEqual GroupNormalization HammingWindow HannWindow HardSigmoid HardSwish Identity ImageScaler "
+            "InstanceNormalization IsInf IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax LRN LpNormalization MatMul Max "
+            "Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression Not Or Pad ParametricSoftplus Pow PRelu "
+            "Range Reciprocal Relu Reshape ReverseSequence Round ScaledTanh Scan Scatter ScatterElements Selu Shape Shrink "
+            "Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Sub Sum Tan Tanh "
+            "ThresholdedRelu Tile Transpose Trilu Upsample Where Xor"
+        ).split()
+    },
     "AveragePool": "2D or 3D pooling only; dilations empty or all ones",
     "Constant": "sparse_value, value_string, value_strings unsupported",
     "CumSum": "axis must be a build-time constant",
@@ -59,13 +68,18 @@ TRT_SUPPORTED_OPS: dict[str, str] = {
     "MaxPool": "2D or 3D pooling only; Indices output unsupported; dilations empty or all ones",
     "NonZero": "data-dependent output shape (rejected by this project's static-shape rule anyway)",
     "OneHot": "depth must be a build-time constant",
-    "ReduceL1": "axes must be an initializer", "ReduceL2": "axes must be an initializer",
-    "ReduceLogSum": "axes must be an initializer", "ReduceLogSumExp": "axes must be an initializer",
-    "ReduceMax": "axes must be an initializer", "ReduceMean": "axes must be an initializer",
-    "ReduceMin": "axes must be an initializer", "ReduceProd": "axes must be an initializer",
-    "ReduceSum": "axes must be an initializer", "ReduceSumSquare": "axes must be an initializer",
+    "ReduceL1": "axes must be an initializer",
+    "ReduceL2": "axes must be an initializer",
+    "ReduceLogSum": "axes must be an initializer",
+    "ReduceLogSumExp": "axes must be an initializer",
+    "ReduceMax": "axes must be an initializer",
+    "ReduceMean": "axes must be an initializer",
+    "ReduceMin": "axes must be an initializer",
+    "ReduceProd": "axes must be an initializer",
+    "ReduceSum": "axes must be an initializer",
+    "ReduceSumSquare": "axes must be an initializer",
     "Resize": "modes nearest/linear; coordinate modes half_pixel, pytorch_half_pixel, tf_half_pixel_for_nn, "
-              "asymmetric, align_corners; no antialias",
+    "asymmetric, align_corners; no antialias",
     "RoiAlign": "",
     "ScatterND": "reduction other than none unsupported (rejected by this project's static-shape rule anyway)",
     "Squeeze": "axes must be resolvable to a constant",
@@ -73,8 +87,12 @@ TRT_SUPPORTED_OPS: dict[str, str] = {
     "TopK": "sorted must be 1; K must be less than 3840",
 }
 # Ops added to the parser after TensorRT 10.3 (JetPack 6): unsupported there.
-_SINCE: dict[str, str] = {"Attention": "10.16", "RMSNormalization": "10.16", "RotaryEmbedding": "10.16",
-                          "TensorScatter": "10.16"}
+_SINCE: dict[str, str] = {
+    "Attention": "10.16",
+    "RMSNormalization": "10.16",
+    "RotaryEmbedding": "10.16",
+    "TensorScatter": "10.16",
+}
 TRT_SUPPORTED_OPS.update({op: f"TensorRT >= {v}" for op, v in _SINCE.items()})
 
 TRT_UNSUPPORTED_OPS = frozenset(
@@ -102,8 +120,15 @@ class TrtSupportReport:
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return dict(trt_version=self.trt_version, opset=self.opset, source=SOURCE, op_counts=self.op_counts,
-                    restrictions=self.restrictions, errors=self.errors, ok=not self.errors)
+        return dict(
+            trt_version=self.trt_version,
+            opset=self.opset,
+            source=SOURCE,
+            op_counts=self.op_counts,
+            restrictions=self.restrictions,
+            errors=self.errors,
+            ok=not self.errors,
+        )
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -175,8 +200,9 @@ def _check_node(node: onnx.NodeProto, consts: dict[str, np.ndarray], opset: int)
     return errs
 
 
-def check_tensorrt_support(model: onnx.ModelProto, trt_version: str = "10.3", raise_on_error: bool = True
-                           ) -> TrtSupportReport:
+def check_tensorrt_support(
+    model: onnx.ModelProto, trt_version: str = "10.3", raise_on_error: bool = True
+) -> TrtSupportReport:
     """Check every op of ``model`` (and its opset) against TensorRT ``trt_version``'s ONNX parser table."""
     if trt_version not in TRT_VERSIONS:
         raise ValueError(f"unknown TensorRT version {trt_version!r}; expected one of {sorted(TRT_VERSIONS)}")
@@ -205,6 +231,8 @@ def check_tensorrt_support(model: onnx.ModelProto, trt_version: str = "10.3", ra
         rep.errors.extend(_check_node(node, consts, opset))
     rep.errors = list(dict.fromkeys(rep.errors))
     if rep.errors and raise_on_error:
-        raise TensorRTSupportError(f"graph not buildable by TensorRT {trt_version}: {rep.errors[0]}"
-                                   + (f" (+{len(rep.errors) - 1} more)" if len(rep.errors) > 1 else ""))
+        raise TensorRTSupportError(
+            f"graph not buildable by TensorRT {trt_version}: {rep.errors[0]}"
+            + (f" (+{len(rep.errors) - 1} more)" if len(rep.errors) > 1 else "")
+        )
     return rep

@@ -3,5 +3,13 @@
 from .checkpoint import CheckpointError, latest_checkpoint, load_model, load_train_state, save_checkpoint
 from .trainer import Trainer, evaluate_checkpoint, train
 
-__all__ = ["CheckpointError", "Trainer", "evaluate_checkpoint", "latest_checkpoint", "load_model",
-           "load_train_state", "save_checkpoint", "train"]
+__all__ = [
+    "CheckpointError",
+    "Trainer",
+    "evaluate_checkpoint",
+    "latest_checkpoint",
+    "load_model",
+    "load_train_state",
+    "save_checkpoint",
+    "train",
+]

@@ -18,8 +18,15 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_model", "load_train_state", "latest_checkpoint", "CheckpointError",
-           "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "save_checkpoint",
+    "load_model",
+    "load_train_state",
+    "latest_checkpoint",
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+]
 
 _logger = logging.getLogger(__name__)
 WEIGHTS, CONFIG, STATE = "model.safetensors", "config.json", "train_state.pt"
@@ -57,8 +64,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, config: dict[str, Any],
-                    train_state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path, model: nn.Module, config: dict[str, Any], train_state: dict[str, Any] | None = None
+) -> Path:
     """Write ``model.safetensors``, ``config.json`` (``config`` + the weights' sha256) and, if given,
     ``train_state.pt`` into ``directory``; config.json goes last so a complete config means complete weights."""
     d = Path(directory)
@@ -112,17 +120,24 @@ def load_model(path: str | Path, verify: bool = True):
     if not isinstance(m, dict) or "backbone" not in m or "tasks" not in m:
         raise CheckpointError(f"{d / CONFIG}: no 'model' section with backbone and tasks")
     try:
-        model = build_multitask_model(m["backbone"], m["tasks"], img_size=m.get("img_size", 224),
-                                      head=m.get("head", "setr_pup"), head_kwargs=m.get("head_kwargs") or {},
-                                      **(m.get("backbone_kwargs") or {}))
+        model = build_multitask_model(
+            m["backbone"],
+            m["tasks"],
+            img_size=m.get("img_size", 224),
+            head=m.get("head", "setr_pup"),
+            head_kwargs=m.get("head_kwargs") or {},
+            **(m.get("backbone_kwargs") or {}),
+        )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{d / CONFIG}: cannot build the model ({e})") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if missing or unexpected or bad_shape:
-        raise CheckpointError(f"{wpath}: weights do not match {CONFIG}: missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}, shape mismatch {bad_shape[:3]}")
+        raise CheckpointError(
+            f"{wpath}: weights do not match {CONFIG}: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shape mismatch {bad_shape[:3]}"
+        )
     model.load_state_dict(sd)
     return model, cfg
 

@@ -15,8 +15,15 @@ import torch
 
 from ..config import Config, DatasetConfig
 
-__all__ = ["build_dataset", "StepPlan", "PlanDataset", "collate_plan", "BadSampleTracker", "TooManyBadSamples",
-           "reseed_sample"]
+__all__ = [
+    "build_dataset",
+    "StepPlan",
+    "PlanDataset",
+    "collate_plan",
+    "BadSampleTracker",
+    "TooManyBadSamples",
+    "reseed_sample",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -27,19 +34,31 @@ def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks
 
     tasks = list(tasks if tasks is not None else ds.tasks or cfg.tasks)
     augment = train and cfg.data.augment
-    tf = build_transforms(train=augment, img_size=cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
-                          tasks=tasks, **({"scale": tuple(cfg.data.crop_scale)} if augment else {}))
+    tf = build_transforms(
+        train=augment,
+        img_size=cfg.model.img_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        tasks=tasks,
+        **({"scale": tuple(cfg.data.crop_scale)} if augment else {}),
+    )
     root = Path(ds.root).expanduser()
     if ds.format == "builtin":
         from ..data.builtin import BuiltinDataset, prepare_builtin
 
-        root = prepare_builtin(root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val,
-                               img_size=cfg.model.img_size)
+        root = prepare_builtin(
+            root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val, img_size=cfg.model.img_size
+        )
         return BuiltinDataset(root, split, tasks=tasks, transform=tf)
     from .. import data as D
 
-    cls = {"coco": D.CocoDetection, "ade20k": D.SegmentationFolder, "imagenet_folder": D.ImageFolderClassification,
-           "pascal_context": D.PascalContextMT, "nyud": D.NYUDv2MT}[ds.format]
+    cls = {
+        "coco": D.CocoDetection,
+        "ade20k": D.SegmentationFolder,
+        "imagenet_folder": D.ImageFolderClassification,
+        "pascal_context": D.PascalContextMT,
+        "nyud": D.NYUDv2MT,
+    }[ds.format]
     kwargs: dict[str, Any] = {"tasks": tasks, "transform": tf}
     if ds.format == "coco":
         ann = ds.ann_file if split == ds.train_split else (ds.val_ann_file or ds.ann_file)
@@ -71,8 +90,16 @@ class StepPlan:
     world-th sample. Incomplete last batches are dropped.
     """
 
-    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int, mode: str = "round_robin",
-                 weights: Sequence[float] | None = None, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        batch_size: int,
+        seed: int,
+        mode: str = "round_robin",
+        weights: Sequence[float] | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         if any(n <= 0 for n in sizes):
             raise ValueError(f"empty dataset in {list(sizes)}")
         self.sizes, self.batch_size, self.seed, self.mode = list(sizes), batch_size, seed, mode
@@ -187,7 +214,8 @@ class BadSampleTracker:
         if (final or self.seen >= self.min_seen) and self.bad and self.fraction > self.max_fraction:
             raise TooManyBadSamples(
                 f"{len(self.bad)} of {self.seen} samples were unreadable ({self.fraction:.1%} > data.max_bad_fraction="
-                f"{self.max_fraction:.1%}); first: {self.bad[0]}")
+                f"{self.max_fraction:.1%}); first: {self.bad[0]}"
+            )
 
     def state_dict(self) -> dict:
         return {"seen": self.seen, "bad": list(self.bad)}

@@ -52,8 +52,16 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
 
 
 @torch.no_grad()
-def evaluate_task(model: nn.Module, task: str, loader, dataset: Any, num_classes: int | None,
-                  device: torch.device, max_batches: int = 0, amp_ctx=None) -> dict[str, float]:
+def evaluate_task(
+    model: nn.Module,
+    task: str,
+    loader,
+    dataset: Any,
+    num_classes: int | None,
+    device: torch.device,
+    max_batches: int = 0,
+    amp_ctx=None,
+) -> dict[str, float]:
     """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``."""
     was = model.training
     model.eval()

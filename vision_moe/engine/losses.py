@@ -40,8 +40,9 @@ def moe_aux_loss(aux: Sequence[MoEAux], cfg: MoELossConfig) -> torch.Tensor | No
     total = aux[0].probs.new_zeros(())
     for a in aux:
         if cfg.aux_loss == "importance_load":
-            total = total + cfg.aux_weight * importance_load_loss(a.probs, a.expert_index, a.combine_weights,
-                                                                   a.load_prob, a.keep)
+            total = total + cfg.aux_weight * importance_load_loss(
+                a.probs, a.expert_index, a.combine_weights, a.load_prob, a.keep
+            )
         elif cfg.aux_loss == "switch":
             total = total + cfg.aux_weight * switch_load_balance_loss(a.probs, a.expert_index)
         if cfg.z_weight:

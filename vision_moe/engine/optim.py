@@ -12,8 +12,9 @@ from ..config import OptimConfig, SchedConfig
 __all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, extra_params: list[nn.Parameter] | None = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, extra_params: list[nn.Parameter] | None = None
+) -> torch.optim.Optimizer:
     """Param groups: decay / no-decay (1-d tensors and ``backbone.no_weight_decay()``), heads at ``head_lr_mult``."""
     skip = set()
     backbone = getattr(model, "backbone", None)
@@ -56,6 +57,7 @@ def lr_factor(step: int, total: int, cfg: SchedConfig) -> float:
     return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * decay
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

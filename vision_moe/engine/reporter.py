@@ -27,8 +27,9 @@ def format_table(metrics: dict[str, dict[str, float]], primary: dict[str, str] |
 
 
 class Reporter:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
-                 tensorboard: bool) -> None:
+    def __init__(
+        self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool, tensorboard: bool
+    ) -> None:
         self.out_dir, self.enabled = out_dir, enabled
         self.ema: dict[str, float] = {}
         self.history: list[dict] = []
@@ -78,14 +79,17 @@ class Reporter:
         if not self.enabled:
             return
         self.history.append({"step": step, "metrics": metrics, **(extra or {})})
-        atomic_write_text(self.out_dir / "metrics.json",
-                          json.dumps({"latest": self.history[-1], "history": self.history}, indent=2))
+        atomic_write_text(
+            self.out_dir / "metrics.json", json.dumps({"latest": self.history[-1], "history": self.history}, indent=2)
+        )
         if self.writer is not None:
             for task, m in metrics.items():
                 for k, v in m.items():
                     self.writer.add_scalar(f"metrics/{task}/{k}", v, step)
-        self.message(f"step {step}: " + "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
-                                                 for t, m in metrics.items()))
+        self.message(
+            f"step {step}: "
+            + "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()) for t, m in metrics.items())
+        )
 
     def message(self, text: str) -> None:
         if not self.enabled:

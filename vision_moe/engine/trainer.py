@@ -50,19 +50,39 @@ def _amp_ctx(cfg: Config, device: torch.device):
 def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, Any]:
     """What ``config.json`` holds: everything to rebuild the model, plus the experiment config."""
     m = cfg.model
-    head_kwargs = dict(head_channels=m.head_channels, head_norm=m.head_norm, det_channels=m.det_channels,
-                       det_num_convs=m.det_num_convs, det_scale_factors=list(m.det_scale_factors),
-                       cls_pool=m.cls_pool)
-    return {"model": {"backbone": m.backbone, "tasks": dict(num_classes), "img_size": m.img_size, "head": m.head,
-                      "head_kwargs": head_kwargs, "backbone_kwargs": dict(m.backbone_kwargs),
-                      "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
-            "experiment": config_to_dict(cfg)}
+    head_kwargs = dict(
+        head_channels=m.head_channels,
+        head_norm=m.head_norm,
+        det_channels=m.det_channels,
+        det_num_convs=m.det_num_convs,
+        det_scale_factors=list(m.det_scale_factors),
+        cls_pool=m.cls_pool,
+    )
+    return {
+        "model": {
+            "backbone": m.backbone,
+            "tasks": dict(num_classes),
+            "img_size": m.img_size,
+            "head": m.head,
+            "head_kwargs": head_kwargs,
+            "backbone_kwargs": dict(m.backbone_kwargs),
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+        },
+        "experiment": config_to_dict(cfg),
+    }
 
 
 def build_model_from_config(mc: dict[str, Any]) -> MultiTaskModel:
     m = mc["model"]
-    return build_multitask_model(m["backbone"], m["tasks"], img_size=m["img_size"], head=m["head"],
-                                 head_kwargs=m["head_kwargs"], **m["backbone_kwargs"])
+    return build_multitask_model(
+        m["backbone"],
+        m["tasks"],
+        img_size=m["img_size"],
+        head=m["head"],
+        head_kwargs=m["head_kwargs"],
+        **m["backbone_kwargs"],
+    )
 
 
 class _StepModule(nn.Module):
@@ -92,24 +112,32 @@ class _StepModule(nn.Module):
         if mi is not None:
             total = total + mi
             logs["moe_mi"] = mi.detach()
-        loads = {t: [(a.expert_load.float() / a.expert_load.sum().clamp_min(1)).tolist() for a in aux]
-                 for t, aux in aux_by_task.items()}
+        loads = {
+            t: [(a.expert_load.float() / a.expert_load.sum().clamp_min(1)).tolist() for a in aux]
+            for t, aux in aux_by_task.items()
+        }
         return total, logs, loads
 
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-            "numpy_gauss": [int(np_state[3]), float(np_state[4])]}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+    }
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_gauss"][0],
-                         s["numpy_gauss"][1]))
+    np.random.set_state(
+        ("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_gauss"][0], s["numpy_gauss"][1])
+    )
 
 
 class Trainer:
@@ -138,16 +166,25 @@ class Trainer:
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model_from_config(self.model_cfg).to(self.device)
-        self.uncertainty = UncertaintyWeighting(list(cfg.tasks)).to(self.device) if cfg.train.uncertainty_weighting \
-            else None
+        self.uncertainty = (
+            UncertaintyWeighting(list(cfg.tasks)).to(self.device) if cfg.train.uncertainty_weighting else None
+        )
         extra = list(self.uncertainty.parameters()) if self.uncertainty is not None else None
         self.optimizer = build_optimizer(self.model, cfg.optim, extra)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, cfg.train.steps)
         self.amp_ctx = _amp_ctx(cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp and self.device.type == "cuda"
-                                           and cfg.train.amp_dtype == "fp16")
-        self.plan = StepPlan([len(ds) for ds, _ in self.train_sets], cfg.data.batch_size, cfg.train.seed,
-                             cfg.data.sampling, [d.sample_weight for d in cfg.data.datasets], self.rank, self.world)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=cfg.train.amp and self.device.type == "cuda" and cfg.train.amp_dtype == "fp16"
+        )
+        self.plan = StepPlan(
+            [len(ds) for ds, _ in self.train_sets],
+            cfg.data.batch_size,
+            cfg.train.seed,
+            cfg.data.sampling,
+            [d.sample_weight for d in cfg.data.datasets],
+            self.rank,
+            self.world,
+        )
         self.bad = BadSampleTracker(cfg.data.max_bad_fraction)
         self.step = 0
         self.loss_history: list[float] = []  # total loss of each step run by this Trainer
@@ -156,8 +193,10 @@ class Trainer:
         self.step_module = _StepModule(self.model, cfg, self.uncertainty)
         if self.distributed:
             self.step_module = nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)  # other tasks' heads and unrouted experts get no gradient
+                self.step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )  # other tasks' heads and unrouted experts get no gradient
         self._val: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup
@@ -188,9 +227,15 @@ class Trainer:
         return nc
 
     def _train_state(self) -> dict[str, Any]:
-        s = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-             "sampler": {"step": self.step, "seed": self.cfg.train.seed}, "rng": _rng_state(),
-             "bad_samples": self.bad.state_dict(), "scaler": self.scaler.state_dict()}
+        s = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": {"step": self.step, "seed": self.cfg.train.seed},
+            "rng": _rng_state(),
+            "bad_samples": self.bad.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
         if self.uncertainty is not None:
             s["uncertainty"] = self.uncertainty.state_dict()
         return s
@@ -217,8 +262,9 @@ class Trainer:
         """Checkpoint to ``out_dir/checkpoints/step_XXXXXXX`` (rank 0 only)."""
         path = None
         if self.main:
-            path = save_checkpoint(self.out_dir / "checkpoints" / f"step_{self.step:07d}", self.model,
-                                   self.model_cfg, self._train_state())
+            path = save_checkpoint(
+                self.out_dir / "checkpoints" / f"step_{self.step:07d}", self.model, self.model_cfg, self._train_state()
+            )
         dist_utils.barrier()
         return path
 
@@ -230,10 +276,14 @@ class Trainer:
             for dcfg in self.cfg.data.datasets:
                 tasks = list(dcfg.tasks or self.cfg.tasks)
                 ds = build_dataset(dcfg, self.cfg, dcfg.val_split, train=False, tasks=tasks)
-                loader = torch.utils.data.DataLoader(SkipBadSamples(ds), batch_size=self.cfg.data.eval_batch_size,
-                                                     shuffle=False, collate_fn=collate_multitask,
-                                                     num_workers=self.cfg.data.num_workers,
-                                                     generator=torch.Generator())
+                loader = torch.utils.data.DataLoader(
+                    SkipBadSamples(ds),
+                    batch_size=self.cfg.data.eval_batch_size,
+                    shuffle=False,
+                    collate_fn=collate_multitask,
+                    num_workers=self.cfg.data.num_workers,
+                    generator=torch.Generator(),
+                )
                 for t in tasks:
                     self._val.setdefault(t, (loader, ds))
         return self._val
@@ -243,8 +293,16 @@ class Trainer:
         results: dict[str, dict[str, float]] = {}
         if self.main:
             for task, (loader, ds) in self._val_loaders().items():
-                results[task] = evaluate_task(self.model, task, loader, ds, self.num_classes[task], self.device,
-                                              self.cfg.train.eval_max_batches, self.amp_ctx)
+                results[task] = evaluate_task(
+                    self.model,
+                    task,
+                    loader,
+                    ds,
+                    self.num_classes[task],
+                    self.device,
+                    self.cfg.train.eval_max_batches,
+                    self.amp_ctx,
+                )
         dist_utils.barrier()
         return results
 
@@ -255,9 +313,13 @@ class Trainer:
         rep = Reporter(self.out_dir, total, self.step, self.main, cfg.train.progress, cfg.train.tensorboard)
         entries = self.plan.plan(self.step, total)
         batches = [[(d, i, s) for i, s in zip(idx, seeds)] for d, idx, seeds in entries]
-        loader = torch.utils.data.DataLoader(PlanDataset([ds for ds, _ in self.train_sets]), batch_sampler=batches,
-                                             collate_fn=collate_plan, num_workers=cfg.data.num_workers,
-                                             generator=torch.Generator())
+        loader = torch.utils.data.DataLoader(
+            PlanDataset([ds for ds, _ in self.train_sets]),
+            batch_sampler=batches,
+            collate_fn=collate_plan,
+            num_workers=cfg.data.num_workers,
+            generator=torch.Generator(),
+        )
         self.model.train()
         t0 = time.perf_counter()
         metrics: dict[str, dict[str, float]] = {}
@@ -296,13 +358,20 @@ class Trainer:
             self.save()
             metrics = self.evaluate()
             wall = time.perf_counter() - t0
-            rep.evaluation(self.step, metrics, {"train_seconds": round(wall, 1), "bad_samples": len(self.bad.bad),
-                                                "samples_seen": self.bad.seen})
+            rep.evaluation(
+                self.step,
+                metrics,
+                {"train_seconds": round(wall, 1), "bad_samples": len(self.bad.bad), "samples_seen": self.bad.seen},
+            )
             if self.bad.bad:
-                rep.message(f"{len(self.bad.bad)} of {self.bad.seen} samples were unreadable and skipped "
-                            f"(first: {self.bad.bad[0]})")
-            rep.message(f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n"
-                        + format_table(metrics, {t: get_task(t).primary for t in metrics}))
+                rep.message(
+                    f"{len(self.bad.bad)} of {self.bad.seen} samples were unreadable and skipped "
+                    f"(first: {self.bad.bad[0]})"
+                )
+            rep.message(
+                f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n"
+                + format_table(metrics, {t: get_task(t).primary for t in metrics})
+            )
         finally:
             rep.close()
         return metrics
@@ -316,8 +385,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, d
         dist_utils.cleanup()
 
 
-def evaluate_checkpoint(checkpoint: str | Path, task: str, max_batches: int | None = None,
-                        device: str = "auto") -> dict[str, float]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, task: str, max_batches: int | None = None, device: str = "auto"
+) -> dict[str, float]:
     """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them."""
     from ..config import config_from_dict
     from ..data import SkipBadSamples, collate_multitask
@@ -333,9 +403,13 @@ def evaluate_checkpoint(checkpoint: str | Path, task: str, max_batches: int | No
         tasks = list(dcfg.tasks or cfg.tasks)
         if task in tasks:
             ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=tasks)
-            loader = torch.utils.data.DataLoader(SkipBadSamples(ds), batch_size=cfg.data.eval_batch_size,
-                                                 shuffle=False, collate_fn=collate_multitask,
-                                                 num_workers=cfg.data.num_workers)
+            loader = torch.utils.data.DataLoader(
+                SkipBadSamples(ds),
+                batch_size=cfg.data.eval_batch_size,
+                shuffle=False,
+                collate_fn=collate_multitask,
+                num_workers=cfg.data.num_workers,
+            )
             mb = cfg.train.eval_max_batches if max_batches is None else max_batches
             return evaluate_task(model, task, loader, ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev))
     raise ValueError(f"no dataset in the checkpoint's config labels task {task!r}")

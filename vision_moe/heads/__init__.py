@@ -5,6 +5,10 @@ from .dense import LinearUpsampleHead, SetrPupHead, tokens_to_map
 from .detection import FCOSDetectionHead, SimpleFeaturePyramid
 
 __all__ = [
-    "ClassificationHead", "FCOSDetectionHead", "LinearUpsampleHead", "SetrPupHead", "SimpleFeaturePyramid",
+    "ClassificationHead",
+    "FCOSDetectionHead",
+    "LinearUpsampleHead",
+    "SetrPupHead",
+    "SimpleFeaturePyramid",
     "tokens_to_map",
 ]

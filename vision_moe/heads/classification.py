@@ -9,8 +9,9 @@ import torch.nn as nn
 class ClassificationHead(nn.Module):
     """Pool the tokens (class token or mean of patch tokens) and project to ``num_classes`` logits."""
 
-    def __init__(self, embed_dim: int, num_classes: int, pool: str = "token", num_prefix_tokens: int = 1,
-                 drop: float = 0.0) -> None:
+    def __init__(
+        self, embed_dim: int, num_classes: int, pool: str = "token", num_prefix_tokens: int = 1, drop: float = 0.0
+    ) -> None:
         super().__init__()
         if pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")

@@ -31,8 +31,16 @@ class SetrPupHead(nn.Module):
     [3x3 conv + norm + ReLU + 2x bilinear upsample] and a 1x1 conv. ``num_ups`` defaults to log2(patch size),
     i.e. 4 stages for /16, so the output is at input resolution (resized exactly when sizes do not divide)."""
 
-    def __init__(self, embed_dim: int, out_channels: int, patch_size: int = 16, channels: int = 256,
-                 num_ups: int | None = None, norm: str = "bn", num_prefix_tokens: int = 1) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        out_channels: int,
+        patch_size: int = 16,
+        channels: int = 256,
+        num_ups: int | None = None,
+        norm: str = "bn",
+        num_prefix_tokens: int = 1,
+    ) -> None:
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
         self.ln = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -40,8 +48,12 @@ class SetrPupHead(nn.Module):
         layers: list[nn.Module] = []
         c_in = embed_dim
         for _ in range(n):
-            layers += [nn.Conv2d(c_in, channels, 3, padding=1, bias=norm == "none"), _norm(norm, channels),
-                       nn.ReLU(inplace=True), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
+            layers += [
+                nn.Conv2d(c_in, channels, 3, padding=1, bias=norm == "none"),
+                _norm(norm, channels),
+                nn.ReLU(inplace=True),
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            ]
             c_in = channels
         self.decoder = nn.Sequential(*layers)
         self.cls = nn.Conv2d(channels, out_channels, 1)

@@ -39,8 +39,12 @@ class SimpleFeaturePyramid(nn.Module):
         for s in self.scale_factors:
             c = in_channels
             if s == 4.0:
-                layers = [nn.ConvTranspose2d(c, c // 2, 2, 2), LayerNorm2d(c // 2), nn.GELU(),
-                          nn.ConvTranspose2d(c // 2, c // 4, 2, 2)]
+                layers = [
+                    nn.ConvTranspose2d(c, c // 2, 2, 2),
+                    LayerNorm2d(c // 2),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(c // 2, c // 4, 2, 2),
+                ]
                 c = c // 4
             elif s == 2.0:
                 layers, c = [nn.ConvTranspose2d(c, c // 2, 2, 2)], c // 2
@@ -52,8 +56,12 @@ class SimpleFeaturePyramid(nn.Module):
                 layers = [nn.MaxPool2d(4, 4)]
             else:
                 raise ValueError(f"unsupported scale factor {s}; expected 4, 2, 1, 0.5 or 0.25")
-            layers += [nn.Conv2d(c, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-                       nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
+            layers += [
+                nn.Conv2d(c, out_channels, 1, bias=False),
+                LayerNorm2d(out_channels),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                LayerNorm2d(out_channels),
+            ]
             self.stages.append(nn.Sequential(*layers))
         self.out_channels = out_channels
 
@@ -117,8 +125,9 @@ class FCOSDetectionHead(nn.Module):
     def _level_counts(self, image_size: tuple[int, int], patch_grid: tuple[int, int]) -> list[int]:
         return [h * w for h, w in self.fpn.level_sizes(patch_grid)]
 
-    def anchors(self, image_size: tuple[int, int], patch_grid: tuple[int, int] | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+    def anchors(
+        self, image_size: tuple[int, int], patch_grid: tuple[int, int] | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """(A, 4) xyxy FCOS points (as degenerate boxes of the level stride) for an input of ``image_size``."""
         patch_grid = patch_grid if patch_grid is not None else self._grid_from(image_size)
         feats = [torch.empty(1, 0, h, w, device=device) for h, w in self.fpn.level_sizes(patch_grid)]

@@ -65,7 +65,8 @@ class MultiTaskModel(nn.Module):
         if task not in self.heads:
             raise ValueError(f"unknown task {task!r}; this model has heads for {list(self.tasks)}")
         return SpecializedTaskModel(self.backbone.specialize(task), copy.deepcopy(self.heads[task]), task).train(
-            self.training)
+            self.training
+        )
 
 
 class SpecializedTaskModel(nn.Module):
@@ -94,9 +95,15 @@ class SpecializedTaskModel(nn.Module):
         return self.head.postprocess(raw, tuple(image_size))
 
 
-def build_multitask_model(backbone: str, tasks: dict[str, int | None], img_size: int | tuple[int, int] = 224,
-                          head: str = "setr_pup", *, head_kwargs: dict | None = None,
-                          **backbone_overrides) -> MultiTaskModel:
+def build_multitask_model(
+    backbone: str,
+    tasks: dict[str, int | None],
+    img_size: int | tuple[int, int] = 224,
+    head: str = "setr_pup",
+    *,
+    head_kwargs: dict | None = None,
+    **backbone_overrides,
+) -> MultiTaskModel:
     """Backbone ``backbone`` (a registered vision-moe model, made headless) routed for ``tasks`` (task -> number
     of classes / channels; None for fixed-channel tasks), one head per task. ``head`` picks the dense head
     ('setr_pup' or 'linear'); ``head_kwargs`` go to :func:`vision_moe.tasks.build_head` (head_channels,
@@ -107,6 +114,8 @@ def build_multitask_model(backbone: str, tasks: dict[str, int | None], img_size:
         raise ValueError("build_multitask_model sets the backbone's num_classes (0) and tasks itself")
     bb = create_model(backbone, tasks=list(tasks), num_classes=0, img_size=img_size, **backbone_overrides)
     p = bb.patch_embed.patch_size[0]
-    heads = {t: build_head(t, bb.embed_dim, n, p, bb.num_prefix_tokens, head=head, **(head_kwargs or {}))
-             for t, n in tasks.items()}
+    heads = {
+        t: build_head(t, bb.embed_dim, n, p, bb.num_prefix_tokens, head=head, **(head_kwargs or {}))
+        for t, n in tasks.items()
+    }
     return MultiTaskModel(bb, heads)
