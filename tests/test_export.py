@@ -369,9 +369,10 @@ def test_cli_checkpoint_roundtrip(tmp_path, capsys):
     assert (out / "build_engine.sh").exists() or rep["tasks"]["saliency"]["engine"]["built"]
 
 
-def test_dynamo_exporter_dense_vit(tmp_path):
+@pytest.mark.parametrize("name", ["vit_mtl_tiny_patch16_224", "m3vit_tiny_patch16_224"])
+def test_dynamo_exporter(tmp_path, name):
     rep = export_model(
-        _small("vit_mtl_tiny_patch16_224"),
+        _small(name),
         ExportConfig(out_dir=str(tmp_path), tasks=["a"], exporter="dynamo", parity_images=1),
     )
     _assert_clean(rep)
