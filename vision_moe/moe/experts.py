@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["LinearExperts", "MlpExperts"]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (S, in) @ w (in, out) + b, as one addmm on the stored (in, out) weight (no transposed view in autograd)."""
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
 
 def _init_stacked(w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -41,13 +45,13 @@ class LinearExperts(nn.Module):
         ws = self.weight.unbind(0)
         bs = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
         outs = [
-            F.linear(xe, w.t(), b) if xe.shape[0] else xe.new_zeros(0, self.out_features)
+            _linear(xe, w, b) if xe.shape[0] else xe.new_zeros(0, self.out_features)
             for xe, w, b in zip(torch.split(x, counts), ws, bs)
         ]
         return torch.cat(outs, dim=0)
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight[e].t(), None if self.bias is None else self.bias[e])
+        return _linear(x, self.weight[e], None if self.bias is None else self.bias[e])
 
     def select(self, keep: torch.Tensor) -> LinearExperts:
         """A copy holding only the experts in ``keep`` (in that order)."""
@@ -97,8 +101,8 @@ class MlpExperts(nn.Module):
             if xe.shape[0] == 0:
                 outs.append(xe.new_zeros(0, w2.shape[1]))
                 continue
-            h = self.drop(self.act(F.linear(xe, w1.t(), b1)))
-            outs.append(self.drop(F.linear(h, w2.t(), b2)))
+            h = self.drop(self.act(_linear(xe, w1, b1)))
+            outs.append(self.drop(_linear(h, w2, b2)))
         return torch.cat(outs, dim=0)
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +117,7 @@ class MlpExperts(nn.Module):
         s = x.shape[0]
         w1 = self.fc1.weight.permute(1, 0, 2).reshape(m, e * h)  # (M, E*H)
         b1 = None if self.fc1.bias is None else self.fc1.bias.reshape(e * h)
-        hid = self.drop(self.act(F.linear(x, w1.t(), b1)))  # (S, E*H)
+        hid = self.drop(self.act(_linear(x, w1, b1)))  # (S, E*H)
         hid = (hid.view(s, e, h) * gates.unsqueeze(-1)).reshape(s, e * h)
         y = hid @ self.fc2.weight.reshape(e * h, -1)  # (S, O)
         if self.fc2.bias is not None:
