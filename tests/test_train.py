@@ -204,3 +204,30 @@ def test_train_tool_reports_config_errors(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == f"config error: {p}: optim.lr: expected a number (got 'fast')"
+
+
+def test_ddp_ranks_skip_an_unreadable_batch_together(tmp_path):
+    """One rank's share of a step all unreadable while the other's is fine: both ranks skip that step (a rank that
+    went on alone would wait forever in DDP's gradient all-reduce)."""
+    _class_folders(tmp_path / "imgs", n_good=1, n_bad=5)
+    cfg = _folder_cfg(tmp_path / "imgs", 0.99)
+    cfg["train"]["steps"] = 6
+    p = tmp_path / "ddp_bad.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tools" / "train.py"),
+        "--config",
+        str(p),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "out").name == "step_0000006"

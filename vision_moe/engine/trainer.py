@@ -327,7 +327,10 @@ class Trainer:
             for (d, idx, _), (images, targets, bad) in zip(entries, loader):
                 self.bad.update(len(idx), bad)
                 tasks = self.train_sets[d][1]
-                if not targets:  # every sample of this batch was unreadable (counted above): nothing to learn from
+                empty = not targets  # every sample of this batch was unreadable (counted above)
+                if self.distributed:  # skip together: a rank alone in the step's all-reduce would wait forever
+                    empty = bool(dist_utils.all_reduce_sum(torch.tensor([float(empty)], device=self.device)) > 0)
+                if empty:
                     self.scheduler.step()
                     self.step += 1
                     continue
