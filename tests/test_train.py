@@ -120,11 +120,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes(tmp_path, data_root):
-    cfg = tiny(data_root, train={"steps": 4, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1})
-    p = tmp_path / "ddp.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _torchrun(config: Path, out: Path, timeout: float) -> subprocess.CompletedProcess:
+    """tools/train.py under torchrun with 2 CPU processes (gloo), one thread each."""
     cmd = [
         sys.executable,
         "-m",
@@ -135,11 +132,19 @@ def test_ddp_two_processes(tmp_path, data_root):
         str(_free_port()),
         str(ROOT / "tools" / "train.py"),
         "--config",
-        str(p),
+        str(config),
         "--out",
-        str(tmp_path / "out"),
+        str(out),
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_ddp_two_processes(tmp_path, data_root):
+    cfg = tiny(data_root, train={"steps": 4, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1})
+    p = tmp_path / "ddp.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = _torchrun(p, tmp_path / "out", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = latest_checkpoint(tmp_path / "out")
     assert ck is not None and ck.name == "step_0000004"
@@ -214,20 +219,6 @@ def test_ddp_ranks_skip_an_unreadable_batch_together(tmp_path):
     cfg["train"]["steps"] = 6
     p = tmp_path / "ddp_bad.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / "tools" / "train.py"),
-        "--config",
-        str(p),
-        "--out",
-        str(tmp_path / "out"),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    r = _torchrun(p, tmp_path / "out", timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert latest_checkpoint(tmp_path / "out").name == "step_0000006"
