@@ -135,7 +135,7 @@ class SortDispatcher(Dispatcher):
     def compute(self, x, expert_index, experts, keep=None):
         s, k = expert_index.shape
         order, counts = self._plan(expert_index, experts.num_experts, keep)
-        ys = experts.forward_split(x.index_select(0, order // k), counts)  # (n_kept, O)
+        ys = torch.cat(experts.forward_split(x.index_select(0, order // k), counts))  # (n_kept, O)
         out = ys.new_zeros(s * k, ys.shape[-1]).index_copy(0, order, ys)
         return out.view(s, k, -1)
 
@@ -143,9 +143,13 @@ class SortDispatcher(Dispatcher):
         s, k = expert_index.shape
         order, counts = self._plan(expert_index, experts.num_experts, keep)
         tokens = order // k
-        ys = experts.forward_split(x.index_select(0, tokens), counts)  # (n_kept, O)
-        w = combine_weights.reshape(-1).index_select(0, order).to(ys.dtype).unsqueeze(-1)
-        return ys.new_zeros(s, ys.shape[-1]).index_add(0, tokens, ys * w)
+        ys = experts.forward_split(x.index_select(0, tokens), counts)  # per expert (counts[e], O)
+        w = combine_weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(-1)
+        # Scatter-add each expert's weighted output as it comes (no concatenation of all outputs first).
+        y = x.new_zeros(s, ys[0].shape[-1] if ys else x.shape[-1])
+        for ye, te, we in zip(ys, torch.split(tokens, counts), torch.split(w, counts)):
+            y.index_add_(0, te, ye * we)
+        return y
 
 
 class DenseDispatcher(Dispatcher):

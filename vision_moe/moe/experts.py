@@ -40,15 +40,12 @@ class LinearExperts(nn.Module):
             return torch.bmm(x, self.weight)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
-    def forward_split(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:  # (sum counts, in)
+    def forward_split(self, x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """x (sum counts, in), rows sorted by expert -> one (counts[e], out) output per expert."""
         # unbind() once: indexing weight[e] per expert would materialise a full-size gradient per expert.
         ws = self.weight.unbind(0)
         bs = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
-        outs = [
-            _linear(xe, w, b) if xe.shape[0] else xe.new_zeros(0, self.out_features)
-            for xe, w, b in zip(torch.split(x, counts), ws, bs)
-        ]
-        return torch.cat(outs, dim=0)
+        return [_linear(xe, w, b) for xe, w, b in zip(torch.split(x, counts), ws, bs)]
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.weight[e], None if self.bias is None else self.bias[e])
@@ -92,18 +89,15 @@ class MlpExperts(nn.Module):
     def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2.forward_grouped(self.drop(self.act(self.fc1.forward_grouped(x)))))
 
-    def forward_split(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward_split(self, x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """x (sum counts, dim), rows sorted by expert -> one (counts[e], out) output per expert."""
         ws1, ws2 = self.fc1.weight.unbind(0), self.fc2.weight.unbind(0)
         bs1 = self.fc1.bias.unbind(0) if self.fc1.bias is not None else [None] * self.num_experts
         bs2 = self.fc2.bias.unbind(0) if self.fc2.bias is not None else [None] * self.num_experts
-        outs = []
-        for xe, w1, b1, w2, b2 in zip(torch.split(x, counts), ws1, bs1, ws2, bs2):
-            if xe.shape[0] == 0:
-                outs.append(xe.new_zeros(0, w2.shape[1]))
-                continue
-            h = self.drop(self.act(_linear(xe, w1, b1)))
-            outs.append(self.drop(_linear(h, w2, b2)))
-        return torch.cat(outs, dim=0)
+        return [
+            self.drop(_linear(self.drop(self.act(_linear(xe, w1, b1))), w2, b2))
+            for xe, w1, b1, w2, b2 in zip(torch.split(x, counts), ws1, bs1, ws2, bs2)
+        ]
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2.forward_expert(e, self.drop(self.act(self.fc1.forward_expert(e, x)))))
