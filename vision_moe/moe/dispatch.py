@@ -4,8 +4,8 @@ One interface, several implementations, all equal where no token is dropped:
 
 - ``naive``:  loop over experts, boolean-mask indexing. The readable reference used by tests.
 - ``sort``:   dropless sort/index dispatcher for training and eager inference: assignments are sorted
-              by expert, each expert runs one GEMM on its contiguous slice, outputs are scattered back
-              with the combine weights fused into the scatter-add.
+              by expert, each expert runs one GEMM on its contiguous slice, and each expert's output,
+              times its combine weights, is scatter-added back to its tokens.
 - ``dense``:  static shapes, no data-dependent ops: every expert runs on every token and the chosen
               outputs are gathered. Exact, exports cleanly to ONNX; costs E/k times the expert FLOPs.
 - ``einsum``: static shapes with a fixed capacity per expert (V-MoE's one-hot dispatch/combine

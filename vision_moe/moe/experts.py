@@ -2,7 +2,9 @@
 
 Every expert family offers three ways to run, so any dispatcher can use it:
 ``forward_grouped`` on a padded (E, C, in) buffer (one bmm per layer), ``forward_split`` on tokens
-already sorted by expert (one GEMM per expert, no padding), and ``forward_expert`` for one expert.
+already sorted by expert (one GEMM per expert, no padding; a list of per-expert outputs), and
+``forward_expert`` for one expert. MLP experts also offer ``forward_dense_gated`` (every expert on every token,
+the gates folded into the second GEMM) for the static-shape export path.
 """
 
 from __future__ import annotations
