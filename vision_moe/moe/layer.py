@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,16 @@ class _MoEBase(nn.Module):
         )
         return r, capacity_keep_mask(r.expert_index, r.probs.shape[-1], cap)
 
+    def _specialized_copy(self, task: str) -> tuple[_MoEBase, torch.Tensor]:
+        """A shallow copy routed by ``task``'s router alone over the experts it can reach; the caller swaps in
+        its experts cut to ``keep``."""
+        keep = self.router.reachable_experts(task)
+        new = copy.copy(self)
+        new._modules = dict(self._modules)  # so the assignments below leave this layer untouched
+        new.num_experts, new.top_k = len(keep), min(self.top_k, len(keep))
+        new.router = self.router.specialize(task, keep)
+        return new, keep
+
     def set_dispatcher(self, dispatcher: str | Dispatcher) -> None:
         self.dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
 
@@ -98,15 +109,9 @@ class MoEMlp(_MoEBase):
 
     def specialize(self, task: str) -> MoEMlp:
         """This layer for ``task`` alone: its router, and only the experts that router can reach."""
-        keep = self.router.reachable_experts(task)
-        new = MoEMlp.__new__(MoEMlp)
-        nn.Module.__init__(new)
-        new.num_experts, new.top_k = len(keep), min(self.top_k, len(keep))
-        new.capacity, new.capacity_factor = self.capacity, self.capacity_factor
-        new.router = self.router.specialize(task, keep)
-        new.dispatcher = self.dispatcher
+        new, keep = self._specialized_copy(task)
         new.experts = self.experts.select(keep)
-        return new.train(self.training)
+        return new
 
 
 class MoEAttention(_MoEBase):
@@ -169,14 +174,7 @@ class MoEAttention(_MoEBase):
         return self.proj_drop(y.to(x.dtype).reshape(b, n, m)), _make_aux(task, r, keep)
 
     def specialize(self, task: str) -> MoEAttention:
-        keep = self.router.reachable_experts(task)
-        new = MoEAttention.__new__(MoEAttention)
-        nn.Module.__init__(new)
-        new.num_experts, new.top_k = len(keep), min(self.top_k, len(keep))
-        new.capacity, new.capacity_factor = self.capacity, self.capacity_factor
-        new.head_dim, new.expert_heads, new.attn_drop = self.head_dim, self.expert_heads, self.attn_drop
-        new.router = self.router.specialize(task, keep)
-        new.dispatcher = self.dispatcher
-        new.kv, new.proj_drop = self.kv, self.proj_drop
+        """This layer for ``task`` alone: its router, and the query/output projections of the experts it can reach."""
+        new, keep = self._specialized_copy(task)
         new.q_experts, new.o_experts = self.q_experts.select(keep), self.o_experts.select(keep)
-        return new.train(self.training)
+        return new
