@@ -64,12 +64,14 @@ class TopKGate(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.proj.weight
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 gate logits (S, E) of a (S, in_dim) input; call under autocast disabled."""
+        bias = None if self.proj.bias is None else self.proj.bias.float()
+        return F.linear(x.float(), self.proj.weight.float(), bias)
+
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (S, in_dim)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(
-                x.float(), self.proj.weight.float(), None if self.proj.bias is None else self.proj.bias.float()
-            )
-            return self.route(logits)
+            return self.route(self.logits(x))
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
         """Top-k routing from clean fp32 logits (S, E)."""
@@ -234,10 +236,7 @@ class TaskEmbeddingRouter(_TaskRouter):
         t = self.tasks.index(task)
         emb = self.task_embed.weight[t].to(x.dtype).expand(x.shape[0], -1)  # (S, task_dim)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            inp = torch.cat([x.float(), emb.float()], dim=-1)
-            logits = F.linear(
-                inp, self.gate.proj.weight.float(), None if self.gate.proj.bias is None else self.gate.proj.bias.float()
-            )
+            logits = self.gate.logits(torch.cat([x.float(), emb.float()], dim=-1))
             logits = logits.masked_fill(~self.task_expert_mask[t], float("-inf"))
             return self.gate.route(logits)
 
