@@ -130,6 +130,7 @@ def test_multitask_build_selects_task(tmp_path):
         ),
         (dict(model=dict(capacity_factor=1.0)), "expert capacity"),
         (dict(model=dict(qk_norm=True)), "qk_norm"),
+        (dict(model=dict(stem_channels=[8, 8])), "unsupported layer: HybridEmbed patch embedding"),
     ],
 )
 def test_unsupported_model_fails_at_generation(tmp_path, kw, match):

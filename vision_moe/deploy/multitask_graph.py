@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.moe_vit import token_stride
 from ..moe import MoEAttention, MoEMlp
 from ..moe.dispatch import capacity_keep_mask, resolve_capacity
 from ..moe.router import MultiGateRouter, TaskEmbeddingRouter
@@ -183,7 +184,7 @@ class TaskIndexedModel(nn.Module):
         tokens = self.forward_features(images, t)
         if self.heads is None:
             return [self.backbone.forward_head(tokens)]
-        p = self.backbone.patch_embed.patch_size
+        p = token_stride(self.backbone.patch_embed)
         size = (images.shape[-2], images.shape[-1])
         grid = (size[0] // p[0], size[1] // p[1])
         outs = [head(tokens, grid, size) for head in self.heads]

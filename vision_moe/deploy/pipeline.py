@@ -22,6 +22,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ..models.moe_vit import token_stride
 from .multitask_graph import TaskIndexedModel
 from .onnx_export import (
     check_static_graph,
@@ -130,7 +131,7 @@ def prepare_copy(model: nn.Module, image_size: tuple[int, int], dispatcher: str 
     m = copy.deepcopy(model).eval()
     bb = _backbone(m)
     bb.set_dispatcher(dispatcher)
-    p = bb.patch_embed.patch_size
+    p = token_stride(bb.patch_embed)
     grid = (image_size[0] // p[0], image_size[1] // p[1])
     if grid != tuple(bb.patch_embed.grid_size):
         with torch.no_grad():
@@ -256,7 +257,7 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
         _check_task(model, t)
     bb = _backbone(model)
     hw = tuple(cfg.img_size or bb.patch_embed.img_size)
-    p = bb.patch_embed.patch_size
+    p = token_stride(bb.patch_embed)
     if hw[0] % p[0] or hw[1] % p[1]:
         raise ValueError(f"image size {hw} is not a multiple of the patch size {tuple(p)}")
     out = Path(cfg.out_dir)

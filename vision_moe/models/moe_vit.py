@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -19,14 +20,31 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    Attention,
+    DropPath,
+    HybridEmbed,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
+from timm.models.vision_transformer_hybrid import ConvStem
 
 from ..moe import MoEAttention, MoEAux, MoEMlp
 from ..moe.dispatch import Dispatcher
 
-__all__ = ["MoEVisionTransformer", "TaskBlock", "checkpoint_filter_fn", "resolve_block_indices", "DEFAULT_TASKS"]
+__all__ = [
+    "MoEVisionTransformer",
+    "TaskBlock",
+    "token_stride",
+    "checkpoint_filter_fn",
+    "resolve_block_indices",
+    "DEFAULT_TASKS",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -54,6 +72,52 @@ def resolve_block_indices(spec: str | Sequence[int] | None, depth: int) -> tuple
     if bad:
         raise ValueError(f"block indices {bad} out of range for depth {depth}")
     return tuple(sorted(set(idx)))
+
+
+def _conv_stem_embed(
+    img_size: int | tuple[int, int],
+    patch_size: int,
+    in_chans: int,
+    embed_dim: int,
+    channels: Sequence[int],
+    strides: Sequence[int] | None,
+) -> HybridEmbed:
+    """A convolutional stem ("early convolutions", Xiao et al. 2021) in place of the patchify layer: timm's
+    ConvStem (3x3 conv + BN + ReLU per stage, the last conv projects to ``embed_dim``) inside timm's HybridEmbed.
+    ``channels`` are the stages before the projection; ``strides`` one per stage plus the projection (default:
+    2 for the last log2(patch_size) convs, 1 before), their product must equal ``patch_size``, so the token grid
+    and every ``patch_size``-based contract stay as with the patch embedding."""
+    channels = tuple(int(c) for c in channels) + (embed_dim,)
+    if strides is None:
+        n2 = int(patch_size).bit_length() - 1
+        if 2**n2 != patch_size or n2 > len(channels):
+            raise ValueError(
+                f"stem_strides: cannot default for patch_size={patch_size} with {len(channels)} convs; give them"
+            )
+        strides = (1,) * (len(channels) - n2) + (2,) * n2
+    strides = tuple(int(v) for v in strides)
+    if len(strides) != len(channels):
+        raise ValueError(
+            f"stem_strides={list(strides)}: expected {len(channels)} values (one per stem_channels entry, one for the "
+            "projection)"
+        )
+    if math.prod(strides) != patch_size:
+        raise ValueError(f"stem_strides={list(strides)}: their product must equal patch_size={patch_size}")
+    stem = ConvStem(in_chans, depth=len(channels), channels=channels, stride=strides)
+    return HybridEmbed(
+        stem,
+        img_size=img_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        proj=False,
+        output_fmt="NHWC",
+        strict_img_size=False,
+    )
+
+
+def token_stride(patch_embed: nn.Module) -> tuple[int, int]:
+    """Pixels per token along (H, W) for timm's PatchEmbed and HybridEmbed alike."""
+    return tuple(int(v) for v in patch_embed.feat_ratio(as_scalar=False))
 
 
 class TaskBlock(nn.Module):
@@ -189,6 +253,8 @@ class MoEVisionTransformer(nn.Module):
         capacity_factor: float | None = None,
         task_embed_blocks: bool = False,
         weight_init: str = "",
+        stem_channels: Sequence[int] | None = None,
+        stem_strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("", "avg", "token"):
@@ -207,14 +273,19 @@ class MoEVisionTransformer(nn.Module):
         self.grad_checkpointing = False
         # NHWC output and no strict size: any input whose sides are multiples of the patch size runs, with the
         # position embedding resampled (timm's resample_abs_pos_embed).
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            strict_img_size=False,
-            output_fmt="NHWC",
-        )
+        if stem_channels is None:
+            if stem_strides is not None:
+                raise ValueError("stem_strides given without stem_channels")
+            self.patch_embed = PatchEmbed(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                embed_dim=embed_dim,
+                strict_img_size=False,
+                output_fmt="NHWC",
+            )
+        else:
+            self.patch_embed = _conv_stem_embed(img_size, patch_size, in_chans, embed_dim, stem_channels, stem_strides)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)

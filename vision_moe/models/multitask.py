@@ -15,12 +15,13 @@ import torch.nn as nn
 
 from .._factory import create_model
 from ..tasks import build_head, get_task, task_loss
+from .moe_vit import token_stride
 
 __all__ = ["MultiTaskModel", "SpecializedTaskModel", "build_multitask_model"]
 
 
 def _grid(backbone: nn.Module, images: torch.Tensor) -> tuple[int, int]:
-    p = backbone.patch_embed.patch_size
+    p = token_stride(backbone.patch_embed)
     h, w = images.shape[-2:]
     if h % p[0] or w % p[1]:
         raise ValueError(f"image size {(h, w)} is not a multiple of the patch size {tuple(p)}")
@@ -113,7 +114,7 @@ def build_multitask_model(
     if "num_classes" in backbone_overrides or "tasks" in backbone_overrides:
         raise ValueError("build_multitask_model sets the backbone's num_classes (0) and tasks itself")
     bb = create_model(backbone, tasks=list(tasks), num_classes=0, img_size=img_size, **backbone_overrides)
-    p = bb.patch_embed.patch_size[0]
+    p = token_stride(bb.patch_embed)[0]
     heads = {
         t: build_head(t, bb.embed_dim, n, p, bb.num_prefix_tokens, head=head, **(head_kwargs or {}))
         for t, n in tasks.items()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.layers import PatchEmbed
 
 from .config import HLSConfig
 
@@ -177,6 +178,8 @@ def extract(
     if not isinstance(model.fc_norm, nn.Identity):
         raise UnsupportedModelError("unsupported layer: fc_norm")
     pe = model.patch_embed
+    if not isinstance(pe, PatchEmbed):
+        raise UnsupportedModelError(f"unsupported layer: {type(pe).__name__} patch embedding (only timm's PatchEmbed)")
     p = pe.patch_size[0]
     if pe.patch_size[0] != pe.patch_size[1]:
         raise UnsupportedModelError(f"unsupported patch size {tuple(pe.patch_size)}: patches must be square")
