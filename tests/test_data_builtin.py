@@ -37,7 +37,7 @@ def test_deterministic_and_cached(builtin_root, tmp_path):
 def test_real_formats_and_label_consistency(builtin_root):
     ds = BuiltinDataset(builtin_root, "train")
     assert ds.tasks == BUILTIN_TASKS
-    assert ds.num_classes == {"classification": 6, "detection": 6, "semseg": 7}
+    assert ds.num_classes == {"classification": 5, "detection": 5, "semseg": 6}
     assert len(ds) == 24 and len(BuiltinDataset(builtin_root, "val")) == 8
     n_obj = []
     for i in range(len(ds)):
@@ -51,10 +51,11 @@ def test_real_formats_and_label_consistency(builtin_root):
         assert set(np.unique(sem)) - {0} == {int(lab) + 1 for lab in labels}
         np.testing.assert_array_equal(raw["saliency"], (sem > 0).astype(np.float32))
         assert raw["edges"].sum() > 0 and (raw["edges"] <= raw["saliency"]).all()
-        # image label = class of the object with the most visible pixels
-        per_obj = [ds.coco.anns[a]["area"] for a in ds.coco.getAnnIds(imgIds=raw["image_id"])]
-        cats = [ds.coco.anns[a]["category_id"] - 1 for a in ds.coco.getAnnIds(imgIds=raw["image_id"])]
-        assert raw["class_label"] == cats[int(np.argmax(per_obj))]
+        # image label = the class whose objects (COCO areas summed) cover the most visible pixels
+        per_cls = np.zeros(5)
+        for a in ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=raw["image_id"])):
+            per_cls[a["category_id"] - 1] += a["area"]
+        assert raw["class_label"] == int(np.argmax(per_cls))
         # depth: objects in front of the background; normals unit length, facing the camera
         d = raw["depth"]
         assert (d > 0).all()
@@ -78,7 +79,7 @@ def test_with_transforms_and_collate(builtin_root):
     sub = BuiltinDataset(builtin_root, "val", tasks=("semseg", "classification"))
     _, t = sub[0]
     assert set(t) == {"image_id", "semseg", "class_label"}
-    assert sub.num_classes == {"classification": 6, "semseg": 7}
+    assert sub.num_classes == {"classification": 5, "semseg": 6}
     with pytest.raises(ValueError, match="unknown task 'human_parts'"):
         BuiltinDataset(builtin_root, "val", tasks=("human_parts",))
     with pytest.raises(ValueError, match="unknown split"):
@@ -88,7 +89,7 @@ def test_with_transforms_and_collate(builtin_root):
 def test_linear_probe_runs_and_is_weak(builtin_root):
     torch.manual_seed(0)
     r = linear_probe_baseline(builtin_root)
-    assert 0.0 <= r["top1"] <= 1.0 and r["chance_top1"] == pytest.approx(1 / 6)
+    assert 0.0 <= r["top1"] <= 1.0 and r["chance_top1"] == pytest.approx(1 / 5)
 
 
 def test_parallel_generation_gives_the_same_bytes(tmp_path):

@@ -1,13 +1,15 @@
 """Built-in multi-task data: coloured, textured shapes generated from a seed and written in real formats.
 
-Each image shows 1-6 shapes (circle, square, triangle, star, cross, hexagon) of random colour and texture
-on a textured background, 8 px to half the image wide, drawn far to near so they may overlap (every
+Each image shows 1-6 shapes (circle, square, triangle, star, cross) of random colour and texture on a
+textured background, 8 px to half the image wide (uniformly), drawn far to near so they may overlap (every
 object keeps at least half of its pixels visible). Labels, all read back through the real-format loaders:
 
-- classification: the class of the object with the most *visible* pixels (``<split>/classification.txt``,
-  one ``file_name class_index`` line per image, as ImageNet's validation ground truth lists);
+- classification: the shape class covering the most *visible* pixels, all its objects together (the image's
+  dominant class; ``<split>/classification.txt``, one ``file_name class_index`` line per image, as ImageNet's
+  validation ground truth lists). Version 1 used the class of the single largest object, which 12 % of the
+  time differs from the dominant class, a label no pooled image feature can tell apart;
 - detection: ``annotations/instances_<split>.json`` (COCO: xywh boxes of the visible extent, RLE masks);
-- semseg: ``<split>/semseg/*.png`` (0 = background, 1..6 = shape class);
+- semseg: ``<split>/semseg/*.png`` (0 = background, 1..5 = shape class);
 - saliency: ``<split>/saliency/*.png`` (255 = any object); edges: ``<split>/edges/*.png`` (255 on the inner
   contour of every visible object piece);
 - depth: ``<split>/depth/*.png`` 16-bit millimetres: a sloped background plane at 5-11 m, each object a
@@ -50,14 +52,20 @@ from .common import (
 
 _logger = logging.getLogger(__name__)
 
-SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "hexagon")
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross")
 BUILTIN_TASKS = ("classification", "detection", "semseg", "saliency", "edges", "depth", "normals")
-_VERSION = 1
+_VERSION = 2
 _SCENE_WIDTH_M = 4.0
+# Per-channel spread of a texture's second colour around its first. Version 1 used 70 (and log-uniform sizes and
+# a sixth class, the hexagon): no model we tried learnt shape identity from that within the quickstart's
+# 15-minute CPU budget, because stripes and checks inside an object drew edges as strong as its outline and a
+# hexagon of 8-16 px is a circle. Version 2 keeps every texture kind at half the contrast, draws sizes uniformly
+# (more objects large enough to have a recognisable shape) and has five classes.
+_TEXTURE_CONTRAST = 35.0
 _SPLIT_CODE = {"train": 0, "val": 1}
 # circumradius factor per class so that every shape of a given size has the area of the square of that size
 # (otherwise circles would usually be the largest object and dominate the image-level label)
-_AREA_SCALE = (0.80, 1.0, 1.24, 1.26, 0.95, 0.88)
+_AREA_SCALE = (0.80, 1.0, 1.24, 1.26, 0.95)
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -67,8 +75,8 @@ def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     phi = np.arctan2(v, u)
     if cls == 0:  # circle
         return rho <= r
-    if cls in (1, 2, 5):  # regular polygon: square, triangle, hexagon
-        n = {1: 4, 2: 3, 5: 6}[cls]
+    if cls in (1, 2):  # regular polygon: square, triangle
+        n = {1: 4, 2: 3}[cls]
         sector = 2 * np.pi / n
         local = np.mod(phi, sector) - sector / 2
         return rho * np.cos(local) <= r * np.cos(np.pi / n)
@@ -90,7 +98,7 @@ def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) ->
 
 def _texture(rng: np.random.Generator, s: int, c1: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     """(S, S, 3) float texture around colour c1: solid, stripes, checker, blotches or gradient."""
-    c2 = np.clip(c1 + rng.uniform(-70, 70, 3), 0, 255)
+    c2 = np.clip(c1 + rng.uniform(-_TEXTURE_CONTRAST, _TEXTURE_CONTRAST, 3), 0, 255)
     kind = rng.integers(5)
     if kind == 0:
         w = np.zeros((s, s), np.float32)
@@ -125,7 +133,7 @@ def render_scene(rng: np.random.Generator, s: int, max_objects: int = 6, min_siz
     max_size = s / 2
     objs = []
     for _ in range(n):
-        size = float(np.exp(rng.uniform(np.log(min_size), np.log(max_size))))
+        size = float(rng.uniform(min_size, max_size))
         objs.append(
             dict(
                 cls=int(rng.integers(len(SHAPE_CLASSES))),
@@ -186,7 +194,8 @@ def render_scene(rng: np.random.Generator, s: int, max_objects: int = 6, min_siz
                 bbox=[float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
             )
         )
-    class_label = max(objects, key=lambda o: o["area"])["cls"]
+    # the class covering the most visible pixels (ties: the lower class index)
+    class_label = int(np.bincount(semseg[semseg > 0] - 1, minlength=len(SHAPE_CLASSES)).argmax())
     return dict(
         image=image,
         semseg=semseg,
