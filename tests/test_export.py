@@ -367,6 +367,12 @@ def test_cli_checkpoint_roundtrip(tmp_path, capsys):
     rep = json.loads((out / "export_report.json").read_text())
     assert rep["tasks"]["saliency"]["fp32"]["io"]["outputs"]["out"] == [1, 1, 32, 32]
     assert (out / "build_engine.sh").exists() or rep["tasks"]["saliency"]["engine"]["built"]
+    # INT8 with the calibration / evaluation sizes from the command line
+    out8 = tmp_path / "o8"
+    args = ["--checkpoint", str(ck), "--task", "classification", "--precision", "int8", "--out", str(out8)]
+    assert tool.main(args + ["--calib-images", "4", "--eval-images", "6"]) == 0
+    q = json.loads((out8 / "export_report.json").read_text())["tasks"]["classification"]["int8"]
+    assert q["calibration_images"] == 4 and q["evaluation"]["images"] == 6
 
 
 @pytest.mark.parametrize("name", ["vit_mtl_tiny_patch16_224", "m3vit_tiny_patch16_224"])

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", choices=["onnx", "engine"], default="onnx")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument("--calib-data", default=None, help="folder of images from the task's dataset (INT8)")
+    p.add_argument("--calib-images", type=int, default=16, help="INT8 calibration images (default 16)")
+    p.add_argument("--eval-images", type=int, default=16, help="held-out images for the INT8 / FP16 drop (default 16)")
     b = p.add_mutually_exclusive_group()
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--dynamic-batch", action="store_true")
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
             opset=args.opset,
             exporter=args.exporter,
             calib_data=args.calib_data,
+            calib_images=args.calib_images,
+            eval_images=args.eval_images,
             multitask=args.multitask,
             mean=mean,
             std=std,
