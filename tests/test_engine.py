@@ -94,3 +94,56 @@ def test_bad_sample_tracker():
     assert t.fraction == pytest.approx(1 / 16)
     with pytest.raises(TooManyBadSamples, match=r"3 of 20 samples were unreadable .*first: a.jpg: cannot decode"):
         t.update(4, ["b.jpg: truncated", "c.jpg: truncated"])
+
+
+def _aux(probs: torch.Tensor):
+    from vision_moe.moe import MoEAux
+
+    e = probs.shape[-1]
+    idx = probs.topk(2, -1).indices
+    return MoEAux(
+        task="x",
+        probs=probs,
+        logits=probs.log(),
+        expert_index=idx,
+        combine_weights=probs.gather(-1, idx),
+        expert_load=torch.zeros(e, dtype=torch.long),
+        dropped_fraction=probs.new_zeros(()),
+        keep=None,
+        load_prob=None,
+    )
+
+
+def test_mi_memory_lets_a_one_task_step_see_the_other_tasks():
+    from vision_moe.engine.losses import TaskRoutingMemory, mutual_information_across_tasks
+    from vision_moe.moe.losses import mutual_information_loss
+
+    torch.manual_seed(0)
+    pa = torch.softmax(torch.randn(10, 4), -1)
+    pb = torch.softmax(torch.randn(12, 4) * 2, -1)
+    # without memory a one-task step has no MI term (the problem the memory solves)
+    assert mutual_information_across_tasks({"a": [_aux(pa)]}, 0.1) is None
+    mem = TaskRoutingMemory(["a", "b", "c"], [4], momentum=0.5)
+    assert mutual_information_across_tasks({"a": [_aux(pa)]}, 0.1, mem) is None  # nothing else seen yet
+    torch.testing.assert_close(mem.layer(0)[0], pa.mean(0))  # first visit: the mean itself
+    # a step of task b alone: its live row against a's remembered row; the gradient reaches only b's probs
+    logits_b = torch.randn(12, 4, requires_grad=True)
+    pb = torch.softmax(logits_b, -1)
+    loss = mutual_information_across_tasks({"b": [_aux(pb)]}, 0.1, mem)
+    expected = 0.1 * mutual_information_loss(torch.stack([pb.mean(0), pa.mean(0)]))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert logits_b.grad.abs().sum() > 0 and mem.layer(0).grad is None
+    assert mem.seen.tolist() == [True, True, False]
+    # moving average on a second visit
+    pa2 = torch.softmax(torch.randn(10, 4), -1)
+    mutual_information_across_tasks({"a": [_aux(pa2)]}, 0.1, mem)
+    torch.testing.assert_close(mem.layer(0)[0], 0.5 * pa.mean(0) + 0.5 * pa2.mean(0))
+    # tasks of the same step are all live: identical to the memory-less loss
+    both = {"a": [_aux(pa)], "b": [_aux(pb.detach())]}
+    fresh = TaskRoutingMemory(["a", "b"], [4])
+    torch.testing.assert_close(
+        mutual_information_across_tasks(both, 0.1, fresh), mutual_information_across_tasks(both, 0.1)
+    )
+    with pytest.raises(ValueError, match="mi_momentum=1.0"):
+        TaskRoutingMemory(["a"], [4], momentum=1.0)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from vision_moe.config import config_from_dict
 from vision_moe.engine import evaluate_checkpoint, latest_checkpoint
+from vision_moe.engine.checkpoint import load_train_state
 from vision_moe.engine.data import TooManyBadSamples
 from vision_moe.engine.trainer import Trainer
 
@@ -83,11 +84,24 @@ def test_short_training_lowers_the_loss(tmp_path, data_root):
     assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard events written
 
 
-def test_resume_continues_the_same_trajectory(tmp_path, data_root):
+def _hetero_mi(data_root) -> dict:
+    """Two datasets labelling one task each (one task per step) and the Mod-Squad MI loss with its memory."""
+    one = {"format": "builtin", "root": str(data_root), "num_train": 16, "num_val": 8}
+    return {
+        "tasks": {"classification": {}, "semseg": {}},
+        "data": {"datasets": [{**one, "tasks": ["semseg"]}, {**one, "tasks": ["classification"]}]},
+        "moe": {"mi_weight": 0.5},
+    }
+
+
+@pytest.mark.parametrize("variant", ["same_images", "hetero_mi"])
+def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
     base = tiny(
         data_root,
         train={"steps": 6, "ckpt_every": 3, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1},
     )
+    if variant == "hetero_mi":
+        base.update(_hetero_mi(data_root))
     straight = Trainer(config_from_dict(base), tmp_path / "a")
     straight.fit()
 
@@ -112,6 +126,10 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root):
     assert resumed.loss_history == straight.loss_history[3:]  # bit-identical continuation
     for (k, v), (_, w) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(v, w), k
+    if variant == "hetero_mi":  # the routing memory came back with the checkpoint and was in use
+        assert bool(straight.mi_memory.seen.all())
+        for k, v in straight.mi_memory.state_dict().items():
+            assert torch.equal(v, resumed.mi_memory.state_dict()[k]), k
 
 
 def _free_port() -> int:
@@ -140,8 +158,11 @@ def _torchrun(config: Path, out: Path, timeout: float) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_ddp_two_processes(tmp_path, data_root):
+@pytest.mark.parametrize("variant", ["same_images", "hetero_mi"])
+def test_ddp_two_processes(tmp_path, data_root, variant):
     cfg = tiny(data_root, train={"steps": 4, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1})
+    if variant == "hetero_mi":  # the MI memory's buffers are broadcast by DDP (gloo) and saved by rank 0
+        cfg.update(_hetero_mi(data_root))
     p = tmp_path / "ddp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     r = _torchrun(p, tmp_path / "out", timeout=240)
@@ -153,6 +174,8 @@ def test_ddp_two_processes(tmp_path, data_root):
     # the checkpoint reproduces the metrics printed by rank 0
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())["latest"]["metrics"]
     assert evaluate_checkpoint(ck, "semseg") == pytest.approx(m["semseg"], nan_ok=True)
+    if variant == "hetero_mi":
+        assert load_train_state(ck)["mi_memory"]["seen"].tolist() == [1, 1]
 
 
 def _class_folders(root: Path, n_good: int, n_bad: int) -> None:

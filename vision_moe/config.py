@@ -113,6 +113,9 @@ class MoELossConfig:
     aux_loss: str = "importance_load"  # 'importance_load' (M³ViT cv²) | 'switch' | 'none'
     aux_weight: float = 0.01
     mi_weight: float = 0.0  # Mod-Squad mutual information across the tasks of a step (0.005 in the paper)
+    # tasks not in a step (one dataset per step) enter the MI loss through a moving average of their mean routing
+    # probabilities with this momentum (detached); tasks that share a step's images are always live
+    mi_momentum: float = 0.9
     z_weight: float = 0.0
 
 

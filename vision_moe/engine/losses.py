@@ -14,10 +14,9 @@ from ..moe.losses import (
     mutual_information_loss,
     router_z_loss,
     switch_load_balance_loss,
-    task_expert_probs,
 )
 
-__all__ = ["UncertaintyWeighting", "moe_aux_loss", "mutual_information_across_tasks"]
+__all__ = ["TaskRoutingMemory", "UncertaintyWeighting", "moe_aux_loss", "mutual_information_across_tasks"]
 
 
 class UncertaintyWeighting(nn.Module):
@@ -50,15 +49,62 @@ def moe_aux_loss(aux: Sequence[MoEAux], cfg: MoELossConfig) -> torch.Tensor | No
     return total
 
 
-def mutual_information_across_tasks(aux_by_task: dict[str, Sequence[MoEAux]], weight: float) -> torch.Tensor | None:
-    """Mod-Squad: minus the task-expert mutual information, per MoE layer, over the tasks run in this step."""
-    if weight == 0 or len(aux_by_task) < 2:
+class TaskRoutingMemory(nn.Module):
+    """Each task's mean routing probability per MoE layer, as a moving average over the steps that ran it.
+
+    Mod-Squad computes its task-expert mutual information on batches that mix tasks. With heterogeneous data a
+    step holds one dataset, often one task, and the MI over that step alone is zero. The memory supplies the
+    other tasks' rows (detached, so only the live task's router gets the gradient), which is the same joint
+    M[t, e] the paper estimates over a mixed batch, with the absent tasks' rows from recent steps. Buffers, so
+    DDP broadcasts rank 0's copy each step and checkpoints carry it (exact resume).
+    """
+
+    def __init__(self, tasks: Sequence[str], experts_per_layer: Sequence[int], momentum: float = 0.9) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"moe.mi_momentum={momentum}: expected 0 <= momentum < 1")
+        self.tasks = tuple(tasks)
+        self.momentum = momentum
+        self.num_layers = len(experts_per_layer)
+        for i, e in enumerate(experts_per_layer):
+            self.register_buffer(f"mean_{i}", torch.zeros(len(self.tasks), int(e)))
+        # uint8, not bool: DDP broadcasts buffers and gloo has no bool type
+        self.register_buffer("seen", torch.zeros(len(self.tasks), dtype=torch.uint8))
+
+    def layer(self, i: int) -> torch.Tensor:
+        return getattr(self, f"mean_{i}")
+
+    @torch.no_grad()
+    def update(self, task: str, layer_means: Sequence[torch.Tensor]) -> None:
+        t = self.tasks.index(task)
+        first = not bool(self.seen[t])
+        for i, m in enumerate(layer_means):
+            buf = self.layer(i)
+            buf[t] = m.float() if first else self.momentum * buf[t] + (1 - self.momentum) * m.float()
+        self.seen[t] = 1
+
+
+def mutual_information_across_tasks(
+    aux_by_task: dict[str, Sequence[MoEAux]], weight: float, memory: TaskRoutingMemory | None = None
+) -> torch.Tensor | None:
+    """Mod-Squad: minus the task-expert mutual information, per MoE layer, over the tasks run in this step and,
+    with ``memory``, the other tasks it has seen (their rows detached). Updates ``memory`` with this step's rows.
+    None when fewer than two tasks take part."""
+    if weight == 0:
         return None
-    per_task = list(aux_by_task.values())
-    n_layers = min(len(a) for a in per_task)
+    live = {t: [a.probs.float().mean(0) for a in aux] for t, aux in aux_by_task.items()}
+    rows_from_memory = []
+    if memory is not None:
+        rows_from_memory = [t for i, t in enumerate(memory.tasks) if bool(memory.seen[i]) and t not in live]
     total = None
-    for i in range(n_layers):
-        tp = task_expert_probs([a[i].probs for a in per_task])  # (T, E)
-        term = mutual_information_loss(tp)
-        total = term if total is None else total + term
+    if len(live) + len(rows_from_memory) >= 2:
+        n_layers = min(len(v) for v in live.values())
+        for i in range(n_layers):
+            rows = [v[i] for v in live.values()]
+            rows += [memory.layer(i)[memory.tasks.index(t)] for t in rows_from_memory]
+            term = mutual_information_loss(torch.stack(rows))
+            total = term if total is None else total + term
+    if memory is not None:
+        for t, means in live.items():
+            memory.update(t, [m.detach() for m in means])
     return None if total is None else weight * total

@@ -22,7 +22,7 @@ from . import distributed as dist_utils
 from .checkpoint import latest_checkpoint, load_model, load_train_state, save_checkpoint
 from .data import BadSampleTracker, PlanDataset, StepPlan, build_dataset, collate_plan
 from .evaluator import evaluate_task
-from .losses import UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
+from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
 from .reporter import Reporter, format_table
 
@@ -89,9 +89,15 @@ class _StepModule(nn.Module):
     """One training step's forward: every task of the step's dataset on the same images, losses combined.
     A single module call so DDP sees one forward per backward."""
 
-    def __init__(self, model: MultiTaskModel, cfg: Config, uncertainty: UncertaintyWeighting | None) -> None:
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        cfg: Config,
+        uncertainty: UncertaintyWeighting | None,
+        mi_memory: TaskRoutingMemory | None = None,
+    ) -> None:
         super().__init__()
-        self.model, self.cfg, self.uncertainty = model, cfg, uncertainty
+        self.model, self.cfg, self.uncertainty, self.mi_memory = model, cfg, uncertainty, mi_memory
 
     def forward(self, images: torch.Tensor, targets: list[dict], tasks: Sequence[str]):
         total = images.new_zeros((), dtype=torch.float32)
@@ -108,7 +114,7 @@ class _StepModule(nn.Module):
                 total = total + aux_l
                 logs[f"moe_aux/{task}"] = aux_l.detach()
             aux_by_task[task] = r["aux"]
-        mi = mutual_information_across_tasks(aux_by_task, self.cfg.moe.mi_weight)
+        mi = mutual_information_across_tasks(aux_by_task, self.cfg.moe.mi_weight, self.mi_memory)
         if mi is not None:
             total = total + mi
             logs["moe_mi"] = mi.detach()
@@ -169,6 +175,14 @@ class Trainer:
         self.uncertainty = (
             UncertaintyWeighting(list(cfg.tasks)).to(self.device) if cfg.train.uncertainty_weighting else None
         )
+        moe_layers = self.model.backbone.moe_layers()
+        self.mi_memory = (
+            TaskRoutingMemory(list(cfg.tasks), [m.num_experts for _, m in moe_layers], cfg.moe.mi_momentum).to(
+                self.device
+            )
+            if cfg.moe.mi_weight and moe_layers
+            else None
+        )
         extra = list(self.uncertainty.parameters()) if self.uncertainty is not None else None
         self.optimizer = build_optimizer(self.model, cfg.optim, extra)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, cfg.train.steps)
@@ -190,7 +204,7 @@ class Trainer:
         self.loss_history: list[float] = []  # total loss of each step run by this Trainer
         if resume:
             self._resume()
-        self.step_module = _StepModule(self.model, cfg, self.uncertainty)
+        self.step_module = _StepModule(self.model, cfg, self.uncertainty, self.mi_memory)
         if self.distributed:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module,
@@ -238,6 +252,8 @@ class Trainer:
         }
         if self.uncertainty is not None:
             s["uncertainty"] = self.uncertainty.state_dict()
+        if self.mi_memory is not None:
+            s["mi_memory"] = self.mi_memory.state_dict()
         return s
 
     def _resume(self) -> None:
@@ -253,6 +269,8 @@ class Trainer:
         self.scaler.load_state_dict(st["scaler"])
         if self.uncertainty is not None and "uncertainty" in st:
             self.uncertainty.load_state_dict(st["uncertainty"])
+        if self.mi_memory is not None and "mi_memory" in st:
+            self.mi_memory.load_state_dict(st["mi_memory"])
         self.bad.load_state_dict(st["bad_samples"])
         self.step = int(st["step"])
         _set_rng_state(st["rng"])
