@@ -14,6 +14,7 @@ from ..moe.losses import (
     mutual_information_loss,
     router_z_loss,
     switch_load_balance_loss,
+    task_expert_probs,
 )
 
 __all__ = ["TaskRoutingMemory", "UncertaintyWeighting", "moe_aux_loss", "mutual_information_across_tasks"]
@@ -65,7 +66,6 @@ class TaskRoutingMemory(nn.Module):
             raise ValueError(f"moe.mi_momentum={momentum}: expected 0 <= momentum < 1")
         self.tasks = tuple(tasks)
         self.momentum = momentum
-        self.num_layers = len(experts_per_layer)
         for i, e in enumerate(experts_per_layer):
             self.register_buffer(f"mean_{i}", torch.zeros(len(self.tasks), int(e)))
         # uint8, not bool: DDP broadcasts buffers and gloo has no bool type
@@ -74,10 +74,13 @@ class TaskRoutingMemory(nn.Module):
     def layer(self, i: int) -> torch.Tensor:
         return getattr(self, f"mean_{i}")
 
+    def has_seen(self, task: str) -> bool:
+        return bool(self.seen[self.tasks.index(task)])
+
     @torch.no_grad()
     def update(self, task: str, layer_means: Sequence[torch.Tensor]) -> None:
         t = self.tasks.index(task)
-        first = not bool(self.seen[t])
+        first = not self.has_seen(task)
         for i, m in enumerate(layer_means):
             buf = self.layer(i)
             buf[t] = m.float() if first else self.momentum * buf[t] + (1 - self.momentum) * m.float()
@@ -92,19 +95,18 @@ def mutual_information_across_tasks(
     None when fewer than two tasks take part."""
     if weight == 0:
         return None
-    live = {t: [a.probs.float().mean(0) for a in aux] for t, aux in aux_by_task.items()}
-    rows_from_memory = []
-    if memory is not None:
-        rows_from_memory = [t for i, t in enumerate(memory.tasks) if bool(memory.seen[i]) and t not in live]
+    tasks = list(aux_by_task)
+    n_layers = min(len(a) for a in aux_by_task.values()) if tasks else 0
+    live = [task_expert_probs([aux_by_task[t][i].probs for t in tasks]) for i in range(n_layers)]  # (T, E) each
+    absent = [] if memory is None else [t for t in memory.tasks if memory.has_seen(t) and t not in aux_by_task]
     total = None
-    if len(live) + len(rows_from_memory) >= 2:
-        n_layers = min(len(v) for v in live.values())
-        for i in range(n_layers):
-            rows = [v[i] for v in live.values()]
-            rows += [memory.layer(i)[memory.tasks.index(t)] for t in rows_from_memory]
-            term = mutual_information_loss(torch.stack(rows))
+    if len(tasks) + len(absent) >= 2:
+        for i, rows in enumerate(live):
+            if absent:
+                rows = torch.cat([rows, torch.stack([memory.layer(i)[memory.tasks.index(t)] for t in absent])])
+            term = mutual_information_loss(rows)
             total = term if total is None else total + term
     if memory is not None:
-        for t, means in live.items():
-            memory.update(t, [m.detach() for m in means])
+        for j, t in enumerate(tasks):
+            memory.update(t, [rows[j] for rows in live])
     return None if total is None else weight * total
