@@ -103,8 +103,11 @@ class _StepModule(nn.Module):
         total = images.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
         aux_by_task = {}
+        # one image batch, several tasks (M³ViT runs the backbone once per task): the task-independent stages
+        # (the stem above all, the costliest part of the quickstart's backbone) run once for all of them
+        shared = self.model.forward_shared(images) if len(tasks) > 1 else None
         for task in tasks:
-            r = self.model(images, task, targets)
+            r = self.model(images, task, targets, shared=shared)
             loss_t = sum(r["losses"].values())
             logs[task] = loss_t.detach()
             w = self.cfg.tasks[task].weight

@@ -115,6 +115,16 @@ def _conv_stem_embed(
     )
 
 
+def _draws_noise(module: nn.Module) -> bool:
+    """Whether ``module`` (in training mode) contains a dropout or drop-path layer with a non-zero rate."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if isinstance(m, DropPath) and m.drop_prob > 0:
+            return True
+    return False
+
+
 def token_stride(patch_embed: nn.Module) -> tuple[int, int]:
     """Pixels per token along (H, W) for timm's PatchEmbed and HybridEmbed alike."""
     return tuple(int(v) for v in patch_embed.feat_ratio(as_scalar=False))
@@ -173,7 +183,7 @@ class TaskBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoEMlp) or isinstance(self.attn, MoEAttention)
 
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, list[MoEAux]]:
+    def forward(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, list[MoEAux]]:
         aux: list[MoEAux] = []
         h = self.norm1(x)
         if isinstance(self.attn, MoEAttention):
@@ -424,12 +434,59 @@ class MoEVisionTransformer(nn.Module):
             return torch.utils.checkpoint.checkpoint(self.blocks[i], x, task, use_reentrant=False)
         return self.blocks[i](x, task)
 
-    def forward_features(self, x: torch.Tensor, task: str | None = None, *, return_aux: bool = False):
-        """(B, 3, H, W) -> normalised tokens (B, prefix + N, C); with ``return_aux`` also the MoE records."""
+    def num_shared_stages(self) -> int:
+        """How much of ``forward_features`` is the same for every task, counted in stages: 1 = the patch
+        embedding, 2 = also the position embedding, 2 + k = also blocks 0..k-1.
+
+        A stage is shared while nothing in it depends on the task (no MoE layer, no Mod-Squad task embedding)
+        and, in training, while it draws no random mask (dropout, drop path): separate per-task forwards would
+        draw a different mask for each task, so those stages stay per task. A BatchNorm in a convolutional stem
+        sees the same batch either way (only its running statistics are updated once instead of once per task).
+        """
+        n = 1
+        if self.training and _draws_noise(self.pos_drop):
+            return n
+        n += 1
+        if self.task_embed is not None:
+            return n
+        for blk in self.blocks:
+            if blk.is_moe or (self.training and _draws_noise(blk)):
+                break
+            n += 1
+        return n
+
+    def forward_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Run the task-independent stages once (see :meth:`num_shared_stages`) for several tasks on the same
+        images: returns ``(x, stages)`` to pass as ``forward_features(images, task, shared=...)``. The results
+        equal separate forwards; in training the gradients of all tasks meet in one backward through it."""
+        n = self.num_shared_stages()
+        x = self.patch_embed(x)
+        if n >= 2:
+            x = self._pos_embed(x)
+        for i in range(n - 2):
+            x, _ = self.blocks[i](x, None)
+        return x, n
+
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        task: str | None = None,
+        *,
+        return_aux: bool = False,
+        shared: tuple[torch.Tensor, int] | None = None,
+    ):
+        """(B, 3, H, W) -> normalised tokens (B, prefix + N, C); with ``return_aux`` also the MoE records.
+        ``shared``: the output of :meth:`forward_shared` on these images (``x`` is then not used)."""
         task = self.resolve_task(task)
-        x = self._pos_embed(self.patch_embed(x))
+        start = 0
+        if shared is not None:
+            x, start = shared
+        if start < 1:
+            x = self.patch_embed(x)
+        if start < 2:
+            x = self._pos_embed(x)
         aux: list[MoEAux] = []
-        for i in range(len(self.blocks)):
+        for i in range(max(0, start - 2), len(self.blocks)):
             x, a = self._run_block(i, x, task)
             aux.extend(a)
         x = self.norm(x)

@@ -40,7 +40,20 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.tasks = tuple(heads)
 
-    def forward(self, images: torch.Tensor, task: str, targets: list[dict] | None = None) -> dict[str, Any]:
+    def forward_shared(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The backbone's task-independent stages on ``images``, computed once for several tasks; pass the
+        result as ``model(images, task, targets, shared=...)`` for each task (same outputs and gradients as
+        separate forwards; see ``MoEVisionTransformer.num_shared_stages``)."""
+        _grid(self.backbone, images)
+        return self.backbone.forward_shared(images)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        task: str,
+        targets: list[dict] | None = None,
+        shared: tuple[torch.Tensor, int] | None = None,
+    ) -> dict[str, Any]:
         """images (B, 3, H, W) -> {"out": task output, "aux": [MoEAux], "losses": {name: tensor} if targets}.
 
         Outputs: classification logits (B, K); dense tasks (B, C, H, W); detection the raw FCOS tensors
@@ -51,7 +64,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"unknown task {task!r}; this model has heads for {list(self.tasks)}")
         grid = _grid(self.backbone, images)
         size = (images.shape[-2], images.shape[-1])
-        tokens, aux = self.backbone.forward_features(images, task, return_aux=True)  # (B, prefix + N, C)
+        tokens, aux = self.backbone.forward_features(images, task, return_aux=True, shared=shared)  # (B, P+N, C)
         head = self.heads[task]
         out = head(tokens, grid, size)
         result: dict[str, Any] = {"out": out, "aux": aux}

@@ -1,0 +1,71 @@
+"""Several tasks on the same images: the backbone's task-independent stages run once (forward_shared), with the
+same outputs and gradients as separate per-task forwards."""
+
+import pytest
+import torch
+
+import vision_moe
+from vision_moe.models.multitask import build_multitask_model
+
+SMALL = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=4, num_experts=4, top_k=2, expert_hidden=32)
+STEM = dict(stem_channels=[8, 16, 16], stem_strides=[1, 2, 2, 2])
+
+
+def _multitask(**kw):
+    torch.manual_seed(0)
+    return build_multitask_model("m3vit_tiny_patch16_224", {"semseg": 4, "classification": 3}, **{**SMALL, **kw})
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kw", [{}, STEM], ids=["patchify", "conv_stem"])
+def test_shared_forward_equals_separate_forwards_outputs_and_gradients(kw):
+    model = _multitask(**kw).train()
+    x = torch.randn(3, 3, 32, 32)
+    # the stem's BatchNorm uses batch statistics in training: the same batch either way; the routers' training
+    # noise draws from the same RNG stream in the same order
+    torch.manual_seed(1)
+    separate = [model(x, t)["out"] for t in model.tasks]
+    sum(o.square().mean() for o in separate).backward()
+    g_sep = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    shared = model.forward_shared(x)
+    assert shared[1] == 3  # patch embedding, position embedding, block 0 (dense); block 1 is the first MoE block
+    joint = [model(x, t, shared=shared)["out"] for t in model.tasks]
+    sum(o.square().mean() for o in joint).backward()
+    g_joint = _grads(model)
+    for a, b in zip(separate, joint):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert g_sep.keys() == g_joint.keys()
+    for n in g_sep:
+        torch.testing.assert_close(g_sep[n], g_joint[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    assert any(n.startswith("backbone.patch_embed") for n in g_joint)
+
+
+def test_shared_stages_stop_at_the_first_task_dependent_or_random_layer():
+    def stages(name="m3vit_tiny_patch16_224", train=True, **kw):
+        m = vision_moe.create_model(name, tasks=("a", "b"), num_classes=0, **{**SMALL, **kw})
+        return m.train(train).num_shared_stages()
+
+    assert stages() == 3  # blocks 1, 3 are MoE
+    assert stages(moe_blocks=[0, 2]) == 2
+    assert stages("vit_mtl_tiny_patch16_224") == 2 + 4  # dense twin: everything up to the final norm
+    assert stages("modsquad_small_patch16_224") == 2  # a task embedding before every block
+    assert stages("vit_mtl_tiny_patch16_224", drop_path_rate=0.1) == 2 + 1  # block 0's drop-path rate is 0
+    assert stages("vit_mtl_tiny_patch16_224", drop_path_rate=0.1, train=False) == 2 + 4
+    assert stages(pos_drop_rate=0.1) == 1
+    assert stages(proj_drop_rate=0.1) == 2
+
+
+def test_shared_forward_in_eval_and_with_random_layers_still_matches():
+    model = _multitask(drop_path_rate=0.2, moe_blocks=[3]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    shared = model.forward_shared(x)
+    assert shared[1] == 2 + 3
+    for t in model.tasks:
+        torch.testing.assert_close(model(x, t, shared=shared)["out"], model(x, t)["out"], rtol=0, atol=1e-6)
+    model.train()  # drop path in blocks 1 and 2 draws masks: only block 0 is shared
+    assert model.forward_shared(x)[1] == 3
