@@ -147,3 +147,46 @@ def test_mi_memory_lets_a_one_task_step_see_the_other_tasks():
     )
     with pytest.raises(ValueError, match="mi_momentum=1.0"):
         TaskRoutingMemory(["a"], [4], momentum=1.0)
+
+
+class _Samples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        img = torch.full((3, 8, 8), float(i))
+        t = {
+            "image_id": i,
+            "boxes": torch.arange(4.0 * i).reshape(i, 4),  # sample 0 has no boxes
+            "labels": torch.arange(i),
+            "semseg": torch.full((8, 8), i, dtype=torch.int64),
+            "class_label": torch.tensor(i),
+            "file": f"img{i}.png",
+        }
+        return img, t
+
+
+def test_packed_targets_come_back_equal_from_a_loader_worker():
+    from vision_moe.data import collate_multitask
+    from vision_moe.engine.data import PackedTargets
+
+    ds = _Samples()
+    _, expected = collate_multitask([ds[i] for i in range(4)])
+
+    def collate(batch):
+        images, targets = collate_multitask(batch)
+        return images, PackedTargets(targets)
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=1)
+    images, packed = next(iter(loader))
+    assert len(packed.buffers) == 2  # one buffer per dtype (float32, int64) whatever the number of samples
+    got = packed.unpack()
+    assert len(got) == len(expected) == 4
+    for g, e in zip(got, expected):
+        assert list(g) == list(e)
+        for k in e:
+            if isinstance(e[k], torch.Tensor):
+                assert g[k].dtype == e[k].dtype and g[k].shape == e[k].shape
+                torch.testing.assert_close(g[k], e[k], rtol=0, atol=0)
+            else:
+                assert g[k] == e[k]

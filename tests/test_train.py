@@ -94,7 +94,7 @@ def _hetero_mi(data_root) -> dict:
     }
 
 
-@pytest.mark.parametrize("variant", ["same_images", "hetero_mi"])
+@pytest.mark.parametrize("variant", ["same_images", "hetero_mi", "channels_last"])
 def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
     base = tiny(
         data_root,
@@ -102,6 +102,9 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
     )
     if variant == "hetero_mi":
         base.update(_hetero_mi(data_root))
+    if variant == "channels_last":  # NHWC weights and moments, a conv stem with BatchNorm
+        base["train"]["channels_last"] = True
+        base["model"]["backbone_kwargs"].update(stem_channels=[8, 16], stem_strides=[2, 2, 2])
     straight = Trainer(config_from_dict(base), tmp_path / "a")
     straight.fit()
 
@@ -126,6 +129,9 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
     assert resumed.loss_history == straight.loss_history[3:]  # bit-identical continuation
     for (k, v), (_, w) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(v, w), k
+    if variant == "channels_last":
+        w = resumed.model.backbone.patch_embed.backbone[0].conv.weight  # the stem's first convolution
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     if variant == "hetero_mi":  # the routing memory came back with the checkpoint and was in use
         assert bool(straight.mi_memory.seen.all())
         for k, v in straight.mi_memory.state_dict().items():

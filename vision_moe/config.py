@@ -129,6 +129,7 @@ class TrainConfig:
     amp: bool = False  # autocast (bf16 on CPU, fp16 on CUDA)
     amp_dtype: str = "auto"  # 'auto' | 'bf16' | 'fp16'
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    channels_last: bool = False  # NHWC memory format for the convolutions (stem, heads): faster on CPU (oneDNN)
     uncertainty_weighting: bool = False  # learned per-task log-variance weights (Kendall / Mod-Squad)
     device: str = "auto"
     tensorboard: bool = True

@@ -175,6 +175,9 @@ class Trainer:
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model_from_config(self.model_cfg).to(self.device)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        if cfg.train.channels_last:  # weights (and the optimizer's moments, made like them) stay NHWC on resume
+            self.model.to(memory_format=torch.channels_last)
         self.uncertainty = (
             UncertaintyWeighting(list(cfg.tasks)).to(self.device) if cfg.train.uncertainty_weighting else None
         )
@@ -345,7 +348,8 @@ class Trainer:
         t0 = time.perf_counter()
         metrics: dict[str, dict[str, float]] = {}
         try:
-            for (d, idx, _), (images, targets, bad) in zip(entries, loader):
+            for (d, idx, _), (images, packed, bad) in zip(entries, loader):
+                targets = packed.unpack()
                 self.bad.update(len(idx), bad)
                 tasks = self.train_sets[d][1]
                 empty = not targets  # every sample of this batch was unreadable (counted above)
@@ -357,7 +361,9 @@ class Trainer:
                     continue
                 log = self.step % max(1, cfg.train.log_every) == 0
                 with self.amp_ctx():
-                    loss, logs, loads = self.step_module(images.to(self.device), targets, tasks)
+                    loss, logs, loads = self.step_module(
+                        images.to(self.device, memory_format=self.memory_format), targets, tasks
+                    )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {self.step}: loss is {loss.item()} (tasks {tasks})")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -423,6 +429,8 @@ def evaluate_checkpoint(
         raise ValueError(f"unknown task {task!r}; this checkpoint has {list(model.tasks)}")
     dev = _device(device)
     model.to(dev)
+    if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers
+        model.to(memory_format=torch.channels_last)
     for dcfg in cfg.data.datasets:
         tasks = list(dcfg.tasks or cfg.tasks)
         if task in tasks:
