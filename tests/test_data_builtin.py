@@ -100,3 +100,22 @@ def test_parallel_generation_gives_the_same_bytes(tmp_path):
         json.loads((a / "manifest.json").read_text())["sha256"]
         == json.loads((b / "manifest.json").read_text())["sha256"]
     )
+
+
+def test_training_crops_re_derive_the_class_from_the_visible_pixels(builtin_root):
+    """The built-in image class is the class covering the most visible pixels: after a random crop it is the crop's
+    dominant class (training), while evaluation keeps the stored label."""
+    tf = build_transforms(True, 32, tasks=("classification", "semseg"), scale=(0.2, 0.5), seed=0)
+    ds = BuiltinDataset(builtin_root, "train", tasks=("classification", "semseg"), transform=tf)
+    changed = 0
+    for i in range(len(ds)):
+        _, t = ds[i]
+        s = t["semseg"][(t["semseg"] > 0) & (t["semseg"] != 255)] - 1
+        stored = ds.class_labels[ds.coco.imgs[ds.ids[i]]["file_name"]]
+        expected = int(torch.bincount(s).argmax()) if s.numel() else stored
+        assert int(t["class_label"]) == expected, i
+        changed += expected != stored
+    assert changed > 0  # small crops do change the dominant class of some images
+    val = BuiltinDataset(builtin_root, "val", tasks=("classification",), transform=build_transforms(False, 32))
+    for i in range(len(val)):
+        assert int(val[i][1]["class_label"]) == val.class_labels[val.coco.imgs[val.ids[i]]["file_name"]]

@@ -383,10 +383,14 @@ class BuiltinDataset(torch.utils.data.Dataset):
         name = self.coco.imgs[raw["image_id"]]["file_name"]
         hw = raw["image"].shape[:2]
         d = self.dir
+        if "classification" in self.tasks or "semseg" in self.tasks:
+            semseg = read_label_png(d / "semseg" / name, hw)
         if "classification" in self.tasks:
             raw["class_label"] = self.class_labels[name]
+            # the class is the one covering the most visible pixels: the transform re-derives it after a crop
+            raw["class_mask"] = semseg
         if "semseg" in self.tasks:
-            raw["semseg"] = read_label_png(d / "semseg" / name, hw)
+            raw["semseg"] = semseg
         if "saliency" in self.tasks:
             raw["saliency"] = read_binary_png(d / "saliency" / name, hw)
         if "edges" in self.tasks:

@@ -34,6 +34,14 @@ def _hw(img_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return (int(img_size[0]), int(img_size[1]))
 
 
+def class_from_mask(class_mask: np.ndarray, valid: np.ndarray, default: int) -> int:
+    """The class covering the most pixels of ``class_mask`` (values 1..K are classes 0..K-1; 0 and 255 are not
+    counted) inside ``valid``; ``default`` when no class pixel is left (a crop that cut every object off)."""
+    m = np.asarray(class_mask)[np.asarray(valid, bool)]
+    m = m[(m > 0) & (m != IGNORE_INDEX)].astype(np.int64) - 1
+    return int(np.bincount(m).argmax()) if m.size else int(default)
+
+
 class MultiTaskTransform:
     """Callable: raw numpy sample dict -> (image (3, H, W) float32, target dict of tensors)."""
 
@@ -52,6 +60,11 @@ class MultiTaskTransform:
         dense = [k for k in DENSE_TASKS if k in self.tasks and k in raw]
         for k in dense:
             kwargs[k] = raw[k]
+        # the image class is defined by visible pixels (built-in data): a training crop re-derives it; evaluation
+        # keeps the stored label (its resizing must not flip near-ties)
+        relabel = "classification" in self.tasks and "class_mask" in raw and not self.deterministic_scale
+        if relabel:
+            kwargs["class_mask"] = raw["class_mask"]
         has_boxes = "detection" in self.tasks and "boxes" in raw
         if has_boxes:
             boxes = np.asarray(raw["boxes"], np.float32).reshape(-1, 4).copy()
@@ -70,7 +83,10 @@ class MultiTaskTransform:
         pad = torch.from_numpy(out["valid"] == 0)  # (H, W) True where padding was added
         target: dict[str, Any] = {"image_id": int(raw.get("image_id", -1))}
         if "classification" in self.tasks and "class_label" in raw:
-            target["class_label"] = torch.tensor(int(raw["class_label"]), dtype=torch.int64)
+            label = int(raw["class_label"])
+            if relabel:
+                label = class_from_mask(out["class_mask"], out["valid"] > 0, label)
+            target["class_label"] = torch.tensor(label, dtype=torch.int64)
         if has_boxes:
             target["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
             target["labels"] = torch.as_tensor(np.asarray(out["labels"], np.int64).reshape(-1))
@@ -146,7 +162,7 @@ def build_transforms(
             ),
         ]
     ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    additional = {k: "mask" for k in (*DENSE_TASKS, "valid")}
+    additional = {k: "mask" for k in (*DENSE_TASKS, "valid", "class_mask")}
     with warnings.catch_warnings():  # "no transform to process bboxes" when eval keeps the native size
         warnings.simplefilter("ignore", UserWarning)
         compose = A.Compose(
