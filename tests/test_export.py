@@ -382,3 +382,50 @@ def test_dynamo_exporter(tmp_path, name):
         ExportConfig(out_dir=str(tmp_path), tasks=["a"], exporter="dynamo", parity_images=1),
     )
     _assert_clean(rep)
+
+
+@pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime"])
+def test_int8_runtimes_quantise_every_weight_gemm_but_the_routers(tmp_path, runtime):
+    """Both INT8 files: every weight GEMM (experts included) becomes an integer kernel in ONNX Runtime, routers and
+    attention's activation x activation products stay float; TensorRT's has symmetric int8 activations, ONNX
+    Runtime's uint8 ones."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = vision_moe.create_model("m3vit_tiny_patch16_224", tasks=("a", "b"), num_classes=5, **SMALL, **MOE).eval()
+    cfg = ExportConfig(
+        out_dir=str(tmp_path), tasks=["a"], precision="int8", int8_runtime=runtime, calib_images=4, eval_images=4
+    )
+    rep = export_model(m, cfg)
+    e = rep["tasks"]["a"]["int8"]
+    path = tmp_path / e["path"]
+    assert path.name == ("a.int8.onnx" if runtime == "tensorrt" else "a.int8.ort.onnx") and e["runtime"] == runtime
+    q = onnx.load(str(path))
+    inits = {i.name: i for i in q.graph.initializer}
+    act_zps = [
+        inits[n.input[2]]
+        for n in q.graph.node
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[0] not in inits
+    ]
+    assert act_zps
+    want = onnx.TensorProto.INT8 if runtime == "tensorrt" else onnx.TensorProto.UINT8
+    assert {z.data_type for z in act_zps} == {want}
+    if runtime == "tensorrt":
+        assert all(not onnx.numpy_helper.to_array(z).any() for z in act_zps)  # zero points 0
+        assert e["tensorrt"]["10.3"]["ok"]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "optimized.onnx"))
+    opt_inits = {i.name for i in opt.graph.initializer}
+    float_weight_gemms = [
+        n.name
+        for n in opt.graph.node
+        if n.op_type in ("Gemm", "MatMul", "FusedMatMul") and any(x in opt_inits for x in n.input)
+    ]
+    assert float_weight_gemms and all("/router/" in n for n in float_weight_gemms), float_weight_gemms
+    integer = [n for n in opt.graph.node if n.op_type in ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat")]
+    assert len(integer) >= 2 * len(m.blocks) + 1  # qkv + proj per block, MLP / expert GEMMs, head
+    assert "QLinearSoftmax" not in {n.op_type for n in opt.graph.node}
+    with pytest.raises(ValueError, match="int8_runtime='tensorrt'"):
+        ExportConfig(out_dir=str(tmp_path), precision="int8", fmt="engine", int8_runtime="onnxruntime").validate()

@@ -32,6 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--multitask", action="store_true", help="also write multitask.onnx (task as an int64 input)")
     p.add_argument("--format", choices=["onnx", "engine"], default="onnx")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument(
+        "--int8-runtime",
+        choices=["tensorrt", "onnxruntime"],
+        default="tensorrt",
+        help="INT8 file for TensorRT (symmetric int8 activations; T.int8.onnx) or for ONNX Runtime on an x86 CPU "
+        "(uint8 activations; T.int8.ort.onnx)",
+    )
     p.add_argument("--calib-data", default=None, help="folder of images from the task's dataset (INT8)")
     p.add_argument("--calib-images", type=int, default=16, help="INT8 calibration images (default 16)")
     p.add_argument("--eval-images", type=int, default=16, help="held-out images for the INT8 / FP16 drop (default 16)")
@@ -82,6 +89,7 @@ def main(argv=None) -> int:
             tasks=tasks,
             fmt=args.format,
             precision=args.precision,
+            int8_runtime=args.int8_runtime,
             batch=args.batch,
             dynamic_batch=args.dynamic_batch,
             img_size=tuple(args.img_size) if args.img_size else None,

@@ -34,6 +34,7 @@ from .onnx_export import (
     simplify_onnx,
 )
 from .prepost import decode_detections, sample_images
+from .quantize import INT8_RUNTIMES
 from .trt_ops import TRT_VERSIONS, check_tensorrt_support
 
 __all__ = ["ExportConfig", "export_model", "task_module", "task_kind", "PRECISIONS", "FORMATS"]
@@ -64,6 +65,7 @@ class ExportConfig:
     calib_data: str | None = None
     calib_images: int = 16
     eval_images: int = 16
+    int8_runtime: str = "tensorrt"  # 'tensorrt' (symmetric int8 activations) | 'onnxruntime' (uint8, x86 CPUs)
     multitask: bool = False
     dispatcher: str = "dense"
     trt_versions: Sequence[str] = ("10.3", "10.16")
@@ -77,6 +79,10 @@ class ExportConfig:
             raise ValueError(f"unknown format {self.fmt!r}; expected one of {list(FORMATS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {list(PRECISIONS)}")
+        if self.int8_runtime not in INT8_RUNTIMES:
+            raise ValueError(f"unknown int8_runtime {self.int8_runtime!r}; expected one of {list(INT8_RUNTIMES)}")
+        if self.fmt == "engine" and self.precision == "int8" and self.int8_runtime != "tensorrt":
+            raise ValueError("an INT8 TensorRT engine needs int8_runtime='tensorrt' (symmetric int8 activations)")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         bad = [v for v in self.trt_versions if v not in TRT_VERSIONS]
@@ -315,17 +321,22 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
                 tensorrt={v: check_tensorrt_support(onnx.load(str(p16)), v).as_dict() for v in cfg.trt_versions},
             )
         if cfg.precision == "int8":
-            p8 = out / f"{task}.int8.onnx"
+            trt = cfg.int8_runtime == "tensorrt"
+            p8 = out / (f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
             calib = sample_images(cfg.calib_images, hw, cfg.mean, cfg.std, cfg.calib_data)
-            quantize_int8(path, p8, calib, cfg.batch)
+            quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
             held = sample_images(cfg.eval_images, hw, cfg.mean, cfg.std, cfg.calib_data, offset=cfg.calib_images)
             entry["int8"] = dict(
                 path=p8.name,
                 sha256=_sha256(p8),
                 calibration_images=cfg.calib_images,
                 calibration_source=cfg.calib_data or "skimage.data photographs",
-                format="QDQ, per-channel symmetric int8 weights, symmetric int8 activations",
-                tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions},
+                runtime=cfg.int8_runtime,
+                format="QDQ, per-channel symmetric int8 weights, "
+                + ("symmetric int8 activations" if trt else "asymmetric uint8 activations (ONNX Runtime CPU)"),
+                tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions}
+                if trt
+                else "not for TensorRT (uint8 activations); export with int8_runtime='tensorrt' for TensorRT",
                 evaluation=evaluate_drop(path, p8, held, meta, cfg.batch, cfg.calib_data, task, hw, cfg.mean, cfg.std),
             )
         if cfg.fmt == "engine":

@@ -1,7 +1,8 @@
 """INT8 (ONNX Runtime static quantisation, QDQ) and FP16 variants of an exported graph, and their metric drop.
 
 QDQ with symmetric int8 (zero points 0, per-channel weights) is what TensorRT 10 and 11 consume as explicit
-quantisation, so no TensorRT calibration cache is involved; ONNX Runtime runs the same file on the CPU.
+quantisation, so no TensorRT calibration cache is involved. ONNX Runtime runs that file on a CPU too, but its fast
+x86 integer kernels want uint8 activations: ``runtime="onnxruntime"`` writes that variant.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import onnx
 
 from .onnx_export import ort_session
 
-__all__ = ["quantize_int8", "convert_fp16", "evaluate_drop", "heldout_images"]
+__all__ = ["quantize_int8", "convert_fp16", "evaluate_drop", "heldout_images", "INT8_RUNTIMES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,41 +39,64 @@ class _Reader:
         self.i = 0
 
 
+INT8_RUNTIMES = ("tensorrt", "onnxruntime")
+
+
 def quantize_int8(
     src: str | Path,
     dst: str | Path,
     calib_images: np.ndarray,
     batch: int = 1,
     op_types: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose"),
+    runtime: str = "tensorrt",
 ) -> Path:
-    """Static INT8 quantisation (QDQ, per-channel symmetric weights, symmetric activations, MinMax calibration)."""
+    """Static INT8 quantisation with ONNX Runtime's quantiser: QDQ, per-channel symmetric int8 weights, MinMax
+    calibration on ``calib_images``. ``runtime`` picks the activation type:
+
+    - ``"tensorrt"``: symmetric int8 activations (zero point 0), the only kind TensorRT's explicit quantisation
+      takes; ONNX Runtime's CPU kernels have no fast signed x signed path on x86, so on a CPU this file is slow.
+    - ``"onnxruntime"``: asymmetric uint8 activations x int8 weights, the pair ONNX Runtime's x86 integer GEMMs
+      (AVX2 / AVX-512 VNNI) are built for. Not for TensorRT.
+
+    Left in float in both: the routers (expert choices as in fp32 and as in training, like the FP16 variant),
+    MatMuls of two activations (attention's QK^T and AV: quantising them makes ONNX Runtime fuse the softmax
+    between them into a QLinearSoftmax that cost more than the int8 GEMMs saved), and the experts' stacked
+    (E, in, out) weights (:func:`stacked_weight_nodes`). The graph is not re-optimised before quantising: ONNX
+    Runtime's MatMul+Add fusion would turn the experts' second GEMM, whose bias is an activation (the gate-weighted
+    sum of the expert biases), into a Gemm no integer kernel takes, which then ran in float on dequantised inputs.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if runtime not in INT8_RUNTIMES:
+        raise ValueError(f"unknown INT8 runtime {runtime!r}; expected one of {list(INT8_RUNTIMES)}")
     src, dst = Path(src), Path(dst)
     pre = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(pre), skip_optimization=False, skip_onnx_shape=False, skip_symbolic_shape=True)
+    quant_pre_process(str(src), str(pre), skip_optimization=True, skip_onnx_shape=False, skip_symbolic_shape=True)
     try:
-        excluded = stacked_weight_nodes(onnx.load(str(pre)))
+        graph = onnx.load(str(pre))
+        stacked = stacked_weight_nodes(graph)
+        excluded = sorted({*stacked, *activation_matmul_nodes(graph), *router_nodes(graph)})
+        trt = runtime == "tensorrt"
         quantize_static(
             str(pre),
             str(dst),
             _Reader(calib_images, batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types),
             nodes_to_exclude=excluded,
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": trt, "WeightSymmetric": True},
         )
     finally:
         pre.unlink(missing_ok=True)
     q = onnx.load(str(dst))
     onnx.checker.check_model(q, full_check=True)
-    if excluded:
-        _logger.info("%s: %d MatMuls on stacked (E, in, out) expert weights left in float", dst.name, len(excluded))
+    if stacked:
+        _logger.info("%s: %d MatMuls on stacked (E, in, out) expert weights left in float", dst.name, len(stacked))
     return dst
 
 
@@ -81,10 +105,21 @@ def stacked_weight_nodes(model: onnx.ModelProto) -> list[str]:
 
     Per-channel QDQ on a 3-D MatMul weight gives a zero point ONNX Runtime's QLinearMatMul rejects (it needs a
     scalar or (..., 1, N) zero point), and per-tensor would share one scale across all experts, so these stay in
-    float; the attention, dense MLP, patch-embedding, head and router GEMMs are quantised.
+    float; the attention projections, dense MLP, patch-embedding and head GEMMs are quantised.
     """
     ranks = {i.name: len(i.dims) for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(ranks.get(x, 0) >= 3 for x in n.input)]
+
+
+def activation_matmul_nodes(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes with no initializer input: products of two activations (attention's QK^T and AV)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(x in inits for x in n.input)]
+
+
+def router_nodes(model: onnx.ModelProto) -> list[str]:
+    """The routers' nodes (exported under a ``/router/`` scope)."""
+    return [n.name for n in model.graph.node if "/router/" in n.name]
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:
