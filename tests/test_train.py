@@ -106,7 +106,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
         base["train"]["channels_last"] = True
         base["model"]["backbone_kwargs"].update(stem_channels=[8, 16], stem_strides=[2, 2, 2])
     straight = Trainer(config_from_dict(base), tmp_path / "a")
-    straight.fit()
+    straight_metrics = straight.fit()
 
     crashed = Trainer(config_from_dict(base), tmp_path / "b")
     calls = {"n": 0}
@@ -132,6 +132,8 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
     if variant == "channels_last":
         w = resumed.model.backbone.patch_embed.backbone[0].conv.weight  # the stem's first convolution
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        for task in ("semseg", "classification"):  # eval.py evaluates in the layout the trainer did
+            assert evaluate_checkpoint(latest_checkpoint(tmp_path / "a"), task) == straight_metrics[task]
     if variant == "hetero_mi":  # the routing memory came back with the checkpoint and was in use
         assert bool(straight.mi_memory.seen.all())
         for k, v in straight.mi_memory.state_dict().items():
