@@ -154,7 +154,13 @@ def main(argv=None) -> int:
     if args.multitask:
         mt = report["multitask"]
         eng = Engine(args.src / f"multitask.{args.precision}.engine", cuda, batch)
-        runs = {t: (lambda t=t: eng(images=x, task=np.array([mt["tasks"][t]], np.int64))) for t in tasks}
+
+        def run_task(t):  # the multi-task engine pads channels to the widest task: keep this task's own
+            o = eng(images=x, task=np.array([mt["tasks"][t]], np.int64))
+            c = mt["out_channels"][t]
+            return {k: v[..., :c] if k == "scores" else v[:, :c] if k in ("logits", "out") else v for k, v in o.items()}
+
+        runs = {t: (lambda t=t: run_task(t)) for t in tasks}
     else:
         engines = {t: Engine(args.src / f"{t}.{args.precision}.engine", cuda, batch) for t in tasks}
         runs = {t: (lambda t=t: engines[t](images=x)) for t in tasks}

@@ -429,3 +429,35 @@ def test_int8_runtimes_quantise_every_weight_gemm_but_the_routers(tmp_path, runt
     assert "QLinearSoftmax" not in {n.op_type for n in opt.graph.node}
     with pytest.raises(ValueError, match="int8_runtime='tensorrt'"):
         ExportConfig(out_dir=str(tmp_path), precision="int8", fmt="engine", int8_runtime="onnxruntime").validate()
+
+
+def test_multitask_graph_with_detection_matches_every_per_task_graph(tmp_path):
+    """The quickstart's task mix in one graph: classification on ``logits``, semseg on ``out``, detection decoded on
+    ``boxes`` / ``scores``; each task index gives its per-task graph's outputs (checked inside export_model)."""
+    torch.manual_seed(0)
+    m = build_multitask_model(
+        "m3vit_tiny_patch16_224",
+        {"classification": 3, "detection": 4, "semseg": 5},
+        img_size=(64, 96),
+        head_kwargs=dict(det_channels=32, det_num_convs=1, head_channels=8),
+        **SMALL,
+        **MOE,
+    )
+    rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=1, multitask=True, parity_images=2))
+    _assert_clean(rep)
+    mt = rep["multitask"]
+    assert mt["task_output"] == {"classification": "logits", "detection": ["boxes", "scores"], "semseg": "out"}
+    assert mt["out_channels"] == {"classification": 3, "detection": 4, "semseg": 5}
+    assert list(mt["io"]["outputs"]) == ["logits", "out", "boxes", "scores"]
+    for t in ("classification", "detection", "semseg"):
+        assert mt["vs_per_task_graph"][t]["rel"] <= 1e-4
+        assert set(mt["parity"][t]["outputs"]) == {"logits", "out", "boxes", "scores"}
+    # by hand for detection: task index 1 on the multi-task graph = detection.onnx
+    from vision_moe.deploy import ort_session
+    from vision_moe.deploy.prepost import sample_images
+
+    x = sample_images(1, (64, 96), (0.5,) * 3, (0.5,) * 3)
+    got = ort_session(tmp_path / "multitask.onnx").run(["boxes", "scores"], {"images": x, "task": np.array([1])})
+    ref = ort_session(tmp_path / "detection.onnx").run(None, {"images": x})
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-4 * max(1.0, float(np.abs(r).max())))

@@ -4,7 +4,8 @@
 backbone of a :class:`~vision_moe.models.multitask.MultiTaskModel`) with the task given as a tensor: each router's
 per-task gate weights / task embeddings / expert masks are stacked into (T, ...) tensors and picked with ``Gather``
 (``index_select``); the heads all run and ``Where`` picks the task's output (outputs of different channel counts
-are zero-padded to the largest; the report records each task's real channel count). Routing and dispatch reuse
+are zero-padded to the largest; the report records each task's real channel count). Detection heads are decoded
+in the graph as in the per-task graphs and come out on ``boxes`` / ``scores``. Routing and dispatch reuse
 the model's own modules (dispatcher, experts, :func:`capacity_keep_mask`); only the task lookup is rewritten,
 because the model's ``forward`` takes the task as a Python string, which cannot be a graph input.
 """
@@ -15,10 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..heads.detection import FCOSDetectionHead
 from ..models.moe_vit import token_stride
 from ..moe import MoEAttention, MoEMlp
 from ..moe.dispatch import capacity_keep_mask, resolve_capacity
 from ..moe.router import MultiGateRouter, TaskEmbeddingRouter
+from .prepost import decode_detections
 
 __all__ = ["TaskIndexedModel"]
 
@@ -129,7 +132,9 @@ class TaskIndexedModel(nn.Module):
     task). ``out_channels[i]`` is task i's real channel count in the (padded) output.
     """
 
-    def __init__(self, model: nn.Module, tasks: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tasks: tuple[str, ...] | None = None, image_size: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         if hasattr(model, "heads") and hasattr(model, "backbone"):
             backbone, heads = model.backbone, dict(model.heads.items())
@@ -141,6 +146,17 @@ class TaskIndexedModel(nn.Module):
             raise ValueError(f"unknown tasks {unknown}; the model routes {list(backbone.tasks)}")
         self.backbone = backbone
         self.heads = None if heads is None else nn.ModuleList([heads[t] for t in self.tasks])
+        # detection heads: decoded in the graph (boxes, scores) with their points as constants for the export size
+        self.det_idx = [i for i, h in enumerate(self.heads or []) if isinstance(h, FCOSDetectionHead)]
+        if self.det_idx:
+            if image_size is None:
+                raise ValueError("a multi-task graph with detection needs image_size (the FCOS points are constants)")
+            self.image_size = (int(image_size[0]), int(image_size[1]))
+            for i in self.det_idx:
+                self.register_buffer(f"points{i}", self.heads[i].anchors(self.image_size).float(), persistent=False)
+            counts = {getattr(self, f"points{i}").shape[0] for i in self.det_idx}
+            if len(counts) > 1:
+                raise ValueError(f"detection tasks with different point counts {sorted(counts)} cannot share outputs")
         self.attn = nn.ModuleList()
         self.mlp = nn.ModuleList()
         for blk in backbone.blocks:
@@ -169,16 +185,22 @@ class TaskIndexedModel(nn.Module):
         return bb.norm(x)
 
     def output_groups(self, images: torch.Tensor) -> dict[str, list[int]]:
-        """Output name -> indices of the tasks it serves: ``logits`` (rank-2 outputs, classification) and/or ``out``
-        (rank-4, dense). A task's result is read from its group's output; the other output holds another task's."""
+        """Output name -> indices of the tasks it serves, in the order :meth:`forward` returns them: ``logits``
+        (rank-2 outputs, classification), ``out`` (rank-4, dense), ``boxes`` and ``scores`` (detection, decoded).
+        A task's result is read from its group's output(s); the others hold other tasks' results."""
         if self.heads is None:
             return {"logits": list(range(len(self.tasks)))}
         with torch.no_grad():
             outs = self._head_outputs(images, torch.zeros(1, dtype=torch.long))
         groups: dict[str, list[int]] = {}
         for i, o in enumerate(outs):
-            groups.setdefault("logits" if o.dim() == 2 else "out", []).append(i)
-        return groups
+            if isinstance(o, tuple):
+                groups.setdefault("boxes", []).append(i)
+                groups.setdefault("scores", []).append(i)
+            else:
+                groups.setdefault("logits" if o.dim() == 2 else "out", []).append(i)
+        order = ("logits", "out", "boxes", "scores")
+        return {k: groups[k] for k in order if k in groups}
 
     def _head_outputs(self, images: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
         tokens = self.forward_features(images, t)
@@ -187,13 +209,27 @@ class TaskIndexedModel(nn.Module):
         p = token_stride(self.backbone.patch_embed)
         size = (images.shape[-2], images.shape[-1])
         grid = (size[0] // p[0], size[1] // p[1])
-        outs = [head(tokens, grid, size) for head in self.heads]
-        if any(isinstance(o, (tuple, list)) for o in outs):
-            raise ValueError(
-                "detection heads (several raw outputs) cannot share a multi-task output; export "
-                "detection as a per-task graph"
-            )
+        outs: list = []
+        for i, head in enumerate(self.heads):
+            o = head(tokens, grid, size)
+            if i in self.det_idx:
+                if size != self.image_size:
+                    raise ValueError(f"input size {size} differs from the export size {self.image_size}")
+                o = decode_detections(o, getattr(self, f"points{i}"), size)  # (boxes (B, A, 4), scores (B, A, K))
+            outs.append(o)
         return outs
+
+    @staticmethod
+    def _select(t: torch.Tensor, idx: list[int], group: list[torch.Tensor], dim: int) -> torch.Tensor:
+        """Task ``t``'s tensor among ``group`` (tasks ``idx``), channel dim ``dim`` zero-padded to the widest."""
+        c = max(o.shape[dim] for o in group)
+        rank = group[0].dim()
+        pad = [0, 0] * (rank - 1 - dim)
+        group = [F.pad(o, pad + [0, c - o.shape[dim]]) if o.shape[dim] < c else o for o in group]
+        out = group[0]
+        for i, o in zip(idx[1:], group[1:]):
+            out = torch.where((t == i).reshape([1] * rank), o, out)
+        return out
 
     def forward(self, images: torch.Tensor, task: torch.Tensor):
         t = task.reshape(1).long()
@@ -201,19 +237,19 @@ class TaskIndexedModel(nn.Module):
         if len(outs) == 1:
             return outs[0]
         results = []
-        for rank in sorted({o.dim() for o in outs}):
-            idx = [i for i, o in enumerate(outs) if o.dim() == rank]
-            group = [outs[i] for i in idx]
-            c = max(o.shape[1] for o in group)
-            group = [F.pad(o, [0, 0] * (rank - 2) + [0, c - o.shape[1]]) if o.shape[1] < c else o for o in group]
-            out = group[0]
-            for i, o in zip(idx[1:], group[1:]):
-                out = torch.where((t == i).reshape([1] * rank), o, out)
-            results.append(out)
+        plain = [i for i, o in enumerate(outs) if not isinstance(o, tuple)]
+        for rank in sorted({outs[i].dim() for i in plain}):
+            idx = [i for i in plain if outs[i].dim() == rank]
+            results.append(self._select(t, idx, [outs[i] for i in idx], 1))
+        if self.det_idx:
+            results.append(self._select(t, self.det_idx, [outs[i][0] for i in self.det_idx], 2))  # boxes
+            results.append(self._select(t, self.det_idx, [outs[i][1] for i in self.det_idx], 2))  # scores
         return tuple(results) if len(results) > 1 else results[0]
 
     def out_channels(self, images: torch.Tensor) -> list[int]:
-        """Each task's real channel count (dim 1 of its output) for ``images``."""
+        """Each task's real channel count for ``images``: dim 1 of its output, classes for detection (scores' K)."""
         with torch.no_grad():
             outs = self._head_outputs(images, torch.zeros(1, dtype=torch.long))
-        return [outs[0].shape[1]] * len(self.tasks) if self.heads is None else [o.shape[1] for o in outs]
+        if self.heads is None:
+            return [outs[0].shape[1]] * len(self.tasks)
+        return [o[1].shape[-1] if isinstance(o, tuple) else o.shape[1] for o in outs]
