@@ -461,3 +461,32 @@ def test_multitask_graph_with_detection_matches_every_per_task_graph(tmp_path):
     ref = ort_session(tmp_path / "detection.onnx").run(None, {"images": x})
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=0, atol=1e-4 * max(1.0, float(np.abs(r).max())))
+
+
+def test_int8_drop_on_builtin_data_uses_each_tasks_own_metric(tmp_path):
+    """On a built-in dataset the INT8 drop is measured with the task's metric against the held-out labels:
+    semseg mIoU against the masks, detection COCO AP50 against the annotations (host NMS as on the device)."""
+    from vision_moe.data.builtin import prepare_builtin
+
+    root = prepare_builtin(tmp_path / "data", seed=1, num_train=8, num_val=6, img_size=64)
+    torch.manual_seed(0)
+    m = build_multitask_model(
+        "m3vit_tiny_patch16_224",
+        {"semseg": 6, "detection": 5},
+        img_size=64,
+        head_kwargs=dict(det_channels=32, det_num_convs=1, head_channels=8),
+        **SMALL,
+        **MOE,
+    ).eval()
+    m.heads["detection"].score_thresh = 0.0  # random weights: keep candidates so COCOeval has detections
+    cfg = ExportConfig(
+        out_dir=str(tmp_path / "out"), precision="int8", calib_data=str(root), calib_images=4, eval_images=6
+    )
+    rep = export_model(m, cfg)
+    seg = rep["tasks"]["semseg"]["int8"]["evaluation"]
+    det = rep["tasks"]["detection"]["int8"]["evaluation"]
+    assert seg["metric"] == "mIoU (held-out masks)" and det["metric"] == "COCO AP50 (held-out annotations)"
+    for ev in (seg, det):
+        assert ev["images"] == 6 and 0.0 <= ev["quantized"] <= 100.0 and 0.0 <= ev["fp32"] <= 100.0
+        assert ev["drop"] == pytest.approx(ev["fp32"] - ev["quantized"])
+    assert seg["fp32"] < 100.0  # a real metric, not agreement with fp32 (which is 100 by definition)

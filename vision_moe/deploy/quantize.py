@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 
 from .onnx_export import ort_session
 
@@ -157,6 +158,20 @@ def heldout_images(
     return sample_images(n, hw, mean, std, calib_data, offset=offset), None
 
 
+def _builtin_val(calib_data: str | Path | None, task: str, n: int, hw: tuple[int, int]):
+    """The built-in dataset's ``val`` split for ``task`` ('semseg' or 'detection') when its images are already
+    ``hw`` (labels then need no resizing): (dataset, raw samples), else None."""
+    if not _is_builtin(calib_data) or task not in ("semseg", "detection"):
+        return None
+    from ..data.builtin import BuiltinDataset
+
+    ds = BuiltinDataset(calib_data, split="val", tasks=[task])
+    raws = [ds.load_raw(i) for i in range(min(n, len(ds)))]
+    if not raws or any(tuple(r["image"].shape[:2]) != tuple(hw) for r in raws):
+        return None
+    return ds, raws
+
+
 def _run(path: Path, images: np.ndarray, batch: int) -> list[np.ndarray]:
     sess = ort_session(path)
     outs = [sess.run(None, {"images": images[i : i + batch]}) for i in range(0, len(images) - batch + 1, batch)]
@@ -177,18 +192,55 @@ def evaluate_drop(
 ) -> dict[str, Any]:
     """The task metric of the fp32 and quantised graphs on held-out images, and the drop (points).
 
-    classification: top-1 accuracy against labels when the data has them (built-in dataset), else top-1 agreement
-    with fp32 (fp32 = 100). dense: per-pixel argmax agreement (multi-channel) or 100 * (1 - relative L1 error)
-    against fp32. detection: 100 * (1 - relative max error) of the decoded scores against fp32.
+    On a built-in dataset (its held-out ``val`` split, images already at the export size) the metric is the task's
+    own against the labels: classification top-1, semseg mIoU, detection COCO AP50 (host-side NMS as on the
+    device). Otherwise agreement with fp32 (fp32 = 100): classification top-1 agreement; dense per-pixel argmax
+    agreement (multi-channel) or 100 * (1 - relative L1 error); detection 100 * (1 - relative L1 error) of the
+    decoded scores.
     """
+    from .prepost import preprocess
+
     labels = None
     if _is_builtin(calib_data) and meta["kind"] == "classification":
         images, labels = heldout_images(calib_data, task, len(images), hw, mean, std, 0)
+    val = _builtin_val(calib_data, task, len(images), hw) if meta["kind"] != "classification" else None
+    if val is not None:
+        images = preprocess([r["image"] for r in val[1]], hw, mean, std)
     n = len(images) - len(images) % batch
     images = images[:n]
     ref, got = _run(fp32_path, images, batch), _run(q_path, images, batch)
     kind = meta["kind"]
-    if kind == "classification":
+    if val is not None and kind == "dense":  # semseg mIoU against the held-out masks
+        from ..metrics.dense import SegmentationMetric
+
+        def miou(out: np.ndarray) -> float:
+            m = SegmentationMetric(out.shape[1])
+            m.update(torch.from_numpy(out.argmax(1)), torch.from_numpy(np.stack([r["semseg"] for r in val[1][:n]])))
+            return 100.0 * float(m.compute()["mIoU"])
+
+        f, q, name = miou(ref[0]), miou(got[0]), "mIoU (held-out masks)"
+    elif val is not None and kind == "detection":  # COCO AP50 against the held-out annotations
+        from ..metrics.detection import CocoDetectionMetric
+        from .prepost import detection_postprocess
+
+        ds, raws = val
+
+        def ap50(out: list[np.ndarray]) -> float:
+            dets = detection_postprocess(
+                out[0],
+                out[1],
+                meta["level_counts"],
+                meta["score_thresh"],
+                meta["nms_thresh"],
+                meta["topk_candidates"],
+                meta["detections_per_img"],
+            )
+            m = CocoDetectionMetric(ds.coco, ds.contiguous_to_cat_id)
+            m.update(dets, [{"image_id": r["image_id"]} for r in raws[:n]])
+            return 100.0 * float(m.compute()["AP50"])
+
+        f, q, name = ap50(ref), ap50(got), "COCO AP50 (held-out annotations)"
+    elif kind == "classification":
         if labels is not None:
             labels = labels[:n]
             f = 100.0 * float(np.mean(ref[0].argmax(-1) == labels))
