@@ -427,7 +427,7 @@ class MoEVisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         return self.pos_drop(x + pos_embed)
 
-    def _run_block(self, i: int, x: torch.Tensor, task: str) -> tuple[torch.Tensor, list[MoEAux]]:
+    def _run_block(self, i: int, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, list[MoEAux]]:
         if self.task_embed is not None:
             x = x + self.task_embed[i, self.tasks.index(task)].to(x.dtype)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
@@ -463,8 +463,8 @@ class MoEVisionTransformer(nn.Module):
         x = self.patch_embed(x)
         if n >= 2:
             x = self._pos_embed(x)
-        for i in range(n - 2):
-            x, _ = self.blocks[i](x, None)
+        for i in range(n - 2):  # task-independent blocks: no task embedding, no routing
+            x, _ = self._run_block(i, x, None)
         return x, n
 
     def forward_features(
