@@ -25,27 +25,29 @@ def _routing(s, e, k, seed):
     return idx, w
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     e=st.integers(1, 9),
     k_frac=st.floats(0.0, 1.0),
-    s=st.integers(1, 40),
+    n=st.integers(1, 20),
+    groups=st.integers(1, 3),
     cap=st.one_of(st.none(), st.integers(1, 12)),
     seed=st.integers(0, 2**16),
     name=st.sampled_from(sorted(set(DISPATCHERS) - {"naive"})),
 )
-def test_dispatcher_equals_reference(e, k_frac, s, cap, seed, name):
+def test_dispatcher_equals_reference(e, k_frac, n, groups, cap, seed, name):
     k = 1 + int(k_frac * (e - 1))
+    s = n * groups
     torch.manual_seed(seed)
     experts = MlpExperts(e, 8, 6)
     x = torch.randn(s, 8, requires_grad=True)
     idx, w = _routing(s, e, k, seed)
     w.requires_grad_(True)
-    keep = capacity_keep_mask(idx, e, cap)
+    keep = capacity_keep_mask(idx, e, cap, group_size=n)
 
     ref = NaiveDispatcher()(x, idx, w, experts, keep)
     gx_ref, gw_ref, g1_ref = torch.autograd.grad(ref.square().sum(), (x, w, experts.fc1.weight))
-    out = create_dispatcher(name)(x, idx, w, experts, keep)
+    out = create_dispatcher(name)(x, idx, w, experts, keep, capacity=cap, group_size=n)
     gx, gw, g1 = torch.autograd.grad(out.square().sum(), (x, w, experts.fc1.weight))
     for a, b in ((out, ref), (gx, gx_ref), (gw, gw_ref), (g1, g1_ref)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -74,6 +76,42 @@ def test_capacity_drops_slot_major_then_token_order():
     assert capacity_keep_mask(idx, 3, None) is None
 
 
+def test_capacity_is_counted_per_group():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 4, (3 * 7, 2), generator=g)
+    idx[:, 1] = (idx[:, 0] + 1) % 4  # two distinct experts per token
+    keep = capacity_keep_mask(idx, 4, capacity=3, group_size=7)
+    for i in range(3):
+        alone = capacity_keep_mask(idx[7 * i : 7 * (i + 1)], 4, capacity=3)
+        assert torch.equal(keep[7 * i : 7 * (i + 1)], alone)
+    assert not torch.equal(keep, capacity_keep_mask(idx, 4, capacity=3))  # one group of 21 drops differently
+
+
+def test_gather_buffer_costs_the_capacity():
+    """The gather dispatcher's experts see E * C rows per group, not every token (what makes it cheap)."""
+    torch.manual_seed(0)
+    experts = MlpExperts(8, 6, 5)
+    seen = []
+    orig = experts.forward_grouped
+    experts.forward_grouped = lambda b: (seen.append(tuple(b.shape)), orig(b))[1]
+    x = torch.randn(2 * 16, 6)
+    idx, w = _routing(32, 8, 2, 0)
+    keep = capacity_keep_mask(idx, 8, 5, group_size=16)
+    out = create_dispatcher("gather")(x, idx, w, experts, keep, capacity=5, group_size=16)
+    assert seen == [(8, 2 * 5, 6)]
+    torch.testing.assert_close(out, NaiveDispatcher()(x, idx, w, experts, keep))
+
+
+def test_gather_small_capacity_without_keep_drops_like_capacity():
+    torch.manual_seed(0)
+    experts = MlpExperts(4, 6, 5)
+    x = torch.randn(20, 6)
+    idx, w = _routing(20, 4, 2, 3)
+    ref = NaiveDispatcher()(x, idx, w, experts, capacity_keep_mask(idx, 4, 4, group_size=10))
+    got = create_dispatcher("gather")(x, idx, w, experts, capacity=4, group_size=10)
+    torch.testing.assert_close(got, ref)
+
+
 def test_einsum_small_buffer_drops_like_capacity():
     torch.manual_seed(0)
     experts = MlpExperts(4, 6, 5)
@@ -99,9 +137,12 @@ def test_static_dispatchers_have_no_data_dependent_ops():
     experts = MlpExperts(4, 8, 8).requires_grad_(False)
     x = torch.randn(10, 8)
     idx, w = _routing(10, 4, 2, 0)
-    for name in ("dense", "einsum"):
+    keep = capacity_keep_mask(idx, 4, 3, group_size=5)
+    for name in ("dense", "einsum", "gather"):
         disp = create_dispatcher(name)
         assert disp.static_shapes
-        graph = torch.jit.trace(lambda a, i, g, d=disp: d(a, i, g, experts), (x, idx, w)).inlined_graph
+        graph = torch.jit.trace(
+            lambda a, i, g, d=disp: d(a, i, g, experts, keep, capacity=3, group_size=5), (x, idx, w)
+        ).inlined_graph
         kinds = {n.kind() for n in graph.nodes()}
         assert not kinds & {"aten::nonzero", "aten::index_put_", "aten::masked_select", "aten::bincount"}, kinds

@@ -76,3 +76,23 @@ def test_prune_experts_keeps_used_or_most_used():
     assert torch.equal(model.expert_usage(images, "seg")[0], load)
     assert [int(m.sum()) for m in model.prune_experts("depth", images, keep=5)] == [5]
     assert model.specialize("depth").blocks[1].mlp.num_experts == 5
+
+
+@pytest.mark.parametrize("name", ["m3vit_tiny_patch16_224", "modsquad_small_patch16_224"])
+def test_capacity_bounded_specialized_equals_full_and_is_per_image(name):
+    """With an inference capacity, the specialised model (fewer experts after restrict) drops exactly what the full
+    model drops, every dispatcher agrees, and an image's output does not depend on its batch."""
+    torch.manual_seed(0)
+    model = vision_moe.create_model(name, img_size=32, depth=4, tasks=TASKS, num_classes=5).eval()
+    usage = model.expert_usage(torch.randn(4, 3, 32, 32), "depth")
+    model.restrict_experts("depth", [u.argsort(descending=True).argsort() < 6 for u in usage])
+    model.set_capacity(capacity_factor=1.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x, task="depth")
+        for disp in ("sort", "dense", "gather"):
+            spec = model.specialize("depth").set_dispatcher(disp)
+            torch.testing.assert_close(spec(x), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(spec(x[1:2]), ref[1:2], atol=1e-5, rtol=1e-5)
+        dropless = model.specialize("depth").set_capacity()(x)
+    assert not torch.allclose(dropless, ref, atol=1e-4)  # the capacity did drop assignments

@@ -134,6 +134,9 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
         for task in ("semseg", "classification"):  # eval.py evaluates in the layout the trainer did
             assert evaluate_checkpoint(latest_checkpoint(tmp_path / "a"), task) == straight_metrics[task]
+        # an inference capacity is honoured and its drops are reported (a tiny capacity must drop something)
+        capped = evaluate_checkpoint(latest_checkpoint(tmp_path / "a"), "semseg", capacity_factor=0.25)
+        assert 0 < capped["moe_dropped_fraction"] < 1 and "moe_dropped_fraction" not in straight_metrics["semseg"]
     if variant == "hetero_mi":  # the routing memory came back with the checkpoint and was in use
         assert bool(straight.mi_memory.seen.all())
         for k, v in straight.mi_memory.state_dict().items():

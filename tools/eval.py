@@ -20,10 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", required=True, help="task to evaluate")
     p.add_argument("--max-batches", type=int, default=None, help="limit the number of batches (default: as trained)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="evaluate with this per-image expert capacity (what a capacity-bounded export runs); "
+        "also prints the fraction of dropped expert assignments",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        metrics = evaluate_checkpoint(args.checkpoint, args.task, args.max_batches, args.device)
+        metrics = evaluate_checkpoint(args.checkpoint, args.task, args.max_batches, args.device, args.capacity_factor)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

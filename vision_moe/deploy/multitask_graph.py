@@ -6,7 +6,7 @@ per-task gate weights / task embeddings / expert masks are stacked into (T, ...)
 (``index_select``); the heads all run and ``Where`` picks the task's output (outputs of different channel counts
 are zero-padded to the largest; the report records each task's real channel count). Detection heads are decoded
 in the graph as in the per-task graphs and come out on ``boxes`` / ``scores``. Routing and dispatch reuse
-the model's own modules (dispatcher, experts, :func:`capacity_keep_mask`); only the task lookup is rewritten,
+the model's own modules (dispatcher, experts, the layer's ``keep_mask``); only the task lookup is rewritten,
 because the model's ``forward`` takes the task as a Python string, which cannot be a graph input.
 """
 
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ..heads.detection import FCOSDetectionHead
 from ..models.moe_vit import token_stride
 from ..moe import MoEAttention, MoEMlp
-from ..moe.dispatch import capacity_keep_mask, resolve_capacity
 from ..moe.router import MultiGateRouter, TaskEmbeddingRouter
 from .prepost import decode_detections
 
@@ -76,11 +75,6 @@ class _TaskIndexedRouter(nn.Module):
         return expert_index, combine
 
 
-def _keep(layer: nn.Module, s: int, expert_index: torch.Tensor) -> torch.Tensor | None:
-    cap = resolve_capacity(s, expert_index.shape[-1], layer.num_experts, layer.capacity, layer.capacity_factor)
-    return capacity_keep_mask(expert_index, layer.num_experts, cap)
-
-
 class _TaskIndexedMlp(nn.Module):
     def __init__(self, layer: MoEMlp, tasks: tuple[str, ...]) -> None:
         super().__init__()
@@ -91,7 +85,9 @@ class _TaskIndexedMlp(nn.Module):
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])  # (S, M)
         idx, comb = self.router(x_flat, t)
-        y = self.layer.dispatcher(x_flat, idx, comb, self.layer.experts, _keep(self.layer, x_flat.shape[0], idx))
+        n = shape[-2]
+        keep, cap = self.layer.keep_mask(idx, n)
+        y = self.layer.dispatcher(x_flat, idx, comb, self.layer.experts, keep, cap, n)
         return y.to(x.dtype).reshape(shape)
 
 
@@ -109,14 +105,14 @@ class _TaskIndexedAttention(nn.Module):
         h, d = at.expert_heads, at.head_dim
         x_flat = x.reshape(-1, m)
         idx, comb = self.router(x_flat, t)
-        keep = _keep(at, x_flat.shape[0], idx)
+        keep, cap = at.keep_mask(idx, n)
         k = idx.shape[-1]
-        q = at.dispatcher.compute(x_flat, idx, at.q_experts, keep).reshape(b, n * k, h, d).transpose(1, 2)
+        q = at.dispatcher.compute(x_flat, idx, at.q_experts, keep, cap, n).reshape(b, n * k, h, d).transpose(1, 2)
         kv = at.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, kv[0], kv[1])
         att = att.transpose(1, 2).reshape(b * n * k, h * d)  # (S*k, h*d)
         o_keep = None if keep is None else keep.reshape(-1, 1)
-        o = at.dispatcher.compute(att, idx.reshape(-1, 1), at.o_experts, o_keep).reshape(b * n, k, m)
+        o = at.dispatcher.compute(att, idx.reshape(-1, 1), at.o_experts, o_keep, cap, n * k).reshape(b * n, k, m)
         w = comb.to(o.dtype)
         if keep is not None:
             w = w * keep.to(w.dtype)

@@ -62,10 +62,14 @@ def evaluate_task(
     max_batches: int = 0,
     amp_ctx=None,
 ) -> dict[str, float]:
-    """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``."""
+    """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``.
+
+    When the MoE layers have a capacity limit, ``moe_dropped_fraction`` (assignments dropped over all MoE layers
+    and images) is added."""
     was = model.training
     model.eval()
     metric = build_metric(task, dataset, num_classes)
+    assigned = dropped = 0
     try:
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
@@ -79,6 +83,13 @@ def evaluate_task(
             else:
                 result = model(images.to(device), task)
             update_metric(task, metric, result, targets)
-        return {k: float(v) for k, v in metric.compute().items() if isinstance(v, (int, float))}
+            for a in result.get("aux") or ():
+                if a.keep is not None:
+                    assigned += a.keep.numel()
+                    dropped += int((~a.keep).sum())
+        out = {k: float(v) for k, v in metric.compute().items() if isinstance(v, (int, float))}
+        if assigned:
+            out["moe_dropped_fraction"] = dropped / assigned
+        return out
     finally:
         model.train(was)

@@ -416,9 +416,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, d
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, task: str, max_batches: int | None = None, device: str = "auto"
+    checkpoint: str | Path,
+    task: str,
+    max_batches: int | None = None,
+    device: str = "auto",
+    capacity_factor: float | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them."""
+    """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them.
+
+    ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
+    capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``."""
     from ..config import config_from_dict
     from ..data import SkipBadSamples, collate_multitask
 
@@ -427,6 +434,9 @@ def evaluate_checkpoint(
     cfg = config_from_dict(exp, str(checkpoint))
     if task not in model.tasks:
         raise ValueError(f"unknown task {task!r}; this checkpoint has {list(model.tasks)}")
+    if capacity_factor is not None:
+        backbone = model.backbone if hasattr(model, "backbone") else model
+        backbone.set_capacity(capacity_factor=capacity_factor)
     dev = _device(device)
     model.to(dev)
     if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers

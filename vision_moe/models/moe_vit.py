@@ -411,6 +411,13 @@ class MoEVisionTransformer(nn.Module):
                 m.set_dispatcher(dispatcher)
         return self
 
+    def set_capacity(self, capacity: int | None = None, capacity_factor: float | None = None) -> MoEVisionTransformer:
+        """Per-image expert capacity of every MoE layer (V-MoE's inference capacity: a number of assignments, or a
+        factor of the even share ``tokens * top_k / experts``); both None = dropless. Returns self."""
+        for _, m in self.moe_layers():
+            m.set_capacity(capacity, capacity_factor)
+        return self
+
     def moe_layers(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, (MoEMlp, MoEAttention))]
 

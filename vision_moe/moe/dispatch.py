@@ -10,9 +10,15 @@ One interface, several implementations, all equal where no token is dropped:
               outputs are gathered. Exact, exports cleanly to ONNX; costs E/k times the expert FLOPs.
 - ``einsum``: static shapes with a fixed capacity per expert (V-MoE's one-hot dispatch/combine
               einsums); with ``capacity=None`` the capacity is every token, so nothing is dropped.
+- ``gather``: static shapes with a capacity buffer per image and expert, filled by index (a slot table
+              written with ScatterElements, Gather, one batched GEMM per expert layer, Gather back). With
+              a capacity factor it costs about ``factor`` times the active expert FLOPs instead of the
+              ``dense`` path's E/k times: the export path for capacity-bounded inference (V-MoE's).
 
 Capacity is decided once, by :func:`capacity_keep_mask`, so every dispatcher drops the same
-assignments: slot-major priority (all first choices before any second choice), then token order.
+assignments: per group of tokens (the layer uses one image's tokens, so an image's output does not depend
+on the rest of its batch), slot-major priority (all first choices before any second choice), then token
+order. Dispatchers take the capacity and group size as keywords; only the static-buffer ones use them.
 Einsum letters: s tokens, k slots, e experts, c capacity, m model dim, o output dim.
 """
 
@@ -32,6 +38,7 @@ __all__ = [
     "SortDispatcher",
     "DenseDispatcher",
     "EinsumDispatcher",
+    "GatherDispatcher",
     "DISPATCHERS",
     "create_dispatcher",
 ]
@@ -57,19 +64,25 @@ def _one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch
     return (index.unsqueeze(-1) == torch.arange(num_classes, device=index.device)).to(dtype)
 
 
-def _positions(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Position of each assignment in its expert's queue, slot-major then token order. (S, k) int64."""
+def _positions(expert_index: torch.Tensor, num_experts: int, group_size: int | None = None) -> torch.Tensor:
+    """Position of each assignment in its expert's queue within its group of ``group_size`` consecutive tokens
+    (all S tokens when None), slot-major then token order. (S, k) int64."""
     s, k = expert_index.shape
-    onehot = _one_hot(expert_index.t().reshape(-1), num_experts, torch.int64)  # (k*S, E)
-    pos = (onehot.cumsum(0) - 1) * onehot
-    return pos.sum(-1).reshape(k, s).t()
+    n = s if group_size is None else group_size
+    slot_major = expert_index.reshape(-1, n, k).transpose(1, 2).reshape(-1, k * n)  # (G, k*n)
+    onehot = _one_hot(slot_major, num_experts, torch.int64)  # (G, k*n, E)
+    pos = ((onehot.cumsum(1) - 1) * onehot).sum(-1)  # (G, k*n)
+    return pos.reshape(-1, k, n).transpose(1, 2).reshape(s, k)
 
 
-def capacity_keep_mask(expert_index: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor | None:
-    """Bool (S, k): which assignments fit in their expert's capacity; ``None`` when dropless."""
+def capacity_keep_mask(
+    expert_index: torch.Tensor, num_experts: int, capacity: int | None, group_size: int | None = None
+) -> torch.Tensor | None:
+    """Bool (S, k): which assignments fit in their expert's capacity within their group of ``group_size``
+    consecutive tokens (None: one group); ``None`` when dropless."""
     if capacity is None:
         return None
-    return _positions(expert_index, num_experts) < capacity
+    return _positions(expert_index, num_experts, group_size) < capacity
 
 
 class Dispatcher(nn.Module, ABC):
@@ -79,9 +92,18 @@ class Dispatcher(nn.Module, ABC):
 
     @abstractmethod
     def compute(
-        self, x: torch.Tensor, expert_index: torch.Tensor, experts: nn.Module, keep: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        experts: nn.Module,
+        keep: torch.Tensor | None = None,
+        capacity: int | None = None,
+        group_size: int | None = None,
     ) -> torch.Tensor:
-        """x (S, M), expert_index (S, k) -> (S, k, O); dropped assignments give zeros."""
+        """x (S, M), expert_index (S, k) -> (S, k, O); dropped assignments give zeros.
+
+        ``capacity`` / ``group_size``: the capacity per expert and group of consecutive tokens that ``keep`` was
+        computed with (sizes the static-buffer dispatchers; the others need only ``keep``)."""
 
     def forward(
         self,
@@ -90,9 +112,11 @@ class Dispatcher(nn.Module, ABC):
         combine_weights: torch.Tensor,
         experts: nn.Module,
         keep: torch.Tensor | None = None,
+        capacity: int | None = None,
+        group_size: int | None = None,
     ) -> torch.Tensor:
         """(S, M) -> (S, O): sum over slots of combine weight * expert output."""
-        y = self.compute(x, expert_index, experts, keep)  # (S, k, O)
+        y = self.compute(x, expert_index, experts, keep, capacity, group_size)  # (S, k, O)
         w = combine_weights.to(y.dtype)
         if keep is not None:
             w = w * keep.to(w.dtype)
@@ -102,7 +126,7 @@ class Dispatcher(nn.Module, ABC):
 class NaiveDispatcher(Dispatcher):
     """Reference: for each expert, pick its tokens with a boolean mask and run it on them."""
 
-    def compute(self, x, expert_index, experts, keep=None):
+    def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
         s, k = expert_index.shape
         out = None
         for e in range(experts.num_experts):
@@ -132,14 +156,14 @@ class SortDispatcher(Dispatcher):
         n_kept = int(counts.sum())
         return order[:n_kept], counts.tolist()
 
-    def compute(self, x, expert_index, experts, keep=None):
+    def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
         s, k = expert_index.shape
         order, counts = self._plan(expert_index, experts.num_experts, keep)
         ys = torch.cat(experts.forward_split(x.index_select(0, order // k), counts))  # (n_kept, O)
         out = ys.new_zeros(s * k, ys.shape[-1]).index_copy(0, order, ys)
         return out.view(s, k, -1)
 
-    def forward(self, x, expert_index, combine_weights, experts, keep=None):
+    def forward(self, x, expert_index, combine_weights, experts, keep=None, capacity=None, group_size=None):
         s, k = expert_index.shape
         order, counts = self._plan(expert_index, experts.num_experts, keep)
         tokens = order // k
@@ -163,7 +187,7 @@ class DenseDispatcher(Dispatcher):
 
     static_shapes = True
 
-    def forward(self, x, expert_index, combine_weights, experts, keep=None):
+    def forward(self, x, expert_index, combine_weights, experts, keep=None, capacity=None, group_size=None):
         if not hasattr(experts, "forward_dense_gated"):
             return super().forward(x, expert_index, combine_weights, experts, keep)
         w = combine_weights.to(x.dtype)
@@ -172,7 +196,7 @@ class DenseDispatcher(Dispatcher):
         gates = (_one_hot(expert_index, experts.num_experts, x.dtype) * w.unsqueeze(-1)).sum(1)  # (S, E)
         return experts.forward_dense_gated(x, gates)
 
-    def compute(self, x, expert_index, experts, keep=None):
+    def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
         e = experts.num_experts
         y = experts.forward_grouped(x.unsqueeze(0).expand(e, -1, -1))  # (E, S, O)
         y = y.permute(1, 0, 2)  # (S, E, O)
@@ -196,7 +220,7 @@ class EinsumDispatcher(Dispatcher):
         super().__init__()
         self.buffer_size = buffer_size
 
-    def compute(self, x, expert_index, experts, keep=None):
+    def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
         s, k = expert_index.shape
         e = experts.num_experts
         cap = s if self.buffer_size is None else self.buffer_size
@@ -212,16 +236,58 @@ class EinsumDispatcher(Dispatcher):
         return torch.einsum("skec,eco->sko", disp, y)
 
 
+class GatherDispatcher(Dispatcher):
+    """Static shapes: per group (one image's tokens) and expert, a buffer of ``capacity`` rows filled by index.
+
+    Each kept assignment gets a slot ``expert * C + position`` (its position among the group's kept assignments
+    of that expert); a slot table (G, E*C) of token ids is written with one scatter (ScatterElements in ONNX,
+    every index distinct: dropped assignments write to a discarded tail of the table), the buffer is gathered
+    from it, every expert runs one batched GEMM over its (G*C) rows, and each kept assignment gathers its row
+    back. Unused slots compute on a stand-in token and are never read. With ``capacity=None`` C is the group
+    size (nothing can be dropped, at the ``dense`` path's cost); a capacity factor f makes the expert FLOPs
+    about f times the active ones. Assignments past C (when ``keep`` was not computed with this capacity)
+    are dropped like the einsum dispatcher's small buffer does.
+    """
+
+    static_shapes = True
+
+    def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
+        s, k = expert_index.shape
+        e = experts.num_experts
+        n = s if group_size is None else group_size
+        c = n if capacity is None else min(capacity, n)  # an expert holds at most n assignments of a group
+        # positions among the kept assignments only (dropped ones are queued on a virtual expert e)
+        queued = expert_index if keep is None else expert_index.masked_fill(~keep, e)
+        pos = _positions(queued, e + 1, n)  # (S, k)
+        fits = pos < c
+        keep = fits if keep is None else keep & fits
+        local = torch.arange(n * k, device=x.device).view(1, n, k)  # assignment id within the group
+        slot = torch.where(keep.view(-1, n, k), expert_index.view(-1, n, k) * c + pos.view(-1, n, k), e * c + local)
+        g = slot.shape[0]
+        token = (local // k).expand(g, -1, -1).reshape(g, n * k)
+        table = torch.zeros(g, e * c + n * k, dtype=torch.int64, device=x.device)
+        table = table.scatter(1, slot.reshape(g, n * k), token)[:, : e * c]  # (G, E*C) token id per slot
+        first = torch.arange(g, device=x.device).unsqueeze(1)  # (G, 1)
+        buf = x.index_select(0, (table + first * n).reshape(-1))  # (G*E*C, M)
+        buf = buf.view(g, e, c, -1).transpose(0, 1).reshape(e, g * c, -1)
+        y = experts.forward_grouped(buf)  # (E, G*C, O)
+        y = y.view(e, g, c, -1).transpose(0, 1).reshape(g * e * c, -1)
+        rows = torch.where(keep.view(-1, n, k), slot, 0) + (first * (e * c)).unsqueeze(-1)  # (G, n, k)
+        out = y.index_select(0, rows.reshape(-1)).view(s, k, -1)
+        return out * keep.unsqueeze(-1).to(out.dtype)
+
+
 DISPATCHERS: dict[str, type[Dispatcher]] = {
     "naive": NaiveDispatcher,
     "sort": SortDispatcher,
     "dense": DenseDispatcher,
     "einsum": EinsumDispatcher,
+    "gather": GatherDispatcher,
 }
 
 
 def create_dispatcher(name: str) -> Dispatcher:
-    """Dispatcher by name: one of ``naive``, ``sort``, ``dense``, ``einsum``."""
+    """Dispatcher by name: one of ``naive``, ``sort``, ``dense``, ``einsum``, ``gather``."""
     if name not in DISPATCHERS:
         raise ValueError(f"unknown dispatcher {name!r}; expected one of {sorted(DISPATCHERS)}")
     return DISPATCHERS[name]()

@@ -52,13 +52,29 @@ class _MoEBase(nn.Module):
         self.dispatcher: Dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
         resolve_capacity(1, top_k, num_experts, capacity, capacity_factor)  # raises if both are given
         self.capacity, self.capacity_factor = capacity, capacity_factor
+        # the even share a capacity factor scales is counted over the full layer's experts, also after
+        # specialize() keeps fewer, so a specialised layer drops exactly what the full one drops
+        self.capacity_experts = num_experts
 
-    def _route(self, x_flat: torch.Tensor, task: str) -> tuple[RouterOutput, torch.Tensor | None]:
+    def keep_mask(self, expert_index: torch.Tensor, group_size: int) -> tuple[torch.Tensor | None, int | None]:
+        """Capacity per expert and image (``group_size`` tokens) and the kept assignments (None: dropless).
+
+        Capacity is counted per image, so an image's output never depends on the other images in its batch."""
+        k = expert_index.shape[-1]
+        cap = resolve_capacity(group_size, k, self.capacity_experts, self.capacity, self.capacity_factor)
+        return capacity_keep_mask(expert_index, self.num_experts, cap, group_size), cap
+
+    def set_capacity(self, capacity: int | None = None, capacity_factor: float | None = None) -> None:
+        """Per-image expert capacity (a number or a factor of the even share); both None = dropless."""
+        resolve_capacity(1, self.top_k, self.capacity_experts, capacity, capacity_factor)  # validates
+        self.capacity, self.capacity_factor = capacity, capacity_factor
+
+    def _route(
+        self, x_flat: torch.Tensor, task: str, group_size: int
+    ) -> tuple[RouterOutput, torch.Tensor | None, int | None]:
         r = self.router(x_flat, task)
-        cap = resolve_capacity(
-            x_flat.shape[0], r.expert_index.shape[-1], r.probs.shape[-1], self.capacity, self.capacity_factor
-        )
-        return r, capacity_keep_mask(r.expert_index, r.probs.shape[-1], cap)
+        keep, cap = self.keep_mask(r.expert_index, group_size)
+        return r, keep, cap
 
     def _specialized_copy(self, task: str) -> tuple[_MoEBase, torch.Tensor]:
         """A shallow copy routed by ``task``'s router alone over the experts it can reach; the caller swaps in
@@ -103,8 +119,9 @@ class MoEMlp(_MoEBase):
     def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])  # (S, M)
-        r, keep = self._route(x_flat, task)
-        y = self.dispatcher(x_flat, r.expert_index, r.combine_weights, self.experts, keep)
+        n = shape[-2] if x.dim() > 2 else x_flat.shape[0]  # capacity group: one image's tokens
+        r, keep, cap = self._route(x_flat, task, n)
+        y = self.dispatcher(x_flat, r.expert_index, r.combine_weights, self.experts, keep, cap, n)
         return y.to(x.dtype).reshape(shape), _make_aux(task, r, keep)
 
     def specialize(self, task: str) -> MoEMlp:
@@ -157,16 +174,17 @@ class MoEAttention(_MoEBase):
         b, n, m = x.shape
         h, d = self.expert_heads, self.head_dim
         x_flat = x.reshape(-1, m)
-        r, keep = self._route(x_flat, task)
+        r, keep, cap = self._route(x_flat, task, n)
         k = r.expert_index.shape[-1]
-        q = self.dispatcher.compute(x_flat, r.expert_index, self.q_experts, keep)  # (S, k, h*d)
+        q = self.dispatcher.compute(x_flat, r.expert_index, self.q_experts, keep, cap, n)  # (S, k, h*d)
         q = q.reshape(b, n * k, h, d).transpose(1, 2)  # (B, h, N*k, d)
         kv = self.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
         att = att.transpose(1, 2).reshape(b * n * k, h * d)  # (S*k, h*d), assignment order
         o_idx = r.expert_index.reshape(-1, 1)
         o_keep = None if keep is None else keep.reshape(-1, 1)
-        o = self.dispatcher.compute(att, o_idx, self.o_experts, o_keep).reshape(b * n, k, m)
+        # rows in (image, token, slot) order: an image's n*k rows form its capacity group
+        o = self.dispatcher.compute(att, o_idx, self.o_experts, o_keep, cap, n * k).reshape(b * n, k, m)
         w = r.combine_weights.to(o.dtype)
         if keep is not None:
             w = w * keep.to(w.dtype)
