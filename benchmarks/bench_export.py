@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""ONNX Runtime CPU latency of a specialised M³ViT task model vs the dense ViT of the same active width vs PyTorch
-eager, the Mod-Squad-pruned task model, and INT8 vs FP32 (speed-up and metric drop). BENCHMARKS.md rules: fixed
+"""ONNX Runtime CPU latency of a specialised M³ViT task model (exact dropless graph, and capacity-bounded graphs)
+vs the dense ViT of the same active width vs PyTorch eager, the Mod-Squad-pruned task model, and INT8 vs FP32
+(speed-up and metric drop). BENCHMARKS.md rules: fixed
 threads, alternating A/B pairs after warm-up, median of per-pair ratios, machine info and a GEMM ceiling.
 
   python benchmarks/bench_export.py --model small --pairs 10
@@ -36,6 +37,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--calib", type=int, default=8)
+    p.add_argument(
+        "--capacity-factors", type=float, nargs="*", default=[1.0, 1.25], help="capacity-bounded graphs to time"
+    )
     args = p.parse_args()
     set_threads(args.threads)
     import vision_moe
@@ -74,6 +78,10 @@ def main() -> None:
     quantize_int8(out / "moe/semseg.onnx", out / "moe/semseg.int8.onnx", images[: args.calib], runtime="tensorrt")
     export_model(dense, ExportConfig(out_dir=str(out / "dense"), **cfg))
     export_model(pruned, ExportConfig(out_dir=str(out / "pruned"), **cfg))
+    dropped = {}
+    for cf in args.capacity_factors:  # per-image expert capacity: the gather dispatcher (grouped Conv experts)
+        r = export_model(moe, ExportConfig(out_dir=str(out / f"cap{cf:g}"), capacity_factor=cf, **cfg))
+        dropped[cf] = r["tasks"]["semseg"]["routing"]["dropped_fraction"]
     s_moe = ort_session(out / "moe/semseg.onnx", args.threads)
     s_int8 = ort_session(out / "moe/semseg.int8.ort.onnx", args.threads)
     s_int8_trt = ort_session(out / "moe/semseg.int8.onnx", args.threads)
@@ -89,6 +97,9 @@ def main() -> None:
     cands = {
         "ort_moe_dense_dispatch": ort(s_moe),
         "ort_dense_vit": ort(s_dense),
+        **{
+            f"ort_moe_capacity_{cf:g}": ort(ort_session(out / f"cap{cf:g}/semseg.onnx", args.threads)) for cf in dropped
+        },
         "torch_eager_moe": eager,
         "ort_moe_pruned_topk": ort(s_pruned),
         "ort_moe_int8": ort(s_int8),
@@ -118,6 +129,11 @@ def main() -> None:
         f"INT8 TensorRT file (symmetric int8 activations) on ONNX Runtime CPU: {int8_trt_speedup:.2f}x "
         "(information: its speed belongs to TensorRT on the Jetson)"
     )
+    for cf, d in dropped.items():
+        print(
+            f"capacity factor {cf:g}: {100 * d:.1f}% of expert assignments dropped on {cfg['parity_images']} image "
+            "(random weights; the quality effect on a trained model: tools/eval.py --capacity-factor)"
+        )
     pr = np.concatenate(s_pruned.run(None, {"images": x1}))
     full = np.concatenate(s_moe.run(None, {"images": x1}))
     print(f"pruned-vs-full output agreement (argmax, 1 image): {100 * np.mean(pr.argmax(1) == full.argmax(1)):.1f}%")

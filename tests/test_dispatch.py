@@ -92,13 +92,13 @@ def test_gather_buffer_costs_the_capacity():
     torch.manual_seed(0)
     experts = MlpExperts(8, 6, 5)
     seen = []
-    orig = experts.forward_grouped
-    experts.forward_grouped = lambda b: (seen.append(tuple(b.shape)), orig(b))[1]
+    orig = experts.forward_channels_first
+    experts.forward_channels_first = lambda b: (seen.append(tuple(b.shape)), orig(b))[1]
     x = torch.randn(2 * 16, 6)
     idx, w = _routing(32, 8, 2, 0)
     keep = capacity_keep_mask(idx, 8, 5, group_size=16)
     out = create_dispatcher("gather")(x, idx, w, experts, keep, capacity=5, group_size=16)
-    assert seen == [(8, 2 * 5, 6)]
+    assert seen == [(1, 8 * 6, 2 * 5, 1)]  # each of the 8 experts: C rows per image, 2 images
     torch.testing.assert_close(out, NaiveDispatcher()(x, idx, w, experts, keep))
 
 

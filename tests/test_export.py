@@ -95,6 +95,39 @@ def test_square_dynamic_batch_1_and_3(tmp_path):
     assert e["parity_batch_3"]["outputs"]["logits"]["rel"] <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["m3vit_tiny_patch16_224", "modsquad_small_patch16_224"])
+def test_capacity_bounded_export(tmp_path, name):
+    """--capacity-factor: the gather dispatcher in the graph (grouped Conv experts), per-image capacity so batch 1
+    and 3 agree with torch through one dynamic-batch graph, the multi-task graph equals the per-task ones, the
+    drops are reported, and the result differs from the dropless export (the capacity is really in the graph)."""
+    from vision_moe.deploy import ort_session
+
+    model = _small(name, global_pool="avg")  # pooled patch tokens: the class token is first in every queue
+    cfg = dict(tasks=["a", "b"], batch=1, dynamic_batch=True, parity_images=3, multitask=True)
+    rep = export_model(model, ExportConfig(out_dir=str(tmp_path / "cap"), capacity_factor=0.5, **cfg))
+    _assert_clean(rep)
+    e = rep["tasks"]["a"]
+    assert e["fp32"]["parity_batch_3"]["outputs"]["logits"]["rel"] <= 1e-4
+    r = e["routing"]
+    assert r["dispatcher"] == "GatherDispatcher" and r["capacity_factor"] == 0.5
+    n = r["tokens_per_image"]
+    layers = dict(model.moe_layers())
+    assert r["capacity_per_image"] == {
+        k: int(np.ceil(0.5 * n * layers[k].top_k / layers[k].num_experts)) for k in r["capacity_per_image"]
+    }
+    assert 0 < r["dropped_fraction"] < 1
+    assert "Conv" in e["fp32"]["op_counts"] and "ScatterElements" in e["fp32"]["op_counts"]
+    assert all(v["rel"] <= 1e-4 for v in rep["multitask"]["vs_per_task_graph"].values())
+    exact = export_model(model, ExportConfig(out_dir=str(tmp_path / "exact"), **cfg))
+    assert exact["tasks"]["a"]["routing"]["dropped_fraction"] == 0
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 48)).astype(np.float32)
+    a = ort_session(tmp_path / "cap" / "a.onnx").run(None, {"images": x})[0]
+    b = ort_session(tmp_path / "exact" / "a.onnx").run(None, {"images": x})[0]
+    assert np.abs(a - b).max() > 1e-3
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        export_model(model, ExportConfig(out_dir=str(tmp_path / "bad"), capacity_factor=0.0))
+
+
 def test_multitask_model_heads_int8_and_fp16(tmp_path):
     """MultiTaskModel with classification + dense heads: mixed-output multi-task graph, INT8 drop, FP16 parity."""
     torch.manual_seed(0)

@@ -39,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="INT8 file for TensorRT (symmetric int8 activations; T.int8.onnx) or for ONNX Runtime on an x86 CPU "
         "(uint8 activations; T.int8.ort.onnx)",
     )
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="per-image expert capacity (V-MoE inference): the graph runs each expert on at most "
+        "factor * tokens * top_k / experts tokens instead of every token; default: the model's own (dropless)",
+    )
     p.add_argument("--calib-data", default=None, help="folder of images from the task's dataset (INT8)")
     p.add_argument("--calib-images", type=int, default=16, help="INT8 calibration images (default 16)")
     p.add_argument("--eval-images", type=int, default=16, help="held-out images for the INT8 / FP16 drop (default 16)")
@@ -99,6 +106,7 @@ def main(argv=None) -> int:
             calib_images=args.calib_images,
             eval_images=args.eval_images,
             multitask=args.multitask,
+            capacity_factor=args.capacity_factor,
             mean=mean,
             std=std,
         )
@@ -111,6 +119,9 @@ def main(argv=None) -> int:
     for task, e in report["tasks"].items():
         par = max(v["rel"] for v in e["fp32"]["parity"]["outputs"].values())
         line = f"  {task:<16} {e['kind']:<14} nodes {e['fp32']['nodes']:>4}  fp32 rel err {par:.2e}"
+        if e.get("routing", {}).get("capacity_factor") is not None:
+            r = e["routing"]
+            line += f"  capacity {r['capacity_factor']:g} (dropped {100 * r['dropped_fraction']:.1f}% assignments)"
         if "fp16" in e:
             line += f"  fp16 rel err {max(v['rel'] for v in e['fp16']['parity']['outputs'].values()):.2e}"
         if "int8" in e:

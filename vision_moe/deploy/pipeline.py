@@ -67,7 +67,8 @@ class ExportConfig:
     eval_images: int = 16
     int8_runtime: str = "tensorrt"  # 'tensorrt' (symmetric int8 activations) | 'onnxruntime' (uint8, x86 CPUs)
     multitask: bool = False
-    dispatcher: str = "dense"
+    dispatcher: str = "auto"  # 'auto': 'gather' when a capacity applies, else 'dense' (exact, every expert)
+    capacity_factor: float | None = None  # per-image expert capacity for the export; None keeps the model's
     trt_versions: Sequence[str] = ("10.3", "10.16")
     parity_images: int = 4
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -85,6 +86,12 @@ class ExportConfig:
             raise ValueError("an INT8 TensorRT engine needs int8_runtime='tensorrt' (symmetric int8 activations)")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.dispatcher not in ("auto", "dense", "gather", "einsum"):
+            raise ValueError(
+                f"dispatcher {self.dispatcher!r} cannot be exported; expected 'auto', 'dense', 'gather' or 'einsum'"
+            )
         bad = [v for v in self.trt_versions if v not in TRT_VERSIONS]
         if bad:
             raise ValueError(f"unknown TensorRT versions {bad}; expected some of {sorted(TRT_VERSIONS)}")
@@ -126,8 +133,19 @@ class _DetectionDecoded(nn.Module):
         return decode_detections(self.model(images), self.points, self.image_size)
 
 
-def prepare_copy(model: nn.Module, image_size: tuple[int, int], dispatcher: str = "dense") -> nn.Module:
+def _has_capacity(backbone: nn.Module) -> bool:
+    layers = [m for _, m in backbone.moe_layers()] if hasattr(backbone, "moe_layers") else []
+    return any(m.capacity is not None or m.capacity_factor is not None for m in layers)
+
+
+def prepare_copy(
+    model: nn.Module, image_size: tuple[int, int], dispatcher: str = "auto", capacity_factor: float | None = None
+) -> nn.Module:
     """An eval-mode copy with a static-shape dispatcher and its position embedding resampled to ``image_size``.
+
+    ``capacity_factor`` sets every MoE layer's per-image capacity (None keeps the model's). ``dispatcher='auto'``
+    picks ``gather`` when a capacity applies (expert FLOPs ~ factor x the active ones) and ``dense`` otherwise
+    (dropless: a static graph must run every reachable expert on every token).
 
     The backbone resamples ``pos_embed`` inside ``forward`` behind a Python ``if`` on the input size, which a
     trace records as whatever it was at trace time; baking the export size into the copy removes the branch.
@@ -136,6 +154,10 @@ def prepare_copy(model: nn.Module, image_size: tuple[int, int], dispatcher: str 
 
     m = copy.deepcopy(model).eval()
     bb = _backbone(m)
+    if capacity_factor is not None:
+        bb.set_capacity(capacity_factor=capacity_factor)
+    if dispatcher == "auto":
+        dispatcher = "gather" if _has_capacity(bb) else "dense"
     bb.set_dispatcher(dispatcher)
     p = token_stride(bb.patch_embed)
     grid = (image_size[0] // p[0], image_size[1] // p[1])
@@ -155,12 +177,16 @@ def prepare_copy(model: nn.Module, image_size: tuple[int, int], dispatcher: str 
 
 
 def task_module(
-    model: nn.Module, task: str, image_size: tuple[int, int], dispatcher: str = "dense"
+    model: nn.Module,
+    task: str,
+    image_size: tuple[int, int],
+    dispatcher: str = "auto",
+    capacity_factor: float | None = None,
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
     """The exportable single-task module for ``task``: ``model.specialize(task)`` with a static-shape dispatcher
     at ``image_size``, its output names, and metadata (kind, detection decoding parameters)."""
     _check_task(model, task)
-    m = prepare_copy(model, image_size, dispatcher)
+    m = prepare_copy(model, image_size, dispatcher, capacity_factor)
     spec = m.specialize(task).eval()
     kind = task_kind(model, task)
     meta: dict[str, Any] = {"kind": kind}
@@ -176,6 +202,34 @@ def task_module(
         )
         return _DetectionDecoded(spec, image_size).eval(), ["boxes", "scores"], meta
     return spec, ["logits" if kind == "classification" else "out"], meta
+
+
+def _routing_info(module: nn.Module, images: np.ndarray) -> dict[str, Any] | None:
+    """Dispatcher, per-image capacity and the assignments it drops on ``images`` (None for a model without MoE)."""
+    from ..moe import MoEAttention, MoEMlp
+
+    bb = next((m for m in module.modules() if hasattr(m, "moe_layers") and hasattr(m, "forward_features")), None)
+    layers = [m for m in module.modules() if isinstance(m, (MoEMlp, MoEAttention))]
+    if bb is None or not layers:
+        return None
+    with torch.no_grad():
+        tokens, aux = bb.forward_features(torch.from_numpy(images), return_aux=True)
+    n = tokens.shape[1]
+    caps = {name: m.keep_mask(torch.zeros(n, m.top_k, dtype=torch.int64), n)[1] for name, m in bb.moe_layers()}
+    kept = [a.keep for a in aux if a.keep is not None]
+    total = sum(a.expert_index.numel() for a in aux)
+    return dict(
+        dispatcher=type(layers[0].dispatcher).__name__,
+        capacity_factor=layers[0].capacity_factor,
+        capacity_per_image=caps,
+        tokens_per_image=n,
+        dropped_fraction=sum(int((~k).sum()) for k in kept) / max(total, 1),
+        images=len(images),
+        note="dropless: the graph runs every reachable expert on every token"
+        if not kept
+        else "capacity-bounded (V-MoE inference): assignments past an expert's per-image capacity are dropped, "
+        "exactly as the PyTorch model with the same capacity drops them",
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -286,7 +340,7 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
         tasks={},
     )
     for task in tasks:
-        module, names, meta = task_module(model, task, hw, cfg.dispatcher)
+        module, names, meta = task_module(model, task, hw, cfg.dispatcher, cfg.capacity_factor)
         path = out / f"{task}.onnx"
         example = torch.from_numpy(images[: cfg.batch])
         proto = export_onnx(
@@ -302,6 +356,9 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
         proto, info = _finish_graph(proto, path, cfg)
         sess = ort_session(proto)
         entry: dict[str, Any] = dict(meta, fp32=info)
+        routing = _routing_info(module, images)
+        if routing is not None:
+            entry["routing"] = routing
         entry["fp32"]["parity"] = _parity(sess, module, images, names, FP32_RTOL, cfg.batch)
         if cfg.dynamic_batch:  # a second batch size through the same graph
             b2 = 1 if cfg.batch > 1 else min(3, len(images))
@@ -366,7 +423,7 @@ def _export_multitask(
 ) -> dict[str, Any]:
     """One graph, task as an int64 input; verified against torch and against every per-task graph."""
     hw = tuple(images.shape[-2:])
-    m = prepare_copy(model, hw, cfg.dispatcher)
+    m = prepare_copy(model, hw, cfg.dispatcher, cfg.capacity_factor)
     mt = TaskIndexedModel(m, tuple(tasks), image_size=hw).eval()
     path = out / "multitask.onnx"
     x = torch.from_numpy(images[: cfg.batch])

@@ -239,42 +239,67 @@ class EinsumDispatcher(Dispatcher):
 class GatherDispatcher(Dispatcher):
     """Static shapes: per group (one image's tokens) and expert, a buffer of ``capacity`` rows filled by index.
 
-    Each kept assignment gets a slot ``expert * C + position`` (its position among the group's kept assignments
-    of that expert); a slot table (G, E*C) of token ids is written with one scatter (ScatterElements in ONNX,
-    every index distinct: dropped assignments write to a discarded tail of the table), the buffer is gathered
-    from it, every expert runs one batched GEMM over its (G*C) rows, and each kept assignment gathers its row
-    back. Unused slots compute on a stand-in token and are never read. With ``capacity=None`` C is the group
-    size (nothing can be dropped, at the ``dense`` path's cost); a capacity factor f makes the expert FLOPs
-    about f times the active ones. Assignments past C (when ``keep`` was not computed with this capacity)
-    are dropped like the einsum dispatcher's small buffer does.
+    Each kept assignment gets a slot (its expert, its position among the group's kept assignments of that
+    expert); a slot table of token ids is written with one scatter (ScatterElements in ONNX, every index distinct:
+    dropped assignments write to a discarded tail of the table), each expert gathers its (G*C) rows and runs one
+    2-D GEMM per layer, and each kept assignment gathers its output row back. Unused slots compute on a stand-in
+    token and are never read. With ``capacity=None`` C is the group size (nothing can be dropped, at the ``dense``
+    path's cost); a capacity factor f makes the expert FLOPs about f times the active ones. Assignments past C
+    (when ``keep`` was not computed with this capacity) are dropped like the einsum dispatcher's small buffer does.
+
+    The experts run as grouped 1x1 convolutions (channels-first, one Conv per expert layer) rather than one batched
+    GEMM: in the exported graph the weights are then a constant Conv operand, which ONNX Runtime pre-packs (it does
+    not pre-pack the 3-D operand of a batched MatMul), and TensorRT maps grouped convolutions natively. One MoE MLP
+    layer at M³ViT-S's shapes, ORT CPU: batched MatMul ~1.8x, a loop of 2-D GEMMs 1.55x, grouped Conv 1.34x the
+    dense MLP's latency at capacity factor 1 (equal FLOPs).
     """
 
     static_shapes = True
 
-    def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
+    def _plan(self, x, expert_index, e, keep, capacity, group_size):
+        """Per expert, the (G*C,) token rows of x it runs on; per assignment (S, k) the row of the stacked
+        expert outputs (E*G*C, O) holding its result, and the effective keep mask."""
         s, k = expert_index.shape
-        e = experts.num_experts
         n = s if group_size is None else group_size
         c = n if capacity is None else min(capacity, n)  # an expert holds at most n assignments of a group
         # positions among the kept assignments only (dropped ones are queued on a virtual expert e)
         queued = expert_index if keep is None else expert_index.masked_fill(~keep, e)
-        pos = _positions(queued, e + 1, n)  # (S, k)
-        fits = pos < c
-        keep = fits if keep is None else keep & fits
+        pos = _positions(queued, e + 1, n).view(-1, n, k)
+        idx = expert_index.view(-1, n, k)
+        keep = pos < c if keep is None else keep.view(-1, n, k) & (pos < c)
+        g = idx.shape[0]
         local = torch.arange(n * k, device=x.device).view(1, n, k)  # assignment id within the group
-        slot = torch.where(keep.view(-1, n, k), expert_index.view(-1, n, k) * c + pos.view(-1, n, k), e * c + local)
-        g = slot.shape[0]
+        slot = torch.where(keep, idx * c + pos, e * c + local).reshape(g, n * k)
         token = (local // k).expand(g, -1, -1).reshape(g, n * k)
         table = torch.zeros(g, e * c + n * k, dtype=torch.int64, device=x.device)
-        table = table.scatter(1, slot.reshape(g, n * k), token)[:, : e * c]  # (G, E*C) token id per slot
-        first = torch.arange(g, device=x.device).unsqueeze(1)  # (G, 1)
-        buf = x.index_select(0, (table + first * n).reshape(-1))  # (G*E*C, M)
-        buf = buf.view(g, e, c, -1).transpose(0, 1).reshape(e, g * c, -1)
-        y = experts.forward_grouped(buf)  # (E, G*C, O)
-        y = y.view(e, g, c, -1).transpose(0, 1).reshape(g * e * c, -1)
-        rows = torch.where(keep.view(-1, n, k), slot, 0) + (first * (e * c)).unsqueeze(-1)  # (G, n, k)
-        out = y.index_select(0, rows.reshape(-1)).view(s, k, -1)
+        table = table.scatter(1, slot, token)[:, : e * c]  # (G, E*C): token id (within its group) per slot
+        first = torch.arange(g, device=x.device).view(g, 1, 1)
+        rows_in = (table.view(g, e, c) + first * n).transpose(0, 1).reshape(e, g * c)  # (E, G*C) rows of x
+        rows_out = torch.where(keep, idx * (g * c) + first * c + pos, 0).reshape(s, k)  # into (E*G*C, O)
+        return rows_in, rows_out, keep.reshape(s, k)
+
+    def _experts(self, x, rows_in, experts):
+        """(E*G*C, O): expert i on the rows ``rows_in[i]`` of x, as grouped 1x1 convolutions when the experts
+        offer them (channels-first layout, one kernel per expert layer), else a static loop of 2-D GEMMs."""
+        e, t = rows_in.shape
+        buf = x.index_select(0, rows_in.reshape(-1))  # (E*T, M)
+        if hasattr(experts, "forward_channels_first"):
+            xcf = buf.view(e, t, -1).transpose(1, 2).reshape(1, -1, t, 1)  # (1, E*M, T, 1)
+            y = experts.forward_channels_first(xcf)  # (1, E*O, T, 1)
+            return y.view(e, -1, t).transpose(1, 2).reshape(e * t, -1)
+        return torch.cat([experts.forward_expert(i, xe) for i, xe in enumerate(buf.view(e, t, -1).unbind(0))])
+
+    def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
+        rows_in, rows_out, keep = self._plan(x, expert_index, experts.num_experts, keep, capacity, group_size)
+        y = self._experts(x, rows_in, experts)  # (E*G*C, O)
+        out = y.index_select(0, rows_out.reshape(-1)).view(*expert_index.shape, -1)
         return out * keep.unsqueeze(-1).to(out.dtype)
+
+    def forward(self, x, expert_index, combine_weights, experts, keep=None, capacity=None, group_size=None):
+        rows_in, rows_out, keep = self._plan(x, expert_index, experts.num_experts, keep, capacity, group_size)
+        y = self._experts(x, rows_in, experts)  # (E*G*C, O)
+        w = (combine_weights.to(y.dtype) * keep.to(y.dtype)).unsqueeze(-1)  # (S, k, 1); 0 where dropped
+        return (y.index_select(0, rows_out.reshape(-1)).view(*expert_index.shape, -1) * w).sum(1)
 
 
 DISPATCHERS: dict[str, type[Dispatcher]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["LinearExperts", "MlpExperts"]
 
@@ -41,6 +42,15 @@ class LinearExperts(nn.Module):
         if self.bias is None:
             return torch.bmm(x, self.weight)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, E*in, T, 1) -> (1, E*out, T, 1): every expert on its own T rows, as one grouped 1x1 convolution.
+
+        The export form of :meth:`forward_grouped`: ONNX Runtime runs a grouped Conv with pre-packed weights in
+        one kernel (a batched MatMul's 3-D weight is not pre-packed), and TensorRT maps it natively."""
+        e, i, o = self.weight.shape
+        w = self.weight.transpose(1, 2).reshape(e * o, i, 1, 1)
+        return F.conv2d(x, w, None if self.bias is None else self.bias.reshape(-1), groups=e)
 
     def forward_split(self, x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """x (sum counts, in), rows sorted by expert -> one (counts[e], out) output per expert."""
@@ -90,6 +100,10 @@ class MlpExperts(nn.Module):
 
     def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2.forward_grouped(self.drop(self.act(self.fc1.forward_grouped(x)))))
+
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, E*dim, T, 1) -> (1, E*out, T, 1): see :meth:`LinearExperts.forward_channels_first`."""
+        return self.drop(self.fc2.forward_channels_first(self.drop(self.act(self.fc1.forward_channels_first(x)))))
 
     def forward_split(self, x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """x (sum counts, dim), rows sorted by expert -> one (counts[e], out) output per expert."""
