@@ -87,7 +87,7 @@ class _TaskIndexedMlp(nn.Module):
         idx, comb = self.router(x_flat, t)
         n = shape[-2]
         keep, cap = self.layer.keep_mask(idx, n)
-        y = self.layer.dispatcher(x_flat, idx, comb, self.layer.experts, keep, cap, n)
+        y = self.layer.dispatcher(x_flat, idx, comb, self.layer.experts, self.layer._dispatch_keep(keep), cap, n)
         return y.to(x.dtype).reshape(shape)
 
 
@@ -107,7 +107,8 @@ class _TaskIndexedAttention(nn.Module):
         idx, comb = self.router(x_flat, t)
         keep, cap = at.keep_mask(idx, n)
         k = idx.shape[-1]
-        q = at.dispatcher.compute(x_flat, idx, at.q_experts, keep, cap, n).reshape(b, n * k, h, d).transpose(1, 2)
+        q = at.dispatcher.compute(x_flat, idx, at.q_experts, at._dispatch_keep(keep), cap, n)
+        q = q.reshape(b, n * k, h, d).transpose(1, 2)
         kv = at.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, kv[0], kv[1])
         att = att.transpose(1, 2).reshape(b * n * k, h * d)  # (S*k, h*d)

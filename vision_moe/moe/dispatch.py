@@ -89,6 +89,9 @@ class Dispatcher(nn.Module, ABC):
     """Base: ``compute`` gives per-assignment expert outputs, ``forward`` combines them with the weights."""
 
     static_shapes: bool = False
+    # True: given ``capacity`` and ``group_size`` but no ``keep``, it drops exactly what capacity_keep_mask would,
+    # so a layer may leave ``keep`` out (in an exported graph the layer's own mask is then dead code, pruned)
+    applies_capacity: bool = False
 
     @abstractmethod
     def compute(
@@ -255,6 +258,7 @@ class GatherDispatcher(Dispatcher):
     """
 
     static_shapes = True
+    applies_capacity = True  # with keep=None: positions slot-major then token order, pos < C, as capacity_keep_mask
 
     def _plan(self, x, expert_index, e, keep, capacity, group_size):
         """Per expert, the (G*C,) token rows of x it runs on; per assignment (S, k) the row of the stacked

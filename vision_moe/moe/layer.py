@@ -86,6 +86,11 @@ class _MoEBase(nn.Module):
         new.router = self.router.specialize(task, keep)
         return new, keep
 
+    def _dispatch_keep(self, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """The keep mask to hand the dispatcher for assignments in (token, slot) order: None when it applies the
+        same capacity rule itself (one position computation in an exported graph instead of two)."""
+        return None if self.dispatcher.applies_capacity else keep
+
     def set_dispatcher(self, dispatcher: str | Dispatcher) -> None:
         self.dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
 
@@ -121,7 +126,7 @@ class MoEMlp(_MoEBase):
         x_flat = x.reshape(-1, shape[-1])  # (S, M)
         n = shape[-2] if x.dim() > 2 else x_flat.shape[0]  # capacity group: one image's tokens
         r, keep, cap = self._route(x_flat, task, n)
-        y = self.dispatcher(x_flat, r.expert_index, r.combine_weights, self.experts, keep, cap, n)
+        y = self.dispatcher(x_flat, r.expert_index, r.combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
         return y.to(x.dtype).reshape(shape), _make_aux(task, r, keep)
 
     def specialize(self, task: str) -> MoEMlp:
@@ -176,7 +181,7 @@ class MoEAttention(_MoEBase):
         x_flat = x.reshape(-1, m)
         r, keep, cap = self._route(x_flat, task, n)
         k = r.expert_index.shape[-1]
-        q = self.dispatcher.compute(x_flat, r.expert_index, self.q_experts, keep, cap, n)  # (S, k, h*d)
+        q = self.dispatcher.compute(x_flat, r.expert_index, self.q_experts, self._dispatch_keep(keep), cap, n)
         q = q.reshape(b, n * k, h, d).transpose(1, 2)  # (B, h, N*k, d)
         kv = self.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
