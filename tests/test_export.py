@@ -408,13 +408,18 @@ def test_cli_checkpoint_roundtrip(tmp_path, capsys):
     assert q["calibration_images"] == 4 and q["evaluation"]["images"] == 6
 
 
-@pytest.mark.parametrize("name", ["vit_mtl_tiny_patch16_224", "m3vit_tiny_patch16_224"])
-def test_dynamo_exporter(tmp_path, name):
+@pytest.mark.parametrize(
+    "name, capacity",
+    [("vit_mtl_tiny_patch16_224", None), ("m3vit_tiny_patch16_224", None), ("m3vit_tiny_patch16_224", 1.0)],
+)
+def test_dynamo_exporter(tmp_path, name, capacity):
     rep = export_model(
         _small(name),
-        ExportConfig(out_dir=str(tmp_path), tasks=["a"], exporter="dynamo", parity_images=1),
+        ExportConfig(out_dir=str(tmp_path), tasks=["a"], exporter="dynamo", parity_images=1, capacity_factor=capacity),
     )
     _assert_clean(rep)
+    if capacity is not None:
+        assert rep["tasks"]["a"]["routing"]["dispatcher"] == "GatherDispatcher"
 
 
 @pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime"])
