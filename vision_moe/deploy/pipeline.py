@@ -215,7 +215,7 @@ def _routing_info(module: nn.Module, images: np.ndarray) -> dict[str, Any] | Non
     with torch.no_grad():
         tokens, aux = bb.forward_features(torch.from_numpy(images), return_aux=True)
     n = tokens.shape[1]
-    caps = {name: m.keep_mask(torch.zeros(n, m.top_k, dtype=torch.int64), n)[1] for name, m in bb.moe_layers()}
+    caps = {name: m.capacity_for(n) for name, m in bb.moe_layers()}
     kept = [a.keep for a in aux if a.keep is not None]
     total = sum(a.expert_index.numel() for a in aux)
     return dict(

@@ -11,9 +11,10 @@ One interface, several implementations, all equal where no token is dropped:
 - ``einsum``: static shapes with a fixed capacity per expert (V-MoE's one-hot dispatch/combine
               einsums); with ``capacity=None`` the capacity is every token, so nothing is dropped.
 - ``gather``: static shapes with a capacity buffer per image and expert, filled by index (a slot table
-              written with ScatterElements, Gather, one batched GEMM per expert layer, Gather back). With
-              a capacity factor it costs about ``factor`` times the active expert FLOPs instead of the
-              ``dense`` path's E/k times: the export path for capacity-bounded inference (V-MoE's).
+              written with ScatterElements, Gather, the experts as one grouped 1x1 convolution per expert
+              layer, Gather back). With a capacity factor it costs about ``factor`` times the active expert
+              FLOPs instead of the ``dense`` path's E/k times: the export path for capacity-bounded
+              inference (V-MoE's).
 
 Capacity is decided once, by :func:`capacity_keep_mask`, so every dispatcher drops the same
 assignments: per group of tokens (the layer uses one image's tokens, so an image's output does not depend
@@ -244,8 +245,8 @@ class GatherDispatcher(Dispatcher):
 
     Each kept assignment gets a slot (its expert, its position among the group's kept assignments of that
     expert); a slot table of token ids is written with one scatter (ScatterElements in ONNX, every index distinct:
-    dropped assignments write to a discarded tail of the table), each expert gathers its (G*C) rows and runs one
-    2-D GEMM per layer, and each kept assignment gathers its output row back. Unused slots compute on a stand-in
+    dropped assignments write to a discarded tail of the table), the (E, G*C) buffer is gathered, the experts run
+    on it, and each kept assignment gathers its output row back. Unused slots compute on a stand-in
     token and are never read. With ``capacity=None`` C is the group size (nothing can be dropped, at the ``dense``
     path's cost); a capacity factor f makes the expert FLOPs about f times the active ones. Assignments past C
     (when ``keep`` was not computed with this capacity) are dropped like the einsum dispatcher's small buffer does.
@@ -253,7 +254,7 @@ class GatherDispatcher(Dispatcher):
     The experts run as grouped 1x1 convolutions (channels-first, one Conv per expert layer) rather than one batched
     GEMM: in the exported graph the weights are then a constant Conv operand, which ONNX Runtime pre-packs (it does
     not pre-pack the 3-D operand of a batched MatMul), and TensorRT maps grouped convolutions natively. One MoE MLP
-    layer at M³ViT-S's shapes, ORT CPU: batched MatMul ~1.8x, a loop of 2-D GEMMs 1.55x, grouped Conv 1.34x the
+    layer at M³ViT-S's shapes, ORT CPU: batched MatMul ~1.8x, a loop of 2-D GEMMs 1.55x, grouped Conv 1.31x the
     dense MLP's latency at capacity factor 1 (equal FLOPs).
     """
 
@@ -282,28 +283,24 @@ class GatherDispatcher(Dispatcher):
         rows_out = torch.where(keep, idx * (g * c) + first * c + pos, 0).reshape(s, k)  # into (E*G*C, O)
         return rows_in, rows_out, keep.reshape(s, k)
 
-    def _experts(self, x, rows_in, experts):
-        """(E*G*C, O): expert i on the rows ``rows_in[i]`` of x, as grouped 1x1 convolutions when the experts
-        offer them (channels-first layout, one kernel per expert layer), else a static loop of 2-D GEMMs."""
+    def _gathered(self, x, expert_index, experts, keep, capacity, group_size):
+        """(S, k, O) expert output per assignment (stand-in rows where dropped) and the effective keep mask."""
+        rows_in, rows_out, keep = self._plan(x, expert_index, experts.num_experts, keep, capacity, group_size)
         e, t = rows_in.shape
-        buf = x.index_select(0, rows_in.reshape(-1))  # (E*T, M)
-        if hasattr(experts, "forward_channels_first"):
-            xcf = buf.view(e, t, -1).transpose(1, 2).reshape(1, -1, t, 1)  # (1, E*M, T, 1)
-            y = experts.forward_channels_first(xcf)  # (1, E*O, T, 1)
-            return y.view(e, -1, t).transpose(1, 2).reshape(e * t, -1)
-        return torch.cat([experts.forward_expert(i, xe) for i, xe in enumerate(buf.view(e, t, -1).unbind(0))])
+        buf = x.index_select(0, rows_in.reshape(-1))  # (E*T, M), T = G*C
+        xcf = buf.view(e, t, -1).transpose(1, 2).reshape(1, -1, t, 1)  # (1, E*M, T, 1)
+        y = experts.forward_channels_first(xcf)  # (1, E*O, T, 1)
+        y = y.view(e, -1, t).transpose(1, 2).reshape(e * t, -1)  # (E*T, O)
+        return y.index_select(0, rows_out.reshape(-1)).view(*expert_index.shape, -1), keep
 
     def compute(self, x, expert_index, experts, keep=None, capacity=None, group_size=None):
-        rows_in, rows_out, keep = self._plan(x, expert_index, experts.num_experts, keep, capacity, group_size)
-        y = self._experts(x, rows_in, experts)  # (E*G*C, O)
-        out = y.index_select(0, rows_out.reshape(-1)).view(*expert_index.shape, -1)
-        return out * keep.unsqueeze(-1).to(out.dtype)
+        y, keep = self._gathered(x, expert_index, experts, keep, capacity, group_size)
+        return y * keep.unsqueeze(-1).to(y.dtype)
 
     def forward(self, x, expert_index, combine_weights, experts, keep=None, capacity=None, group_size=None):
-        rows_in, rows_out, keep = self._plan(x, expert_index, experts.num_experts, keep, capacity, group_size)
-        y = self._experts(x, rows_in, experts)  # (E*G*C, O)
+        y, keep = self._gathered(x, expert_index, experts, keep, capacity, group_size)
         w = (combine_weights.to(y.dtype) * keep.to(y.dtype)).unsqueeze(-1)  # (S, k, 1); 0 where dropped
-        return (y.index_select(0, rows_out.reshape(-1)).view(*expert_index.shape, -1) * w).sum(1)
+        return (y * w).sum(1)
 
 
 DISPATCHERS: dict[str, type[Dispatcher]] = {

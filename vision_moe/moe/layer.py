@@ -60,9 +60,13 @@ class _MoEBase(nn.Module):
         """Capacity per expert and image (``group_size`` tokens) and the kept assignments (None: dropless).
 
         Capacity is counted per image, so an image's output never depends on the other images in its batch."""
-        k = expert_index.shape[-1]
-        cap = resolve_capacity(group_size, k, self.capacity_experts, self.capacity, self.capacity_factor)
+        cap = self.capacity_for(group_size, expert_index.shape[-1])
         return capacity_keep_mask(expert_index, self.num_experts, cap, group_size), cap
+
+    def capacity_for(self, group_size: int, top_k: int | None = None) -> int | None:
+        """Assignments each expert takes per image of ``group_size`` tokens; None when dropless."""
+        k = self.top_k if top_k is None else top_k
+        return resolve_capacity(group_size, k, self.capacity_experts, self.capacity, self.capacity_factor)
 
     def set_capacity(self, capacity: int | None = None, capacity_factor: float | None = None) -> None:
         """Per-image expert capacity (a number or a factor of the even share); both None = dropless."""
