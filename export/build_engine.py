@@ -69,15 +69,16 @@ def build(
     print(f"built {engine_path} (TensorRT {trt.__version__}, {precision})")
 
 
-def graphs(src: Path, precision: str) -> list[Path]:
+def graphs(src: Path, precision: str) -> list[tuple[Path, str]]:
+    """(ONNX file, precision to build it with) for every graph of an export folder (or one file)."""
     if src.is_file():
-        return [src]
+        return [(src, precision)]
     report = json.loads((src / "export_report.json").read_text())
     suffix = {"fp32": ".onnx", "fp16": ".onnx", "int8": ".int8.onnx"}[precision]
-    out = [src / f"{t}{suffix}" for t in report["tasks"]]
-    if "multitask" in report:
-        out.append(src / "multitask.onnx")
-    return [p for p in out if p.exists()]
+    out = [(src / f"{t}{suffix}", precision) for t in report["tasks"]]
+    if "multitask" in report:  # not quantised: the report says what an INT8 request builds it with (FP16)
+        out.append((src / "multitask.onnx", report["multitask"].get("engine_precision", {}).get(precision, precision)))
+    return [(p, prec) for p, prec in out if p.exists()]
 
 
 def main(argv=None) -> int:
@@ -89,11 +90,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=MAX_DYNAMIC_BATCH)
     p.add_argument("--timing-cache", type=Path, default=Path("timing.cache"))
     args = p.parse_args(argv)
-    for g in graphs(args.src, args.precision):
+    for g, precision in graphs(args.src, args.precision):
         stem = g.name[: -len(".onnx")]
         stem = stem.split(".")[0]
-        engine = g.with_name(f"{stem}.{args.precision}.engine")
-        build(g, engine, args.precision, args.strongly_typed, args.workspace_mib, args.timing_cache, args.max_batch)
+        engine = g.with_name(f"{stem}.{precision}.engine")
+        build(g, engine, precision, args.strongly_typed, args.workspace_mib, args.timing_cache, args.max_batch)
     return 0
 
 

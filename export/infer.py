@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("src", type=Path, help="export folder (export_report.json + engines)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
     p.add_argument("--tasks", nargs="*", help="tasks to run (default: all in the report)")
-    p.add_argument("--multitask", action="store_true", help="use multitask.<precision>.engine, task per call")
+    p.add_argument("--multitask", action="store_true", help="use the multi-task engine, task per call")
     p.add_argument("--images", type=Path, help="folder of images (default: random images)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=100)
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     cuda = _Cuda()
     if args.multitask:
         mt = report["multitask"]
-        eng = Engine(args.src / f"multitask.{args.precision}.engine", cuda, batch)
+        prec = mt.get("engine_precision", {}).get(args.precision, args.precision)  # INT8 request: an FP16 engine
+        eng = Engine(args.src / f"multitask.{prec}.engine", cuda, batch)
 
         def run_task(t):  # the multi-task engine pads channels to the widest task: keep this task's own
             o = eng(images=x, task=np.array([mt["tasks"][t]], np.int64))

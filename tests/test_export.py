@@ -261,6 +261,29 @@ def test_trtexec_command_and_script(tmp_path):
         assert "--onnx=a.onnx --saveEngine=a.fp16.engine" in script and "--fp16" in script
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the no-TensorRT script path")
+def test_int8_multitask_engine_is_fp16_on_host_and_in_the_kit(tmp_path):
+    """The multi-task graph has no QDQ scales: an INT8 request builds it with FP16, and the host script, the
+    report and the Jetson kit's build_engine.py all name it multitask.fp16.engine (what infer.py loads)."""
+    model = _small("m3vit_tiny_patch16_224")
+    rep = export_model(
+        model,
+        ExportConfig(
+            out_dir=str(tmp_path), fmt="engine", precision="int8", multitask=True, calib_images=2, eval_images=2
+        ),
+    )
+    eng = rep["multitask"]["engine"]
+    assert (
+        eng["built"] is False and "--saveEngine=multitask.fp16.engine" in eng["trtexec"] and "--fp16" in eng["trtexec"]
+    )
+    assert rep["multitask"]["engine_precision"]["int8"] == "fp16"
+    spec = importlib.util.spec_from_file_location("kit_build_engine", ROOT / "export" / "build_engine.py")
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    got = {p.name: prec for p, prec in kit.graphs(tmp_path, "int8")}
+    assert got == {"a.int8.onnx": "int8", "b.int8.onnx": "int8", "multitask.onnx": "fp16"}
+
+
 def test_build_engine_api_sequence_with_mocked_tensorrt(tmp_path, monkeypatch):
     """MOCK: a fake ``tensorrt`` module records the TensorRT Python API calls; no engine is built or claimed."""
     calls = []

@@ -45,6 +45,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 FORMATS = ("onnx", "engine")
 FP32_RTOL = 1e-4  # the bar for fp32 graphs
 FP16_RTOL = 2e-2  # fp16 ONNX variant vs fp32 torch, on the same outputs
+# The multi-task graph is not quantised (no QDQ scales): an INT8 request builds its engine with FP16 instead. The
+# report carries this map so the Jetson kit (export/build_engine.py, export/infer.py) names and finds the same file.
+MULTITASK_ENGINE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}
 
 
 @dataclass
@@ -406,10 +409,11 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
     if cfg.multitask:
         report["multitask"] = _export_multitask(model, tasks, images, out, cfg)
         if cfg.fmt == "engine":
+            prec = MULTITASK_ENGINE_PRECISION[cfg.precision]
             report["multitask"]["engine"] = build_or_script(
                 out / "multitask.onnx",
-                out / "multitask.fp32.engine",
-                "fp32" if cfg.precision == "int8" else cfg.precision,
+                out / f"multitask.{prec}.engine",
+                prec,
                 hw,
                 cfg.batch,
                 cfg.dynamic_batch,
@@ -446,6 +450,7 @@ def _export_multitask(
     if not has_task:  # nothing depends on the task (dense twin with one shared head): the exporter drops the input
         info["note"] = "the graph does not depend on the task; the exporter removed the unused task input"
     info["tasks"] = {t: i for i, t in enumerate(tasks)}
+    info["engine_precision"] = dict(MULTITASK_ENGINE_PRECISION)
     # task -> its output name (detection: ["boxes", "scores"], its K real classes on the last axis of scores)
     task_output: dict[str, Any] = {}
     for name, idx in groups.items():
