@@ -254,8 +254,8 @@ class GatherDispatcher(Dispatcher):
     The experts run as grouped 1x1 convolutions (channels-first, one Conv per expert layer) rather than one batched
     GEMM: in the exported graph the weights are then a constant Conv operand, which ONNX Runtime pre-packs (it does
     not pre-pack the 3-D operand of a batched MatMul), and TensorRT maps grouped convolutions natively. One MoE MLP
-    layer at M³ViT-S's shapes, ORT CPU: batched MatMul ~1.8x, a loop of 2-D GEMMs 1.55x, grouped Conv 1.31x the
-    dense MLP's latency at capacity factor 1 (equal FLOPs).
+    layer at M³ViT-S's shapes, ORT CPU, capacity factor 1 (equal FLOPs): grouped Conv 1.33x the dense MLP's
+    latency (``benchmarks/bench_moe_layer_ort.py``); a batched MatMul ran ~1.8x and a loop of 2-D GEMMs 1.55x.
     """
 
     static_shapes = True
