@@ -261,10 +261,12 @@ def test_trtexec_command_and_script(tmp_path):
         assert "--onnx=a.onnx --saveEngine=a.fp16.engine" in script and "--fp16" in script
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the no-TensorRT script path")
-def test_int8_multitask_engine_is_fp16_on_host_and_in_the_kit(tmp_path):
+def test_int8_multitask_engine_is_fp16_on_host_and_in_the_kit(tmp_path, monkeypatch):
     """The multi-task graph has no QDQ scales: an INT8 request builds it with FP16, and the host script, the
     report and the Jetson kit's build_engine.py all name it multitask.fp16.engine (what infer.py loads)."""
+    import vision_moe.deploy.tensorrt_build as tb
+
+    monkeypatch.setattr(tb, "tensorrt_available", lambda: (False, "script path under test"))  # also where TRT is
     model = _small("m3vit_tiny_patch16_224")
     rep = export_model(
         model,

@@ -209,11 +209,9 @@ def task_module(
 
 def _routing_info(module: nn.Module, images: np.ndarray) -> dict[str, Any] | None:
     """Dispatcher, per-image capacity and the assignments it drops on ``images`` (None for a model without MoE)."""
-    from ..moe import MoEAttention, MoEMlp
-
     bb = next((m for m in module.modules() if hasattr(m, "moe_layers") and hasattr(m, "forward_features")), None)
-    layers = [m for m in module.modules() if isinstance(m, (MoEMlp, MoEAttention))]
-    if bb is None or not layers:
+    layers = [] if bb is None else [m for _, m in bb.moe_layers()]
+    if not layers:
         return None
     with torch.no_grad():
         tokens, aux = bb.forward_features(torch.from_numpy(images), return_aux=True)
