@@ -20,7 +20,12 @@ def _model(**kw):
 
 def test_stem_replaces_patchify_and_keeps_the_token_grid():
     m = _model(patch_size=8).eval()
-    assert isinstance(m.patch_embed, HybridEmbed) and not hasattr(m, "patch_embed.proj")
+    assert isinstance(m.patch_embed, HybridEmbed)
+    # no patchify projection after the stem: its last convolution already gives embed_dim channels
+    assert isinstance(m.patch_embed.proj, torch.nn.Identity)
+    convs = [c.conv for c in m.patch_embed.backbone]
+    assert [c.stride[0] for c in convs] == STEM["stem_strides"]
+    assert [c.out_channels for c in convs] == [*STEM["stem_channels"], 32]
     assert token_stride(m.patch_embed) == (8, 8) and tuple(m.patch_embed.grid_size) == (4, 6)
     x = torch.randn(2, 3, 32, 48)
     maps = m.forward_intermediates(x, "a", indices=1, intermediates_only=True)

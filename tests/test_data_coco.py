@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_data import write_coco
+from PIL import Image
 
 from vision_moe.data import BadSampleError, CocoDetection, SkipBadSamples, build_transforms, collate_multitask
 
@@ -21,7 +22,9 @@ def test_coco_loader_reads_real_json(tmp_path):
     assert ds.tasks == ("detection",)
     img, tgt = ds[0]
     assert img.shape == (3, 40, 60) and img.dtype == torch.float32
-    assert -1.0 <= img.min() and img.max() <= 1.0  # normalised with mean = std = 0.5 by default
+    # normalised with mean = std = 0.5 by default: (byte / 255 - 0.5) / 0.5 of the decoded JPEG, channels first
+    raw = np.asarray(Image.open(img_dir / ds.coco.imgs[1]["file_name"]).convert("RGB"), dtype=np.float32)
+    torch.testing.assert_close(img, torch.from_numpy(raw / 127.5 - 1.0).permute(2, 0, 1), atol=1e-6, rtol=0)
     # crowd box (category 7) is left out; xywh -> xyxy; labels contiguous
     torch.testing.assert_close(tgt["boxes"], torch.tensor([[2.0, 3, 12, 15], [20, 5, 50, 25]]))
     assert tgt["labels"].tolist() == [0, 2]

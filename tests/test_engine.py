@@ -40,6 +40,7 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     d = save_checkpoint(tmp_path / "ck", m, cfg, state)
     assert not list(d.glob("*.tmp")) and not list(d.glob(".*"))
     m2, cfg2 = load_model(d)
+    assert list(m.state_dict()) == list(m2.state_dict())
     for (k, v), (k2, v2) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     st = load_train_state(d)

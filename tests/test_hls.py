@@ -24,7 +24,9 @@ from vision_moe.deploy.hls.perf import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_experts=4, top_k=2, expert_hidden=32)
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+# only the tests that compile the C++ need g++ (CI has it); the generator, the NumPy fixed-point reference, the
+# accuracy and performance models and the error paths are tested without it
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
 def small_model(tasks=("a", "b"), num_classes=10, seed=0, **kw):
@@ -35,15 +37,24 @@ def small_model(tasks=("a", "b"), num_classes=10, seed=0, **kw):
 
 
 @pytest.fixture(scope="module")
-def sparse_project(tmp_path_factory):
-    """Task 'a' restricted to experts {0, 1, 3} in its MoE layer; compiled three ways in parallel."""
+def sparse_export(tmp_path_factory):
+    """Task 'a' restricted to experts {0, 1, 3} in its MoE layer; the generated project (not compiled)."""
     m = small_model()
     m.restrict_experts("a", [torch.tensor([True, True, False, True])])
     out = tmp_path_factory.mktemp("hls_sparse")
     proj = export_hls(m, "a", out, HLSConfig(board="zcu102"), name="small")
+    return m, proj
+
+
+@pytest.fixture(scope="module")
+def sparse_project(sparse_export):
+    """The sparse project compiled three ways in parallel."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    m, proj = sparse_export
     builds = {"O0": dict(opt="-O0"), "O2": dict(opt="-O2"), "asan": dict(opt="-O0", sanitize=True)}
     with ThreadPoolExecutor(3) as ex:
-        futs = {k: ex.submit(compile_csim, out, exe=f"tb_{k}", **v) for k, v in builds.items()}
+        futs = {k: ex.submit(compile_csim, proj.out_dir, exe=f"tb_{k}", **v) for k, v in builds.items()}
         exes = {k: f.result() for k, f in futs.items()}
     return m, proj, exes
 
@@ -70,8 +81,8 @@ def test_testbench_catches_a_wrong_value(sparse_project, tmp_path):
     assert r.returncode == 1 and "MISMATCH" in r.stdout and "FAIL" in r.stdout
 
 
-def test_task_sparsity_and_footprint(sparse_project):
-    m, proj, _ = sparse_project
+def test_task_sparsity_and_footprint(sparse_export):
+    m, proj = sparse_export
     moe = [b for b in proj.spec.blocks if b.is_moe]
     assert [b.expert_ids for b in moe] == [[0, 1, 3]]
     blob = np.fromfile(proj.out_dir / "firmware" / "weights" / "weights.bin", dtype="<i2")
@@ -94,16 +105,20 @@ def test_task_sparsity_and_footprint(sparse_project):
     assert "#define MAX_EXPERTS 3" in params and "#define NUM_TASKS 1" in params
 
 
-def test_fixed_point_close_to_float(sparse_project):
-    m, proj, _ = sparse_project
+def test_fixed_point_close_to_float(sparse_export):
+    m, proj = sparse_export
     acc = proj.accuracy["a"]
     print(f"\nfixed vs float: MSE {acc['mse']:.3e} max {acc['max_abs']:.3e} top-1 agreement {acc['metric']:.2f}")
-    assert acc["mse"] < 1e-4 and acc["max_abs"] < 0.05 and acc["metric"] >= 0.5
+    # the float logits are ~0.1 (std 0.085) with top-1 margins down to ~4e-3; the fixed-point rounding error stays
+    # ~1e-3 (measured: MSE 7e-7, max 1.7e-3). A shared bug in the model extraction that both the C++ and the NumPy
+    # reference would carry (e.g. the gates' renormalisation flipped: MSE 7e-5, max 0.015) must not pass.
+    assert acc["images"] == 3 and acc["mse"] < 5e-6 and acc["max_abs"] < 8e-3 and acc["metric"] == 1.0
     # specialised + restricted: the reference follows the restricted model, not the unrestricted one
     meta = json.loads((proj.out_dir / "project.json").read_text())
     assert meta["experts"] == {"blocks.1": [0, 1, 3]} and meta["layers"] == proj.layer_names
 
 
+@needs_gxx
 def test_multitask_build_selects_task(tmp_path):
     m = small_model(num_classes=0, depth=2)
     proj = export_hls(m, "all", tmp_path, HLSConfig(tile=16, attn_rows=3), num_eval_images=1)
@@ -175,8 +190,8 @@ def test_fixed_point_primitives():
     assert parse_fx("ap_ufixed<8,0>") == FxType(8, 0, signed=False)
 
 
-def test_performance_model(sparse_project):
-    _, proj, _ = sparse_project
+def test_performance_model(sparse_export):
+    _, proj = sparse_export
     spec, cfg = proj.spec, proj.qmodel.cfg
     p1 = estimate(spec, cfg)
     p2 = estimate(spec, HLSConfig(attn_rows=2 * cfg.attn_rows))
@@ -209,6 +224,7 @@ def test_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@needs_gxx
 def test_m3vit_tiny_real_size(tmp_path):
     torch.manual_seed(0)
     m = vision_moe.create_model("m3vit_tiny_patch16_224", tasks=["semseg", "depth"]).eval()
@@ -224,8 +240,8 @@ def test_m3vit_tiny_real_size(tmp_path):
 
 @pytest.mark.vitis
 @pytest.mark.skipif(shutil.which("vitis_hls") is None, reason="needs Vitis HLS (vitis_hls on PATH)")
-def test_vitis_csim(sparse_project):
-    _, proj, _ = sparse_project
+def test_vitis_csim(sparse_export):
+    _, proj = sparse_export
     r = subprocess.run(
         ["vitis_hls", "-f", "build_prj.tcl", "csim=1 synth=0 reset=1"],
         cwd=proj.out_dir,

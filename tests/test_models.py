@@ -107,20 +107,33 @@ def test_aux_is_returned_not_stored():
     assert aux[0].expert_load.sum() == 4 * 5  # (1 + 4 patches) tokens x top-4
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
     torch.manual_seed(0)
     model = _make("modsquad_small_patch16_224").train()
     for gate in model.modules():
         if hasattr(gate, "noise_std"):
             gate.noise_std = 0.0  # deterministic routing for the comparison
     x = torch.randn(2, 3, 32, 32)
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(fn, *args, **kwargs):
+        calls.append(fn)
+        return checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     grads = []
     for enable in (False, True):
-        model.zero_grad()
+        calls.clear()
+        model.zero_grad(set_to_none=True)
         model.set_grad_checkpointing(enable)
         model(x, task="seg").sum().backward()
-        grads.append(model.blocks[1].mlp.experts.fc1.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
+        # checkpointing really is on (every block recomputed in backward) or really off
+        assert calls == (list(model.blocks) if enable else [])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "blocks.1.mlp.experts.fc1.weight" in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=lambda m, n=n: f"{n}: {m}")
     assert {"pos_embed", "cls_token", "task_embed"} <= model.no_weight_decay()
 
 

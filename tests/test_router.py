@@ -38,7 +38,16 @@ def test_noise_only_in_training_with_vmoe_std():
     assert r_train.load_prob is not None and r_train.load_prob.shape == (2000, 8)
     counts = torch.bincount(r_train.expert_index.flatten(), minlength=8)
     assert (counts > 0).all()  # zero logits: noise spreads tokens over every expert
+    # V-MoE's std sigma = noise_std / E = 1: an expert whose logit is 1 above the 7 others' is then in the top-2
+    # ~59 % of the time (always with sigma 1/8, 29 % with sigma 8); the smooth load estimate matches the counts
+    logits = torch.zeros(4000, 8)
+    logits[:, 7] = 1.0
+    r = gate.route(logits)
+    chosen = (r.expert_index[..., None] == torch.arange(8)).any(1).float().mean(0)
+    assert 0.54 < chosen[7] < 0.64, chosen
+    torch.testing.assert_close(r.load_prob.mean(0), chosen, atol=0.03, rtol=0)
     r_eval = gate.eval()(x)
+    assert r_eval.load_prob is None
     assert torch.equal(r_eval.expert_index, gate(x).expert_index)  # deterministic
 
 

@@ -1,6 +1,8 @@
 """Several tasks on the same images: the backbone's task-independent stages run once (forward_shared), with the
 same outputs and gradients as separate per-task forwards."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +16,25 @@ STEM = dict(stem_channels=[8, 16, 16], stem_strides=[1, 2, 2, 2])
 def _multitask(**kw):
     torch.manual_seed(0)
     return build_multitask_model("m3vit_tiny_patch16_224", {"semseg": 4, "classification": 3}, **{**SMALL, **kw})
+
+
+@contextlib.contextmanager
+def _counting(*modules):
+    """Counts the forward calls of each module while the block runs."""
+    calls = [0] * len(modules)
+
+    def hook(i):
+        def f(*_):
+            calls[i] += 1
+
+        return f
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _grads(model):
@@ -34,7 +55,9 @@ def test_shared_forward_equals_separate_forwards_outputs_and_gradients(kw):
     torch.manual_seed(1)
     shared = model.forward_shared(x)
     assert shared[1] == 3  # patch embedding, position embedding, block 0 (dense); block 1 is the first MoE block
-    joint = [model(x, t, shared=shared)["out"] for t in model.tasks]
+    with _counting(model.backbone.patch_embed, *model.backbone.blocks[:2]) as calls:
+        joint = [model(x, t, shared=shared)["out"] for t in model.tasks]
+    assert calls == [0, 0, 2]  # the shared stages are not run again per task; block 1 (MoE) is
     sum(o.square().mean() for o in joint).backward()
     g_joint = _grads(model)
     for a, b in zip(separate, joint):
@@ -66,6 +89,9 @@ def test_shared_forward_in_eval_and_with_random_layers_still_matches():
     shared = model.forward_shared(x)
     assert shared[1] == 2 + 3
     for t in model.tasks:
-        torch.testing.assert_close(model(x, t, shared=shared)["out"], model(x, t)["out"], rtol=0, atol=1e-6)
+        with _counting(model.backbone.patch_embed, *model.backbone.blocks) as calls:
+            out = model(x, t, shared=shared)["out"]
+        assert calls == [0, 0, 0, 0, 1]  # only block 3 (MoE) runs per task
+        torch.testing.assert_close(out, model(x, t)["out"], rtol=0, atol=1e-6)
     model.train()  # drop path in blocks 1 and 2 draws masks: only block 0 is shared
     assert model.forward_shared(x)[1] == 3

@@ -256,3 +256,58 @@ def test_ddp_ranks_skip_an_unreadable_batch_together(tmp_path):
     r = _torchrun(p, tmp_path / "out", timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert latest_checkpoint(tmp_path / "out").name == "step_0000006"
+
+
+@pytest.mark.parametrize("uncertainty", [False, True])
+def test_step_loss_combines_task_weights_moe_aux_and_mi(tmp_path, data_root, uncertainty):
+    """The step's total = sum_t w_t L_t (or Kendall's exp(-s_t) w_t L_t + s_t) + each task's MoE aux loss
+    (aux_weight x cv² importance/load + z_weight x z-loss over its MoE layers) + mi_weight x (-MI), every term
+    recomputed here from the model's outputs and the loss primitives."""
+    from vision_moe.engine.data import PlanDataset, collate_plan
+    from vision_moe.moe.losses import importance_load_loss, mutual_information_loss, router_z_loss, task_expert_probs
+
+    weights = {"classification": 0.5, "detection": 1.0, "semseg": 2.0}
+    cfg = config_from_dict(
+        tiny(
+            data_root,
+            tasks={t: {"weight": w} for t, w in weights.items()},
+            moe={"aux_weight": 0.3, "z_weight": 0.2, "mi_weight": 0.7},
+            train={"uncertainty_weighting": uncertainty},
+        )
+    )
+    tr = Trainer(cfg, tmp_path / "run")
+    log_vars = {"classification": 0.3, "detection": -0.2, "semseg": 0.5}
+    if uncertainty:
+        with torch.no_grad():
+            for t, s in log_vars.items():
+                tr.uncertainty.log_vars[tr.uncertainty.tasks.index(t)] = s
+    d, idx, seeds = tr.plan.plan(0, 1)[0]
+    ds = PlanDataset([s for s, _ in tr.train_sets])
+    images, packed, _ = collate_plan([ds[(d, i, s)] for i, s in zip(idx, seeds)])
+    targets, tasks = packed.unpack(), tr.train_sets[d][1]
+    assert set(tasks) == set(weights)
+    tr.model.train()
+    torch.manual_seed(3)  # router noise: the same draws in both passes
+    total, logs, _ = tr.step_module(images, targets, tasks)
+
+    torch.manual_seed(3)
+    shared = tr.model.forward_shared(images)
+    want, probs = 0.0, {}
+    for t in tasks:
+        r = tr.model(images, t, targets, shared=shared)
+        loss_t = sum(r["losses"].values())
+        torch.testing.assert_close(logs[t], loss_t.detach())
+        wl = weights[t] * loss_t
+        want = want + (torch.exp(torch.tensor(-log_vars[t])) * wl + log_vars[t] if uncertainty else wl)
+        aux = sum(
+            0.3 * importance_load_loss(a.probs, a.expert_index, a.combine_weights, a.load_prob, a.keep)
+            + 0.2 * router_z_loss(a.logits)
+            for a in r["aux"]
+        )
+        assert len(r["aux"]) == 1 and aux > 0  # one MoE block in the tiny backbone
+        torch.testing.assert_close(logs[f"moe_aux/{t}"], aux.detach())
+        want = want + aux
+        probs[t] = [a.probs for a in r["aux"]]
+    mi = 0.7 * mutual_information_loss(task_expert_probs([probs[t][0] for t in tasks]))
+    torch.testing.assert_close(logs["moe_mi"], mi.detach())
+    torch.testing.assert_close(total, want + mi)

@@ -12,6 +12,9 @@ import vision_moe
 def vit_tiny_file(tmp_path_factory):
     torch.manual_seed(0)
     dense = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    with torch.no_grad():  # timm's init leaves biases at 0 and norms at 1/0: perturb them so each is checked
+        for p in dense.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
     path = tmp_path_factory.mktemp("ckpt") / "vit_tiny.safetensors"
     save_file(dense.state_dict(), str(path))
     return dense, path
@@ -62,8 +65,16 @@ def test_upcycling_into_narrower_experts_is_refused(vit_tiny_file):
 
 def test_upcycled_gates_are_untouched_and_still_route(vit_tiny_file):
     _, path = vit_tiny_file
+    torch.manual_seed(1)
     moe = _upcycle("m3vit_tiny_patch16_224", path, expert_hidden=768)
+    torch.manual_seed(1)
+    fresh = vision_moe.create_model("m3vit_tiny_patch16_224", tasks=("a", "b"), expert_hidden=768)
     gate = moe.blocks[1].mlp.router.gates["a"].proj.weight
     assert gate.abs().sum() > 0
+    # the dense checkpoint has no routers: each keeps the model's own initialisation
+    routers = [(n, v) for n, v in fresh.state_dict().items() if ".router." in n]
+    assert routers
+    for n, v in routers:
+        assert torch.equal(moe.state_dict()[n], v), n
     _, aux = moe(torch.randn(1, 3, 224, 224), task="a", return_aux=True)
     assert all(int(a.expert_load.sum()) == 197 * 4 for a in aux)
