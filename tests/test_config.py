@@ -74,3 +74,43 @@ def test_two_levels_of_base_rejected(tmp_path):
 def test_dict_without_tasks_rejected():
     with pytest.raises(ConfigError, match="tasks: at least one task"):
         config_from_dict({})
+
+
+QS = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size: must be >= 1 (got 0)"),
+        ("data.num_workers=-1", "data.num_workers: must be >= 0 (got -1)"),
+        ("optim.lr=-1", "optim.lr: must be a finite number > 0 (got -1.0)"),
+        ("optim.lr=.nan", "optim.lr: must be a finite number > 0 (got nan)"),
+        ("tasks.semseg.weight=-2", "tasks.semseg.weight: must be a finite number >= 0 (got -2.0)"),
+        ("data.crop_scale=[0.5]", "data.crop_scale: expected [min, max] with 0 < min <= max <= 1 (got [0.5])"),
+        ("data.crop_scale=[1.5, 0.2]", "data.crop_scale: expected [min, max]"),
+        ("data.mean=[0.5, 0.5]", "data.mean: expected 3 values (R, G, B)"),
+        ("model.det_channels=16", "model.det_channels: must be a multiple of 32"),
+        ("train.device=tpu", "train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (got 'tpu')"),
+        ("model.backbone_kwargs.nonsense=1", "unexpected keyword argument 'nonsense'"),
+        ("model.backbone_kwargs.top_k=9", "top_k must be in [1, num_experts=8], got 9"),
+        ("model.backbone_kwargs.depth=abc", "model.backbone_kwargs: m3vit_tiny_patch16_224 cannot be built"),
+    ],
+)
+def test_values_that_would_fail_inside_training_fail_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(QS, [override])
+    assert str(e.value).startswith(f"{QS}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreadable_config_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r": is a folder; expected a YAML file$"):
+        load_config(tmp_path)
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x99")
+    with pytest.raises(ConfigError, match=r"b.yaml: not a UTF-8 text file; expected YAML$"):
+        load_config(binary)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: {semseg: {}}\nmodel: {img_size: [1, 2}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:\d+: invalid YAML: expected ',' or ']', but got '}'$"):
+        load_config(bad)

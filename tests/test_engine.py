@@ -97,6 +97,21 @@ def test_bad_sample_tracker():
         t.update(4, ["b.jpg: truncated", "c.jpg: truncated"])
 
 
+def test_bad_sample_tracker_counts_past_the_reasons_it_keeps():
+    t = BadSampleTracker(max_fraction=0.41, min_seen=10)
+    for _ in range(30):
+        t.update(100, ["x.jpg: cannot decode"] * 40)  # 40 %: under the limit
+    assert t.count == 1200 and len(t.bad) == BadSampleTracker.MAX_REASONS and t.fraction == pytest.approx(0.4)
+    with pytest.raises(TooManyBadSamples, match=r"^1290 of 3100 samples were unreadable \(41.6%"):
+        t.update(100, ["y.jpg: truncated"] * 90)
+    again = BadSampleTracker(0.41)
+    again.load_state_dict(t.state_dict())
+    assert (again.count, again.seen, again.bad) == (t.count, t.seen, t.bad)
+    old = BadSampleTracker(0.41)
+    old.load_state_dict({"seen": 10, "bad": ["a.jpg: truncated"]})  # a checkpoint from before the exact count
+    assert old.count == 1
+
+
 def _aux(probs: torch.Tensor):
     from vision_moe.moe import MoEAux
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vision_moe.config import config_from_dict
 from vision_moe.engine import evaluate_checkpoint, latest_checkpoint
-from vision_moe.engine.checkpoint import load_train_state
+from vision_moe.engine.checkpoint import CheckpointError, load_train_state
 from vision_moe.engine.data import TooManyBadSamples
 from vision_moe.engine.trainer import Trainer
 
@@ -230,6 +230,80 @@ def test_too_many_bad_samples_stop_training(tmp_path):
     cfg = config_from_dict(_folder_cfg(tmp_path / "imgs", 0.1))
     with pytest.raises(TooManyBadSamples, match="samples were unreadable"):
         Trainer(cfg, tmp_path / "run").fit()
+
+
+def test_a_run_over_the_bad_sample_limit_at_its_end_keeps_its_checkpoint_and_metrics(tmp_path):
+    """Fewer samples than the tracker's min_seen: only the final check judges them, after the run is written."""
+    _class_folders(tmp_path / "imgs", n_good=6, n_bad=1)
+    cfg = config_from_dict(_folder_cfg(tmp_path / "imgs", 0.01))
+    tr = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(TooManyBadSamples, match=r"unreadable .* \(the final checkpoint .*step_0000004 and metrics"):
+        tr.fit()
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
+    latest = json.loads((tmp_path / "run" / "metrics.json").read_text())["latest"]
+    assert latest["step"] == 4 and latest["bad_samples"] == tr.bad.count > 0 and "classification" in latest["metrics"]
+
+
+def _train_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_new_run_does_not_mix_into_an_old_runs_folder(tmp_path, data_root, capsys):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(tiny(data_root, train={"steps": 2, "ckpt_every": 1})))
+    out = tmp_path / "run"
+    tool = _train_tool()
+    assert tool.main(["--config", str(p), "--out", str(out)]) == 0
+    first = (out / "checkpoints" / "step_0000002" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert tool.main(["--config", str(p), "--out", str(out), "--set", "train.steps=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {out}: already holds checkpoints of a run (newest: step_0000002); expected --resume to continue "
+        "it, or a new --out folder (or --overwrite to discard it)"
+    )
+    assert (out / "checkpoints" / "step_0000002" / "model.safetensors").read_bytes() == first  # untouched
+    assert tool.main(["--config", str(p), "--out", str(out), "--set", "train.steps=1", "--overwrite"]) == 0
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step_0000001"]  # the old run is gone, not mixed
+    assert json.loads((out / "metrics.json").read_text())["latest"]["step"] == 1
+    assert tool.main(["--config", str(p), "--out", str(out), "--resume", "--overwrite"]) == 2
+
+
+def test_resume_with_another_model_or_an_unreadable_metrics_file(tmp_path, data_root, caplog):
+    base = tiny(data_root, train={"steps": 2})
+    Trainer(config_from_dict(base), tmp_path / "run").fit()
+    wider = tiny(data_root, train={"steps": 3})
+    wider["model"]["backbone_kwargs"]["embed_dim"] = 64
+    with pytest.raises(CheckpointError, match=r"step_0000002: made with a different model .*model.backbone_kwargs: "):
+        Trainer(config_from_dict(wider), tmp_path / "run", resume=True)
+    (tmp_path / "run" / "metrics.json").write_text('{"history": [')  # cut short
+    tr = Trainer(config_from_dict(tiny(data_root, train={"steps": 3})), tmp_path / "run", resume=True)
+    tr.fit()
+    assert (tmp_path / "run" / "metrics.json.unreadable").read_text() == '{"history": ['  # kept aside, not lost
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["latest"]["step"] == 3
+    assert "metrics.json: not a metrics file" in caplog.text
+
+
+def test_train_tool_reports_run_errors_in_one_line(tmp_path, data_root):
+    cfg = tiny(data_root)
+    cfg["data"]["datasets"] = [{"format": "coco", "root": str(tmp_path / "nowhere")}]
+    cfg["tasks"] = {"detection": {}}
+    p = tmp_path / "coco.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(p), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nowhere" in last, last
 
 
 def test_train_tool_reports_config_errors(tmp_path):

@@ -1,18 +1,36 @@
 #!/usr/bin/env python
 """Train a multi-task model: ``python tools/train.py --config configs/quickstart.yaml [--set k=v ...] [--resume]``.
 
-Distributed: ``torchrun --nproc_per_node N tools/train.py --config ...``.
+Distributed: ``torchrun --nproc_per_node N tools/train.py --config ...``. A user error (config, data, checkpoint,
+output folder) ends with one ``error:`` line and exit status 2 (config) or 1; ``VISION_MOE_DEBUG=1`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from vision_moe.config import ConfigError, load_config
 from vision_moe.engine import train
+from vision_moe.engine.checkpoint import CheckpointError
+from vision_moe.engine.data import TooManyBadSamples
+
+# what bad input raises (the messages name the file / key / value); anything else is a bug and keeps its traceback
+USER_ERRORS = (ConfigError, CheckpointError, TooManyBadSamples, ValueError, OSError)
+
+
+def _discard_run(out: Path) -> None:
+    """--overwrite: remove what a previous run wrote into ``out`` (checkpoints, metrics, TensorBoard events)."""
+    for name in ("checkpoints", "tb"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in ("metrics.json", "metrics.json.unreadable"):
+        (out / name).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value (dotted key, YAML value); repeatable",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard the checkpoints and metrics of a previous run in --out"
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -35,8 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    out = args.out or str(Path("runs") / Path(args.config).stem)
-    train(cfg, out, resume=args.resume)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.resume and args.overwrite:
+        print("error: --resume and --overwrite exclude each other", file=sys.stderr)
+        return 2
+    try:
+        if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
+            _discard_run(out)
+        train(cfg, out, resume=args.resume)
+    except USER_ERRORS as e:
+        if os.environ.get("VISION_MOE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
     return 0
 
 

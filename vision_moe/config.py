@@ -7,6 +7,7 @@ the key and the value, before anything is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -244,15 +245,108 @@ def _validate(cfg: Config, src: str) -> Config:
                 raise _err(src, f"data.datasets[{i}].tasks", "task not listed under tasks:", t)
     if not cfg.data.datasets:
         raise _err(src, "data.datasets", "at least one dataset is required", cfg.data.datasets)
-    if cfg.train.steps <= 0:
-        raise _err(src, "train.steps", "must be positive", cfg.train.steps)
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise _err(src, "data.max_bad_fraction", "must be in [0, 1]", cfg.data.max_bad_fraction)
+    _check_ranges(cfg, src)
     from ._factory import list_models
 
     if cfg.model.backbone not in list_models():
         raise _err(src, "model.backbone", f"unknown backbone; expected one of {list_models()}", cfg.model.backbone)
+    _check_backbone(cfg, src)
     return cfg
+
+
+def _check_ranges(cfg: Config, src: str) -> None:
+    """Numbers whose wrong value would otherwise surface deep inside training as a library error."""
+    at_least = {
+        "train.steps": (cfg.train.steps, 1),
+        "data.batch_size": (cfg.data.batch_size, 1),
+        "data.eval_batch_size": (cfg.data.eval_batch_size, 1),
+        "model.img_size": (cfg.model.img_size, 1),
+        "model.head_channels": (cfg.model.head_channels, 1),
+        "model.det_num_convs": (cfg.model.det_num_convs, 0),
+        "data.num_workers": (cfg.data.num_workers, 0),
+        "train.threads": (cfg.train.threads, 0),
+        "train.eval_every": (cfg.train.eval_every, 0),
+        "train.ckpt_every": (cfg.train.ckpt_every, 0),
+        "train.log_every": (cfg.train.log_every, 0),
+        "train.eval_max_batches": (cfg.train.eval_max_batches, 0),
+        "sched.warmup_steps": (cfg.sched.warmup_steps, 0),
+    }
+    for i, ds in enumerate(cfg.data.datasets):
+        at_least[f"data.datasets[{i}].num_train"] = (ds.num_train, 1)
+        at_least[f"data.datasets[{i}].num_val"] = (ds.num_val, 1)
+    for key, (v, lo) in at_least.items():
+        if v < lo:
+            raise _err(src, key, f"must be >= {lo}", v)
+    non_negative = {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.clip_grad": cfg.optim.clip_grad,
+        "moe.aux_weight": cfg.moe.aux_weight,
+        "moe.mi_weight": cfg.moe.mi_weight,
+        "moe.z_weight": cfg.moe.z_weight,
+        **{f"tasks.{t}.weight": tc.weight for t, tc in cfg.tasks.items()},
+        **{f"data.datasets[{i}].sample_weight": ds.sample_weight for i, ds in enumerate(cfg.data.datasets)},
+    }
+    for key, v in non_negative.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise _err(src, key, "must be a finite number >= 0", v)
+    for key, v in {"optim.lr": cfg.optim.lr, "optim.head_lr_mult": cfg.optim.head_lr_mult}.items():
+        if not (math.isfinite(v) and v > 0):
+            raise _err(src, key, "must be a finite number > 0", v)
+    for t, tc in cfg.tasks.items():
+        if tc.num_classes is not None and tc.num_classes < 1:
+            raise _err(src, f"tasks.{t}.num_classes", "must be >= 1 (or null: taken from the dataset)", tc.num_classes)
+    lo, hi = (cfg.data.crop_scale + [None, None])[:2]
+    if len(cfg.data.crop_scale) != 2 or not 0 < lo <= hi <= 1:
+        raise _err(src, "data.crop_scale", "expected [min, max] with 0 < min <= max <= 1", cfg.data.crop_scale)
+    for key, v in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
+        if len(v) != 3:
+            raise _err(src, key, "expected 3 values (R, G, B)", v)
+    if any(v <= 0 for v in cfg.data.std):
+        raise _err(src, "data.std", "must be > 0", cfg.data.std)
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise _err(src, "optim.betas", "expected [beta1, beta2] in [0, 1)", cfg.optim.betas)
+    if not 0 <= cfg.moe.mi_momentum < 1:
+        raise _err(src, "moe.mi_momentum", "must be in [0, 1)", cfg.moe.mi_momentum)
+    if "detection" in cfg.tasks:
+        if cfg.model.det_channels < 32 or cfg.model.det_channels % 32:
+            raise _err(
+                src, "model.det_channels", "must be a multiple of 32 (FCOS uses GroupNorm(32))", cfg.model.det_channels
+            )
+        if not cfg.model.det_scale_factors or any(f <= 0 for f in cfg.model.det_scale_factors):
+            raise _err(
+                src,
+                "model.det_scale_factors",
+                "expected a non-empty list of positive factors",
+                cfg.model.det_scale_factors,
+            )
+    dev = cfg.train.device
+    if dev != "auto":
+        import torch
+
+        try:
+            torch.device(dev)
+        except RuntimeError:
+            raise _err(src, "train.device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'", dev) from None
+
+
+def _check_backbone(cfg: Config, src: str) -> None:
+    """Build the backbone on the meta device (no memory, no init cost) so that a wrong ``model.backbone_kwargs``
+    entry fails here, naming the key, rather than after the data is prepared."""
+    import torch
+
+    from ._factory import create_model
+
+    kw = cfg.model.backbone_kwargs
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, num_classes=0, **kw)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _err(
+            src, "model.backbone_kwargs", f"{cfg.model.backbone} cannot be built with these: {msg}", kw
+        ) from None
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -270,9 +364,18 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; expected YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except yaml.MarkedYAMLError as e:  # line:column of the problem, as compilers print it
+        where = f"{path}:{e.problem_mark.line + 1}:{e.problem_mark.column + 1}" if e.problem_mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context or 'syntax error'}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

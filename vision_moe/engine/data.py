@@ -237,34 +237,40 @@ class TooManyBadSamples(RuntimeError):
 
 class BadSampleTracker:
     """Counts unreadable samples; raises :class:`TooManyBadSamples` once their fraction exceeds the limit
-    (checked after ``min_seen`` samples so one early bad file does not stop a run)."""
+    (checked after ``min_seen`` samples so one early bad file does not stop a run). ``count`` is exact; the
+    reasons kept for the report (``bad``) are the first ``MAX_REASONS``."""
+
+    MAX_REASONS = 1000
 
     def __init__(self, max_fraction: float, min_seen: int = 50) -> None:
         self.max_fraction, self.min_seen = max_fraction, min_seen
         self.seen = 0
+        self.count = 0
         self.bad: list[str] = []
 
     def update(self, n_seen: int, reasons: Sequence[str]) -> None:
         self.seen += n_seen
+        self.count += len(reasons)
         for r in reasons:
-            if len(self.bad) < 1000:
+            if len(self.bad) < self.MAX_REASONS:
                 self.bad.append(r)
             _logger.warning("skipped bad sample: %s", r)
         self.check(final=False)
 
     @property
     def fraction(self) -> float:
-        return len(self.bad) / max(1, self.seen)
+        return self.count / max(1, self.seen)
 
     def check(self, final: bool = True) -> None:
-        if (final or self.seen >= self.min_seen) and self.bad and self.fraction > self.max_fraction:
+        if (final or self.seen >= self.min_seen) and self.count and self.fraction > self.max_fraction:
             raise TooManyBadSamples(
-                f"{len(self.bad)} of {self.seen} samples were unreadable ({self.fraction:.1%} > data.max_bad_fraction="
+                f"{self.count} of {self.seen} samples were unreadable ({self.fraction:.1%} > data.max_bad_fraction="
                 f"{self.max_fraction:.1%}); first: {self.bad[0]}"
             )
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen, "bad": list(self.bad)}
+        return {"seen": self.seen, "count": self.count, "bad": list(self.bad)}
 
     def load_state_dict(self, s: dict) -> None:
         self.seen, self.bad = int(s["seen"]), list(s["bad"])
+        self.count = int(s.get("count", len(self.bad)))  # checkpoints before the exact count: the list was it

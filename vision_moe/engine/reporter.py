@@ -39,7 +39,13 @@ class Reporter:
             return
         mpath = out_dir / "metrics.json"
         if mpath.is_file():
-            self.history = [h for h in json.loads(mpath.read_text()).get("history", []) if h["step"] <= start_step]
+            try:
+                old = json.loads(mpath.read_text())
+                self.history = [h for h in old.get("history", []) if h["step"] <= start_step]
+            except (ValueError, AttributeError, KeyError, TypeError) as e:  # unreadable: keep it aside, start anew
+                aside = mpath.with_name("metrics.json.unreadable")
+                mpath.replace(aside)
+                _logger.warning("%s: not a metrics file (%s); moved to %s, history starts empty", mpath, e, aside.name)
         if progress:
             from tqdm import tqdm
 

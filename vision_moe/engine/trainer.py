@@ -4,6 +4,7 @@ losses from the returned aux records, AMP, clipping, atomic checkpoints, exact r
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import time
@@ -19,8 +20,8 @@ from ..config import Config, config_to_dict
 from ..models.multitask import MultiTaskModel, build_multitask_model
 from ..tasks import get_task
 from . import distributed as dist_utils
-from .checkpoint import latest_checkpoint, load_model, load_train_state, save_checkpoint
-from .data import BadSampleTracker, PlanDataset, StepPlan, build_dataset, collate_plan
+from .checkpoint import CheckpointError, latest_checkpoint, load_model, load_train_state, save_checkpoint
+from .data import BadSampleTracker, PlanDataset, StepPlan, TooManyBadSamples, build_dataset, collate_plan
 from .evaluator import evaluate_task
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
@@ -160,6 +161,13 @@ class Trainer:
         self.distributed = dist_utils.init_distributed(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.main = self.rank == 0
+        if not resume and self.main and latest_checkpoint(self.out_dir) is not None:
+            # a new run would overwrite some of the old run's checkpoints and leave the later ones, which a
+            # later --resume would continue: refuse rather than mix two runs in one folder
+            raise CheckpointError(
+                f"{self.out_dir}: already holds checkpoints of a run (newest: {latest_checkpoint(self.out_dir).name}); "
+                "expected --resume to continue it, or a new --out folder (or --overwrite to discard it)"
+            )
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
@@ -267,7 +275,15 @@ class Trainer:
         if ckpt is None:
             _logger.warning("--resume: no checkpoint under %s; starting from scratch", self.out_dir)
             return
-        model, _ = load_model(ckpt)
+        model, saved = load_model(ckpt)
+        saved_cfg, cur = saved.get("model", {}), json.loads(json.dumps(self.model_cfg["model"]))  # as stored
+        if saved_cfg != cur:
+            diff = sorted(k for k in set(saved_cfg) | set(cur) if saved_cfg.get(k) != cur.get(k))
+            raise CheckpointError(
+                f"{ckpt}: made with a different model than this run's config (model.{diff[0]}: checkpoint "
+                f"{saved_cfg.get(diff[0])!r}, config {cur.get(diff[0])!r}; differing: {', '.join(diff)}); "
+                "expected the same model to resume"
+            )
         self.model.load_state_dict(model.state_dict())
         st = load_train_state(ckpt)
         self.optimizer.load_state_dict(st["optimizer"])
@@ -384,24 +400,28 @@ class Trainer:
                     self.save()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                     rep.evaluation(self.step, self.evaluate())
-            self.bad.check(final=True)
-            self.save()
+            # the finished run is written before anything can fail: checkpoint, metrics, then the bad-sample limit
+            ckpt = self.save()
             metrics = self.evaluate()
             wall = time.perf_counter() - t0
             rep.evaluation(
                 self.step,
                 metrics,
-                {"train_seconds": round(wall, 1), "bad_samples": len(self.bad.bad), "samples_seen": self.bad.seen},
+                {"train_seconds": round(wall, 1), "bad_samples": self.bad.count, "samples_seen": self.bad.seen},
             )
-            if self.bad.bad:
+            if self.bad.count:
                 rep.message(
-                    f"{len(self.bad.bad)} of {self.bad.seen} samples were unreadable and skipped "
+                    f"{self.bad.count} of {self.bad.seen} samples were unreadable and skipped "
                     f"(first: {self.bad.bad[0]})"
                 )
             rep.message(
                 f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n"
                 + format_table(metrics, {t: get_task(t).primary for t in metrics})
             )
+            try:
+                self.bad.check(final=True)
+            except TooManyBadSamples as e:
+                raise TooManyBadSamples(f"{e} (the final checkpoint {ckpt} and metrics.json were written)") from None
         finally:
             rep.close()
         return metrics

@@ -310,7 +310,7 @@ class MoEVisionTransformer(nn.Module):
             capacity_factor=capacity_factor,
         )
         self.task_embed = nn.Parameter(torch.zeros(depth, len(self.tasks), embed_dim)) if task_embed_blocks else None
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         blocks = []
         for i in range(depth):
             moe_mlp = (
