@@ -1,5 +1,8 @@
 """Every dispatcher equals the naive reference, forward and backward, with and without capacity."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +13,7 @@ from vision_moe.moe import (
     EinsumDispatcher,
     LinearExperts,
     MlpExperts,
+    MoEMlp,
     NaiveDispatcher,
     capacity_keep_mask,
     create_dispatcher,
@@ -129,6 +133,32 @@ def test_capacity_arguments():
         resolve_capacity(100, 2, 4, capacity=3, capacity_factor=1.0)
     with pytest.raises(ValueError, match="unknown dispatcher 'fast'"):
         create_dispatcher("fast")
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(capacity_factor=float("nan")), "capacity_factor must be a finite number > 0, got nan"),
+        (dict(capacity_factor=float("inf")), "capacity_factor must be a finite number > 0, got inf"),
+        (dict(capacity_factor=1e308), "capacity_factor must be a finite number > 0, got 1e+308 (too large)"),
+        (dict(capacity_factor=0.0), "capacity_factor must be a finite number > 0, got 0.0"),
+        (dict(capacity_factor=-1), "capacity_factor must be a finite number > 0, got -1"),
+        (dict(capacity_factor="0.5"), "capacity_factor must be a finite number > 0, got '0.5'"),
+        (dict(capacity=0), "capacity must be an integer >= 1, got 0"),
+        (dict(capacity=2.5), "capacity must be an integer >= 1, got 2.5"),
+    ],
+)
+def test_capacity_must_be_finite_and_positive(kw, msg):
+    """NaN slipped through ``<= 0`` and inf overflowed ``ceil``: both are now the same one-line ValueError, from
+    resolve_capacity, a layer's set_capacity and a model's set_capacity alike."""
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        resolve_capacity(100, 2, 4, **kw)
+    layer = MoEMlp(8, 8, 4, 2, ["t"])
+    if "too large" not in msg:  # a finite factor is only too large for some token count
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            layer.set_capacity(**kw)
+        assert layer.capacity is None and layer.capacity_factor is None  # unchanged
+    assert resolve_capacity(100, 2, 4, capacity=np.int64(3)) == 3
 
 
 def test_static_dispatchers_have_no_data_dependent_ops():

@@ -145,7 +145,7 @@ def test_capacity_bounded_export(tmp_path, name):
     # the graph (gather dispatcher) against the original model with the same capacity (its own sort dispatcher)
     capped = copy.deepcopy(model).set_capacity(capacity_factor=0.5)
     _assert_graph_equals_model(tmp_path / "cap" / "a.onnx", capped, "a", (32, 48))
-    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0, got 0"):
         export_model(model, ExportConfig(out_dir=str(tmp_path / "bad"), capacity_factor=0.0))
 
 
@@ -427,6 +427,132 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "do not match" in err and "\n" not in err
 
 
+def _export_tool():
+    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.main
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (
+            ["--set", "depth=two", "--task", "semseg"],
+            ["--set depth=two", "cannot build the model", "--set values are JSON"],
+        ),
+        (["--set", "foo=1", "--all-tasks"], ["--set foo=1", "unexpected keyword argument 'foo'"]),
+        (["--tasks-def", "{semseg: 3", "--task", "semseg"], ["--tasks-def '{semseg: 3': not valid JSON"]),
+        (["--tasks-def", "[1]", "--task", "semseg"], ["--tasks-def '[1]': expected a non-empty JSON object"]),
+        (["--tasks-def", '{"semseg": "x"}', "--task", "semseg"], ["task 'semseg' has 'x' classes"]),
+        (["--img-size", "0", "0", "--all-tasks"], ["--img-size must be positive, got 0 0"]),
+        (["--calib-images", "0", "--all-tasks", "--precision", "int8"], ["--calib-images must be >= 1, got 0"]),
+        (["--eval-images", "-1", "--all-tasks"], ["--eval-images must be >= 1, got -1"]),
+        (["--eval-images", "1", "--batch", "2", "--all-tasks", "--precision", "int8"], ["--eval-images must be >= 2"]),
+        (["--capacity-factor", "inf", "--all-tasks"], ["capacity_factor must be a finite number > 0, got inf"]),
+        (["--capacity-factor", "nan", "--all-tasks"], ["capacity_factor must be a finite number > 0, got nan"]),
+    ],
+)
+def test_export_tool_bad_arguments_give_one_line_errors_and_no_folder(tmp_path, capsys, args, needles):
+    out = tmp_path / "new" / "o"
+    base = ["--model", "m3vit_tiny_patch16_224", "--out", str(out)]
+    if "--set" not in args:
+        base += ["--set", "depth=1"]
+    assert _export_tool()([*base, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_export_tool_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    args = ["--model", "m3vit_tiny_patch16_224", "--set", "depth=1", "--all-tasks", "--out", str(f)]
+    assert _export_tool()(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {f}: exists and is not a folder; expected a folder (created if missing)"
+    assert f.read_text() == "keep me"
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        export_model(_small("vit_mtl_tiny_patch16_224"), ExportConfig(out_dir=str(f)))
+    with pytest.raises(ValueError, match="cannot create the folder"):  # a file where a parent folder should be
+        export_model(_small("vit_mtl_tiny_patch16_224"), ExportConfig(out_dir=str(f / "sub")))
+
+
+def test_export_config_rejects_bad_sizes(tmp_path):
+    for kw, msg in [
+        (dict(calib_images=0), "calib_images must be >= 1, got 0"),
+        (dict(eval_images=0), "eval_images must be >= 1, got 0"),
+        (dict(parity_images=0), "parity_images must be >= 1, got 0"),
+        (dict(precision="int8", batch=4, calib_images=3), r"calib_images must be >= 4 \(the batch size"),
+        (dict(img_size=(0, 32)), r"img_size must be two positive numbers \(H, W\), got \(0, 32\)"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            ExportConfig(out_dir=str(tmp_path / "o"), **kw).validate()
+
+
+def _calib_folder(root: Path, good: int, bad: int) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    for i in range(bad):
+        (root / f"bad{i}.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def test_unreadable_calibration_images_are_skipped_and_reported(tmp_path, capsys, caplog):
+    calib = _calib_folder(tmp_path / "calib", good=3, bad=1)
+    skipped: list[str] = []
+    imgs = load_images(calib, 5, skipped=skipped)
+    assert len(imgs) == 5 and all(i.shape == (32, 48, 3) for i in imgs)  # cycled over the 3 readable ones
+    assert len(skipped) == 1 and skipped[0].startswith(f"{calib / 'bad0.png'}: ")
+    assert "skipping unreadable image" in caplog.text
+    rep = export_model(
+        _small("m3vit_tiny_patch16_224"),
+        ExportConfig(
+            out_dir=str(tmp_path / "o"),
+            tasks=["a"],
+            precision="int8",
+            calib_data=str(calib),
+            calib_images=4,
+            eval_images=2,
+        ),
+    )
+    q = rep["tasks"]["a"]["int8"]
+    assert q["calibration_images"] == 4 and q["evaluation"]["images"] == 2
+    assert q["unreadable_images"] == 1 and "bad0.png" in q["unreadable_examples"][0]
+    saved = json.loads((tmp_path / "o" / "export_report.json").read_text())
+    assert saved["tasks"]["a"]["int8"]["unreadable_images"] == 1
+    # no readable image at all: one line, and no output folder
+    none = _calib_folder(tmp_path / "none", good=0, bad=2)
+    args = ["--model", "m3vit_tiny_patch16_224", "--set", "depth=1", "--task", "semseg", "--precision", "int8"]
+    assert _export_tool()([*args, "--calib-data", str(none), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: calibration data {str(none)!r}: none of its 2 images can be read (first: ")
+    assert "\n" not in err and not (tmp_path / "o2").exists()
+
+
+def test_failed_export_removes_the_empty_folders_it_created(tmp_path, monkeypatch):
+    import vision_moe.deploy.pipeline as pipeline
+
+    def fail(*a, **k):
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(pipeline, "export_onnx", fail)
+    model = _small("vit_mtl_tiny_patch16_224")
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_model(model, ExportConfig(out_dir=str(tmp_path / "a" / "b")))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there before is left alone
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_model(model, ExportConfig(out_dir=str(tmp_path / "mine")))
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_cli_checkpoint_roundtrip(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
     tool = importlib.util.module_from_spec(spec)
@@ -581,3 +707,25 @@ def test_int8_drop_on_builtin_data_uses_each_tasks_own_metric(tmp_path):
         assert ev["images"] == 6 and 0.0 <= ev["quantized"] <= 100.0 and 0.0 <= ev["fp32"] <= 100.0
         assert ev["drop"] == pytest.approx(ev["fp32"] - ev["quantized"])
     assert seg["fp32"] < 100.0  # a real metric, not agreement with fp32 (which is 100 by definition)
+
+
+def test_checkpoint_source_uses_the_normalisation_it_was_trained_with(tmp_path):
+    from vision_moe.deploy.source import load_checkpoint_source
+    from vision_moe.engine.checkpoint import save_checkpoint
+
+    m = build_multitask_model("m3vit_tiny_patch16_224", {"semseg": 3}, img_size=32, head="linear", **SMALL, **MOE)
+    model_cfg = dict(
+        backbone="m3vit_tiny_patch16_224",
+        tasks={"semseg": 3},
+        img_size=32,
+        head="linear",
+        backbone_kwargs=dict(SMALL, **MOE),
+    )
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    ck = save_checkpoint(tmp_path / "a", m, dict(model=dict(model_cfg, mean=mean, std=std)))
+    assert load_checkpoint_source(ck)[2:] == (tuple(mean), tuple(std))
+    # written without them in "model": the experiment's data section
+    ck = save_checkpoint(tmp_path / "b", m, dict(model=model_cfg, experiment=dict(data=dict(mean=mean, std=std))))
+    assert load_checkpoint_source(ck)[2:] == (tuple(mean), tuple(std))
+    ck = save_checkpoint(tmp_path / "c", m, dict(model=model_cfg))
+    assert load_checkpoint_source(ck)[2:] == ((0.5,) * 3, (0.5,) * 3)

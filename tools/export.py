@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -60,6 +61,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The command-line values that are wrong whatever the model: ValueError naming the flag, before anything is
+    built or written."""
+    if args.img_size and min(args.img_size) < 1:
+        raise ValueError(f"--img-size must be positive, got {args.img_size[0]} {args.img_size[1]}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    least = args.batch if args.precision == "int8" else 1  # INT8 calibrates / evaluates whole batches
+    for flag, v in (("--calib-images", args.calib_images), ("--eval-images", args.eval_images)):
+        if v < least:
+            why = " (--batch: INT8 runs whole batches)" if least > 1 else ""
+            raise ValueError(f"{flag} must be >= {least}{why}, got {v}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a folder; expected a folder (created if missing)")
+
+
+def _tasks_def(text: str) -> dict:
+    try:
+        tasks = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tasks-def {text!r}: not valid JSON ({e}); expected e.g. '{{\"semseg\": 7}}'") from None
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(
+            f"--tasks-def {text!r}: expected a non-empty JSON object task -> classes, e.g. '{{\"semseg\": 7}}'"
+        )
+    for task, n in tasks.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"--tasks-def: task {task!r} has {n!r} classes; expected an integer >= 1 or null")
+    return tasks
+
+
 def build(args: argparse.Namespace):
     """(model, info, mean, std) from the arguments."""
     from vision_moe.deploy.source import load_checkpoint_source, parse_overrides
@@ -70,16 +102,27 @@ def build(args: argparse.Namespace):
         return model, dict(checkpoint=args.checkpoint, config=cfg.get("model")), mean, std
     import vision_moe
 
-    if args.tasks_def:
-        from vision_moe.models.multitask import build_multitask_model
+    tasks = _tasks_def(args.tasks_def) if args.tasks_def else None
+    what = " ".join(f"--set {kv}" for kv in args.set) or "its defaults"
+    try:
+        if tasks is not None:
+            from vision_moe.models.multitask import build_multitask_model
 
-        tasks = json.loads(args.tasks_def)
-        img = overrides.pop("img_size", tuple(args.img_size) if args.img_size else 224)
-        model = build_multitask_model(args.model, tasks, img_size=img, head=args.head, **overrides)
-    else:
-        if args.img_size and "img_size" not in overrides:
-            overrides["img_size"] = tuple(args.img_size)
-        model = vision_moe.create_model(args.model, **overrides)
+            img = overrides.pop("img_size", tuple(args.img_size) if args.img_size else 224)
+            model = build_multitask_model(args.model, tasks, img_size=img, head=args.head, **overrides)
+        else:
+            if args.img_size and "img_size" not in overrides:
+                overrides["img_size"] = tuple(args.img_size)
+            model = vision_moe.create_model(args.model, **overrides)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        if isinstance(e, ValueError) and str(e).startswith("unknown "):  # model / task / head: already one line
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        src = f"--tasks-def {args.tasks_def!r} " if tasks is not None else ""
+        raise ValueError(
+            f"--model {args.model} {src}with {what}: cannot build the model ({msg}); "
+            "--set values are JSON (numbers, lists, true/false)"
+        ) from None
     return model, dict(model=args.model, overrides=overrides, weights="random init"), (0.5,) * 3, (0.5,) * 3
 
 
@@ -89,6 +132,7 @@ def main(argv=None) -> int:
     from vision_moe.deploy import ExportConfig, export_model
 
     try:
+        check_args(args)
         model, info, mean, std = build(args)
         tasks = None if args.all_tasks else args.task
         cfg = ExportConfig(
@@ -127,6 +171,8 @@ def main(argv=None) -> int:
         if "int8" in e:
             ev = e["int8"]["evaluation"]
             line += f"  int8 {ev['metric']}: fp32 {ev['fp32']:.2f} int8 {ev['quantized']:.2f} (drop {ev['drop']:.2f})"
+            if e["int8"].get("unreadable_images"):
+                line += f"  ({e['int8']['unreadable_images']} unreadable image(s) in --calib-data skipped)"
         if "engine" in e:
             line += "  engine built" if e["engine"]["built"] else f"  engine: run {e['engine']['script']}"
         print(line)

@@ -89,8 +89,22 @@ class ExportConfig:
             raise ValueError("an INT8 TensorRT engine needs int8_runtime='tensorrt' (symmetric int8 activations)")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.img_size is not None and (len(self.img_size) != 2 or min(self.img_size) < 1):
+            raise ValueError(f"img_size must be two positive numbers (H, W), got {tuple(self.img_size)}")
+        # INT8 calibrates and evaluates in whole batches: fewer images than one batch leave nothing to run
+        int8_batch = self.batch if self.precision == "int8" else 1
+        for name, least in (("calib_images", int8_batch), ("eval_images", int8_batch), ("parity_images", 1)):
+            v = getattr(self, name)
+            if v < least:
+                why = " (the batch size: INT8 runs whole batches)" if least > 1 else ""
+                raise ValueError(f"{name} must be >= {least}{why}, got {v}")
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out_dir {str(out)!r} exists and is not a folder")
+        if self.capacity_factor is not None:  # the MoE layers' own check: a finite number > 0
+            from ..moe.dispatch import resolve_capacity
+
+            resolve_capacity(1, 1, 1, capacity_factor=self.capacity_factor)
         if self.dispatcher not in ("auto", "dense", "gather", "einsum"):
             raise ValueError(
                 f"dispatcher {self.dispatcher!r} cannot be exported; expected 'auto', 'dense', 'gather' or 'einsum'"
@@ -307,10 +321,10 @@ def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -
 
 # ---------------------------------------------------------------------------------------------- entry point
 def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export ``model`` (MultiTaskModel or MoEVisionTransformer) per ``cfg``; returns and writes the report."""
-    from .quantize import convert_fp16, evaluate_drop, quantize_int8
-    from .tensorrt_build import build_or_script
+    """Export ``model`` (MultiTaskModel or MoEVisionTransformer) per ``cfg``; returns and writes the report.
 
+    Everything that can be checked (config, tasks, sizes, calibration data) is checked before ``cfg.out_dir`` is
+    created; a failed export removes the folders it created when they are still empty."""
     cfg.validate()
     model = model.eval()
     tasks = list(cfg.tasks or model.tasks)
@@ -321,10 +335,45 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
     p = token_stride(bb.patch_embed)
     if hw[0] % p[0] or hw[1] % p[1]:
         raise ValueError(f"image size {hw} is not a multiple of the patch size {tuple(p)}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n_par = max(cfg.parity_images, cfg.batch) // cfg.batch * cfg.batch
     images = sample_images(n_par, hw, cfg.mean, cfg.std)
+    data: dict[str, Any] = {}
+    if cfg.precision == "int8":  # read before anything is written: data that cannot be used leaves no folder behind
+        unreadable: list[str] = []
+        data["calib"] = sample_images(cfg.calib_images, hw, cfg.mean, cfg.std, cfg.calib_data, skipped=unreadable)
+        # the held-out images follow the calibration ones (and the unreadable files among them)
+        data["held"] = sample_images(
+            cfg.eval_images, hw, cfg.mean, cfg.std, cfg.calib_data, cfg.calib_images + len(unreadable), unreadable
+        )
+        data["unreadable"] = unreadable
+    out = Path(cfg.out_dir)
+    new_dirs = [d for d in (out, *out.parents) if not d.exists()]  # what a failed export removes again if empty
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir {str(out)!r}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        return _export(model, cfg, model_info, tasks, hw, out, images, data)
+    except BaseException:
+        for d in new_dirs:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+
+
+def _export(
+    model: nn.Module,
+    cfg: ExportConfig,
+    model_info: dict[str, Any] | None,
+    tasks: list[str],
+    hw: tuple[int, int],
+    out: Path,
+    images: np.ndarray,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    from .quantize import convert_fp16, evaluate_drop, quantize_int8
+    from .tensorrt_build import build_or_script
+
     report: dict[str, Any] = dict(
         model=model_info or {},
         config={k: v for k, v in asdict(cfg).items() if k != "out_dir"},
@@ -381,21 +430,24 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
         if cfg.precision == "int8":
             trt = cfg.int8_runtime == "tensorrt"
             p8 = out / (f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
-            calib = sample_images(cfg.calib_images, hw, cfg.mean, cfg.std, cfg.calib_data)
-            quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
-            held = sample_images(cfg.eval_images, hw, cfg.mean, cfg.std, cfg.calib_data, offset=cfg.calib_images)
+            quantize_int8(path, p8, data["calib"], cfg.batch, runtime=cfg.int8_runtime)
             entry["int8"] = dict(
                 path=p8.name,
                 sha256=_sha256(p8),
                 calibration_images=cfg.calib_images,
                 calibration_source=cfg.calib_data or "skimage.data photographs",
+                # files of calibration_source that could not be decoded: skipped, the next readable ones used
+                unreadable_images=len(data["unreadable"]),
+                unreadable_examples=data["unreadable"][:5],
                 runtime=cfg.int8_runtime,
                 format="QDQ, per-channel symmetric int8 weights, "
                 + ("symmetric int8 activations" if trt else "asymmetric uint8 activations (ONNX Runtime CPU)"),
                 tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions}
                 if trt
                 else "not for TensorRT (uint8 activations); export with int8_runtime='tensorrt' for TensorRT",
-                evaluation=evaluate_drop(path, p8, held, meta, cfg.batch, cfg.calib_data, task, hw, cfg.mean, cfg.std),
+                evaluation=evaluate_drop(
+                    path, p8, data["held"], meta, cfg.batch, cfg.calib_data, task, hw, cfg.mean, cfg.std
+                ),
             )
         if cfg.fmt == "engine":
             src = {"fp32": path, "fp16": out / f"{task}.onnx", "int8": out / f"{task}.int8.onnx"}[cfg.precision]

@@ -8,6 +8,7 @@ LongestMaxSize -> top-left zero PadIfNeeded -> Normalize, with albumentations) g
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 __all__ = ["preprocess", "sample_images", "load_images", "decode_detections", "detection_postprocess"]
+
+_logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # scikit-image's bundled colour photographs (no download needed): the default parity / calibration images.
@@ -54,9 +57,23 @@ def preprocess(
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
-def load_images(source: str | Path | None, n: int, offset: int = 0) -> list[np.ndarray]:
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_images(
+    source: str | Path | None, n: int, offset: int = 0, skipped: list[str] | None = None
+) -> list[np.ndarray]:
     """``n`` uint8 RGB images: from a folder (recursively; a built-in dataset root reads ``<split>/images``), or,
-    with ``source=None``, scikit-image's bundled photographs (cycled)."""
+    with ``source=None``, scikit-image's bundled photographs (cycled).
+
+    A folder's files are taken in sorted order from ``offset``, cycled when there are fewer than ``n``. A file
+    that cannot be decoded is skipped with a warning (its ``"path: reason"`` appended to ``skipped``, once per
+    file) and the next readable one taken instead; a folder none of whose images can be read raises ValueError.
+    """
     if source is None:
         import skimage.data
 
@@ -73,8 +90,27 @@ def load_images(source: str | Path | None, n: int, offset: int = 0) -> list[np.n
     )
     if not files:
         raise ValueError(f"calibration data {str(root)!r} holds no images ({', '.join(IMAGE_EXTS)})")
-    files = [files[(offset + i) % len(files)] for i in range(n)]
-    return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    images: list[np.ndarray] = []
+    bad: dict[Path, str] = {}
+    i = offset
+    while len(images) < n:
+        if len(bad) == len(files):
+            first = next(iter(bad.values()))
+            raise ValueError(
+                f"calibration data {str(root)!r}: none of its {len(files)} images can be read (first: {first})"
+            )
+        f = files[i % len(files)]
+        i += 1
+        if f in bad:
+            continue
+        try:
+            images.append(_read_rgb(f))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL raises all of these
+            bad[f] = f"{f}: {str(e).strip() or type(e).__name__}"
+            _logger.warning("skipping unreadable image %s", bad[f])
+            if skipped is not None:
+                skipped.append(bad[f])
+    return images
 
 
 def sample_images(
@@ -84,9 +120,12 @@ def sample_images(
     std: Sequence[float],
     source: str | Path | None = None,
     offset: int = 0,
+    skipped: list[str] | None = None,
 ) -> np.ndarray:
-    """(n, 3, H, W) float32 preprocessed real images (see :func:`load_images`)."""
-    return preprocess(load_images(source, n, offset), img_size, mean, std)
+    """(n, 3, H, W) float32 preprocessed real images (see :func:`load_images`; unreadable files go to ``skipped``)."""
+    if n < 1:
+        raise ValueError(f"need at least one image, got n={n}")
+    return preprocess(load_images(source, n, offset, skipped), img_size, mean, std)
 
 
 def decode_detections(

@@ -39,5 +39,10 @@ def load_checkpoint_source(
     from ..engine.checkpoint import load_model
 
     model, cfg = load_model(path)
-    data = cfg.get("data") or {}
-    return model, cfg, tuple(data.get("mean", (0.5,) * 3)), tuple(data.get("std", (0.5,) * 3))
+    # the trainer stores the normalisation it trained with next to the architecture (config.json "model"); the
+    # experiment's data section holds the same values and is the fallback for checkpoints written without them
+    m = cfg.get("model") or {}
+    data = (cfg.get("experiment") or {}).get("data") or {}
+    mean = m.get("mean") or data.get("mean") or (0.5,) * 3
+    std = m.get("std") or data.get("std") or (0.5,) * 3
+    return model, cfg, tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "load_model",
     "load_train_state",
     "latest_checkpoint",
+    "read_config",
     "CheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -89,12 +91,36 @@ def _resolve_dir(path: str | Path) -> Path:
     return p
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
+def _json_type(v: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(v), "a number")
+
+
+def read_config(path: str | Path, require: Sequence[str] = (), why: str = "") -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder (or of its weights file) as a dict.
+
+    A file that cannot be read, is not UTF-8, is not JSON or is not a JSON object, or lacks one of the
+    ``require``-d sections (each a JSON object; ``why`` says what needs it) raises :class:`CheckpointError`
+    naming the file."""
     d = _resolve_dir(path)
+    f = d / CONFIG
     try:
-        return json.loads((d / CONFIG).read_text())
+        text = f.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{f}: not a UTF-8 JSON file (undecodable byte at offset {e.start})") from None
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot read ({e.strerror or e})") from None
+    try:
+        cfg = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / CONFIG}: invalid JSON ({e})") from None
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f}: expected a JSON object with a 'model' section, got {_json_type(cfg)}")
+    for key in require:
+        if not isinstance(cfg.get(key), dict):
+            what = f"no {key!r} section" if key not in cfg else f"the {key!r} section is {_json_type(cfg[key])}"
+            raise CheckpointError(f"{f}: {what}; expected a JSON object" + (f" ({why})" if why else ""))
+    return cfg
 
 
 def load_model(path: str | Path, verify: bool = True):
@@ -119,6 +145,9 @@ def load_model(path: str | Path, verify: bool = True):
     m = cfg.get("model")
     if not isinstance(m, dict) or "backbone" not in m or "tasks" not in m:
         raise CheckpointError(f"{d / CONFIG}: no 'model' section with backbone and tasks")
+    for key in ("tasks", "head_kwargs", "backbone_kwargs"):
+        if not isinstance(m.get(key) or {}, dict):
+            raise CheckpointError(f"{d / CONFIG}: model.{key} must be a JSON object, got {_json_type(m[key])}")
     try:
         model = build_multitask_model(
             m["backbone"],

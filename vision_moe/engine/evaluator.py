@@ -51,6 +51,21 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
         raise ValueError(f"no metric adapter for task {task!r}")
 
 
+def _batch_sizes(loader) -> Any:
+    """``j -> number of samples the loader's batch j was drawn with`` (before unreadable ones were dropped), or
+    None for a loader whose batches it cannot tell (an iterable without ``batch_size`` / a sized dataset)."""
+    bs, ds = getattr(loader, "batch_size", None), getattr(loader, "dataset", None)
+    try:
+        n = len(ds)
+    except TypeError:
+        return None
+    if not bs:
+        return None
+    if getattr(loader, "drop_last", False):
+        return lambda j: bs
+    return lambda j: max(0, min(bs, n - j * bs))
+
+
 @torch.no_grad()
 def evaluate_task(
     model: nn.Module,
@@ -65,16 +80,27 @@ def evaluate_task(
     """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``.
 
     When the MoE layers have a capacity limit, ``moe_dropped_fraction`` (assignments dropped over all MoE layers
-    and images) is added."""
+    and images) is added.
+
+    Unreadable images (dropped from their batch by :class:`~vision_moe.data.SkipBadSamples` /
+    ``collate_multitask``) are skipped: they are left out of the evaluated image set, their ground truth
+    included (COCOeval scores only the images passed to the metric: ``imgIds`` are the images it saw), so the
+    metrics describe the readable images exactly as if the others were not in the split. Their number is added
+    as ``skipped_images`` and logged, so a metric over fewer images than the split holds never goes unnoticed."""
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0 (0 = the whole split), got {max_batches}")
     was = model.training
     model.eval()
     metric = build_metric(task, dataset, num_classes)
     assigned = dropped = 0
+    expected = _batch_sizes(loader)
+    seen = batches = 0
     try:
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
             images, targets = batch[0], batch[1]
+            batches, seen = i + 1, seen + len(targets)
             if len(targets) == 0:
                 continue
             if amp_ctx is not None:
@@ -90,6 +116,18 @@ def evaluate_task(
         out = {k: float(v) for k, v in metric.compute().items() if isinstance(v, (int, float))}
         if assigned:
             out["moe_dropped_fraction"] = dropped / assigned
+        if expected is not None:
+            total = sum(expected(j) for j in range(batches))
+            if total > seen:
+                out["skipped_images"] = total - seen
+                _logger.warning(
+                    "%s: %d of %d held-out images were unreadable and skipped; the metrics cover the other %d "
+                    "(the skipped images and their ground truth are not evaluated)",
+                    task,
+                    total - seen,
+                    total,
+                    seen,
+                )
         return out
     finally:
         model.train(was)

@@ -20,7 +20,14 @@ from ..config import Config, config_to_dict
 from ..models.multitask import MultiTaskModel, build_multitask_model
 from ..tasks import get_task
 from . import distributed as dist_utils
-from .checkpoint import CheckpointError, latest_checkpoint, load_model, load_train_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_model,
+    load_train_state,
+    read_config,
+    save_checkpoint,
+)
 from .data import BadSampleTracker, PlanDataset, StepPlan, TooManyBadSamples, build_dataset, collate_plan
 from .evaluator import evaluate_task
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
@@ -449,6 +456,7 @@ def evaluate_checkpoint(
     from ..config import config_from_dict
     from ..data import SkipBadSamples, collate_multitask
 
+    read_config(checkpoint, require=("experiment",), why="evaluation rebuilds the held-out data from it")
     model, mc = load_model(checkpoint)
     exp = dict(mc["experiment"])
     cfg = config_from_dict(exp, str(checkpoint))

@@ -26,6 +26,7 @@ Einsum letters: s tokens, k slots, e experts, c capacity, m model dim, o output 
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 
 import torch
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 
+def _shown(v: object) -> str:
+    return str(v) if isinstance(v, numbers.Real) else repr(v)  # nan, inf, 2.5; 'text' quoted
+
+
 def resolve_capacity(
     num_tokens: int, top_k: int, num_experts: int, capacity: int | None = None, capacity_factor: float | None = None
 ) -> int | None:
@@ -52,11 +57,18 @@ def resolve_capacity(
     if capacity is not None and capacity_factor is not None:
         raise ValueError("give capacity or capacity_factor, not both")
     if capacity_factor is not None:
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
-    if capacity is not None and capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
+        # NaN fails every comparison and inf overflows ceil(): both would surface as a library error later
+        ok = isinstance(capacity_factor, numbers.Real) and not isinstance(capacity_factor, bool)
+        if not (ok and math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be a finite number > 0, got {_shown(capacity_factor)}")
+        cap = capacity_factor * num_tokens * top_k / num_experts
+        if not math.isfinite(cap):
+            raise ValueError(f"capacity_factor must be a finite number > 0, got {_shown(capacity_factor)} (too large)")
+        return max(1, math.ceil(cap))
+    if capacity is not None:
+        ok = isinstance(capacity, numbers.Integral) and not isinstance(capacity, bool)
+        if not (ok and capacity >= 1):
+            raise ValueError(f"capacity must be an integer >= 1, got {_shown(capacity)}")
     return capacity
 
 
