@@ -58,6 +58,45 @@ def test_coco_with_train_transform_keeps_boxes_inside(tmp_path):
         (lambda d: d["annotations"][1].__setitem__("bbox", [1, 2, 3]), "expected 4 numbers"),
         (lambda d: d["annotations"][1].__setitem__("category_id", 99), "not in 'categories'"),
         (lambda d: d["images"][0].pop("file_name"), "missing key 'file_name'"),
+        (lambda d: d["images"][3].__setitem__("id", [1]), r"images\[3\]\.id: expected an integer, got \[1\]"),
+        (lambda d: d["images"][1].__setitem__("id", "2"), r"images\[1\]\.id: expected an integer, got '2'"),
+        (
+            lambda d: d["images"][1].__setitem__("file_name", ["a.jpg"]),
+            r"file_name = \['a.jpg'\]; expected a non-empty",
+        ),
+        (
+            lambda d: d["images"][2].__setitem__("id", 1),
+            r"images\[2\]\.id = 1 repeats images\[0\]\.id; expected unique",
+        ),
+        (lambda d: d["categories"][1].__setitem__("id", {"x": 1}), r"categories\[1\]\.id: expected an integer"),
+        (lambda d: d["categories"][2].__setitem__("id", 3), r"categories\[2\]\.id = 3 repeats categories\[0\]"),
+        (
+            lambda d: d["annotations"][4].__setitem__("image_id", [2]),
+            r"annotations\[4\]\.image_id: expected an integer",
+        ),
+        (
+            lambda d: d["annotations"][0].__setitem__("category_id", 3.0),
+            r"\.category_id: expected an integer, got 3\.0",
+        ),
+        (lambda d: d["annotations"][5].__setitem__("id", None), r"annotations\[5\]\.id: expected an integer, got None"),
+        (lambda d: d["annotations"][1].__setitem__("bbox", [1, 2, True, 4]), "expected 4 numbers"),
+    ],
+    ids=[
+        "no_annotations",
+        "no_bbox",
+        "bbox_3_numbers",
+        "unknown_category",
+        "no_file_name",
+        "image_id_list",
+        "image_id_str",
+        "file_name_list",
+        "duplicate_image_id",
+        "category_id_dict",
+        "duplicate_category_id",
+        "ann_image_id_list",
+        "ann_category_id_float",
+        "ann_id_null",
+        "bbox_bool",
     ],
 )
 def test_malformed_coco_json_is_one_line_error(tmp_path, mutate, expected):
@@ -76,6 +115,39 @@ def test_not_json(tmp_path):
     ann.write_text('{"images": [')
     with pytest.raises(ValueError, match="not valid JSON"):
         CocoDetection(img_dir.parent, "train2017")
+
+
+def test_binary_annotation_file_is_one_line_error_naming_it(tmp_path):
+    img_dir, ann = write_coco(tmp_path)
+    other = tmp_path / "binary.json"
+    other.write_bytes(b"\x89\xf3\x00\xff binary, not UTF-8 \xc3\x28")
+    with pytest.raises(ValueError) as e:
+        CocoDetection(img_dir.parent, "train2017", ann_file=other)
+    assert (
+        str(e.value)
+        == f"{other}: malformed COCO JSON: not UTF-8 text (byte 0x89 at offset 0); expected a JSON text file"
+    )
+    ann.write_bytes(json.dumps(json.loads(ann.read_text())).encode("utf-16"))  # BOM-marked UTF-16 is still JSON
+    assert len(CocoDetection(img_dir.parent, "train2017")) == 4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[1, 2, float("nan"), 4], [float("inf"), 2, 3, 4], [1, 2, 3, -float("inf")], [1, 2, 10**400, 4]],
+    ids=["nan_width", "inf_x", "minus_inf_height", "int_beyond_float"],
+)
+def test_non_finite_boxes_are_dropped_and_counted_like_empty_ones(tmp_path, caplog, bad):
+    img_dir, ann = write_coco(tmp_path)
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["bbox"] = bad  # image 1's second box (category 11)
+    ann.write_text(json.dumps(data))  # Python writes NaN / Infinity, which json.loads reads back
+    with caplog.at_level("WARNING", logger="vision_moe.data.coco"):
+        ds = CocoDetection(img_dir.parent, "train2017")
+    assert ds.num_dropped_boxes == 2  # this one and the fixture's zero-width box
+    assert f"{ann}: dropped 2 boxes with non-positive width or height or a NaN / inf value" in caplog.text
+    assert 2 not in ds.coco.anns
+    _, tgt = ds[0]
+    assert tgt["labels"].tolist() == [0] and torch.isfinite(tgt["boxes"]).all()
 
 
 def test_corrupt_and_truncated_images_raise_bad_sample_and_are_skipped(tmp_path):

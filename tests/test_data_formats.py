@@ -1,5 +1,8 @@
 """Loaders for ADE20K/VOC folders, ImageNet folders, PASCAL-Context and NYUD-v2 multi-task layouts."""
 
+import io
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +126,58 @@ def test_nyud_multitask(tmp_path):
     (tmp_path / "depth" / "0002.npy").unlink()
     with pytest.raises(BadSampleError, match="file not found"):
         ds[1]
+
+
+def _npz_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, a=np.zeros((12, 16), np.float32))
+    return buf.getvalue()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "folder, content, expected",
+    [
+        ("depth", b"", r"cannot read \.npy \(No data left in file\)"),  # EOFError from numpy
+        ("depth", "truncated", r"cannot read \.npy \(Failed to read all data"),
+        ("edge", "header_only", r"cannot read \.npy \(EOF: reading array header"),
+        ("depth", _npz_bytes(), r"is an \.npz archive; expected a single array"),
+        ("depth", _npy_bytes(np.full((12, 16), "x")), r"dtype <U1; expected a real numeric array"),
+        ("depth", _npy_bytes(np.zeros((12, 16, 2), np.float32)), r"shape \(12, 16, 2\); expected a single-channel map"),
+        ("edge", _npy_bytes(np.zeros((12, 16, 3), np.float32)), r"shape \(12, 16, 3\); expected a single-channel map"),
+    ],
+    ids=["empty", "truncated", "header_only", "npz", "strings", "two_channel_depth", "three_channel_edges"],
+)
+def test_nyud_corrupt_npy_is_a_bad_sample_naming_the_file(tmp_path, folder, content, expected):
+    write_nyud(tmp_path)
+    path = tmp_path / folder / "0001.npy"
+    good = path.read_bytes()
+    content = {"truncated": good[: len(good) - 100], "header_only": good[:60]}.get(content, content)
+    path.write_bytes(content)
+    ds = NYUDv2MT(tmp_path, "val")
+    with pytest.raises(BadSampleError, match=expected) as e:
+        ds[0]
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    skip = SkipBadSamples(ds)  # training goes on: the sample is counted, the next one loads
+    images, targets = collate_multitask([skip[0], skip[1]])
+    assert skip.bad_count == 1 and images.shape[0] == 1 and targets[0]["image_id"] == 1
+
+
+def test_corrupt_mat_and_png_are_bad_samples(tmp_path):
+    write_pascal_context(tmp_path)
+    mat = tmp_path / "pascal-context" / "trainval" / "2008_000002.mat"
+    mat.write_bytes(mat.read_bytes()[:100])  # scipy raises IndexError on a .mat cut inside its 128-byte header
+    with pytest.raises(BadSampleError, match=r"2008_000002\.mat: cannot read \.mat file"):
+        PascalContextMT(tmp_path, "train", tasks=("edges",))[0]
+    png = tmp_path / "sal_distill" / "2008_000002.png"
+    data = bytearray(png.read_bytes())  # a header claiming a 10^5 x 10^5 image: PIL's DecompressionBombError
+    data[16:24] = (100_000).to_bytes(4, "big") * 2
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    png.write_bytes(bytes(data))
+    with pytest.raises(BadSampleError, match=r"2008_000002\.png: cannot decode PNG \(Image size"):
+        PascalContextMT(tmp_path, "train", tasks=("saliency",))[0]

@@ -17,11 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     truncate = False
+    on_request = None  # a test can record the requests made
 
     def log_message(self, *args):  # keep pytest output clean
         pass
 
     def do_GET(self):
+        if _Handler.on_request is not None:
+            _Handler.on_request(self.path)
         if self.path.startswith("/truncated"):
             data = (Path(self.directory) / "w.safetensors").read_bytes()
             self.send_response(200)
@@ -90,8 +93,12 @@ def test_cache_reused_and_offline_mode(server, monkeypatch):
     first = hub.download_url(f"{base}/w.safetensors", sha256=digest)
     monkeypatch.setenv("VISION_MOE_OFFLINE", "1")
     assert hub.download_url("http://127.0.0.1:9/w.safetensors", sha256=digest) == first  # no network touched
-    with pytest.raises(FileNotFoundError, match="offline mode: .*other.safetensors is not cached"):
+    with pytest.raises(FileNotFoundError) as e:
         hub.download_url("http://127.0.0.1:9/other.safetensors")
+    assert str(e.value) == (
+        f"offline (VISION_MOE_OFFLINE=1): http://127.0.0.1:9/other.safetensors is not in the cache as "
+        f"{hub.cache_dir() / 'other.safetensors'}; download it once with network access or unset VISION_MOE_OFFLINE"
+    )
 
 
 def test_unreachable_server_is_a_clear_error(server, monkeypatch):
@@ -103,23 +110,127 @@ def test_registry_and_resolution():
     assert hub.resolve_weights("vit_small_patch16_224.augreg_in21k_ft_in1k").hf_hub_id.startswith("timm/")
     with pytest.raises(ValueError, match="unknown weights 'm3vit_tiny_patch16_224.nothing'"):
         hub.resolve_weights("m3vit_tiny_patch16_224.nothing")
-    with pytest.raises(ValueError, match="64 lowercase hex"):
+    with pytest.raises(ValueError, match="sha256 must be 64 hex digits, got 'abc'"):
         hub.WeightsEntry(url="http://x/y", sha256="abc")
     with pytest.raises(ValueError, match="exactly one of"):
         hub.WeightsEntry()
 
 
-def test_download_tool(server, capsys):
+def _download_tool(*args: str) -> int:
     import runpy
     import sys
 
-    base, digest, _ = server
     argv = sys.argv
-    sys.argv = ["download.py", "--url", f"{base}/w.safetensors", "--sha256", digest]
+    sys.argv = ["download.py", *args]
     try:
         with pytest.raises(SystemExit) as e:
             runpy.run_path(str(ROOT / "tools" / "download.py"), run_name="__main__")
     finally:
         sys.argv = argv
-    assert e.value.code == 0
+    return e.value.code
+
+
+def test_download_tool(server, capsys):
+    base, digest, _ = server
+    assert _download_tool("--url", f"{base}/w.safetensors", "--sha256", digest) == 0
     assert capsys.readouterr().out.strip().endswith("w.safetensors")
+
+
+def test_sha256_in_either_case(server, capsys):
+    base, digest, _ = server
+    assert hub.WeightsEntry(url="http://x/y", sha256=digest.upper()).sha256 == digest
+    assert hub.sha256_file(hub.download_url(f"{base}/w.safetensors", sha256=digest.upper())) == digest
+    assert _download_tool("--url", f"{base}/w.safetensors", "--sha256", digest.upper(), "--filename", "u.st") == 0
+    assert capsys.readouterr().out.strip() == str(hub.cache_dir() / "u.st")
+    assert _download_tool("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "--sha256", digest) == 2  # not ignored
+    assert "--sha256 applies to --url downloads only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("filename", ["../x.safetensors", "sub/dir/w.safetensors", "..", "a\\b.safetensors"])
+def test_filename_must_be_plain_before_any_download(server, capsys, filename):
+    base, _, _ = server
+    hits = []
+    _Handler.on_request = hits.append
+    try:
+        assert _download_tool("--url", f"{base}/w.safetensors", "--filename", filename) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"download.py: error: --filename must be a plain file name, got {filename!r}"
+        )
+        with pytest.raises(ValueError, match=r"^filename must be a plain file name, got "):
+            hub.download_url(f"{base}/w.safetensors", filename=filename)
+    finally:
+        _Handler.on_request = None
+    assert hits == [] and not hub.cache_dir().exists()  # nothing requested, nothing written
+
+
+def test_unusable_cache_dir_names_vision_moe_cache(server, tmp_path, monkeypatch, capsys):
+    base, digest, _ = server
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("VISION_MOE_CACHE", str(blocker / "cache"))
+    with pytest.raises(OSError) as e:
+        hub.download_url(f"{base}/w.safetensors", sha256=digest)
+    msg = str(e.value)
+    assert msg.startswith(f"VISION_MOE_CACHE={blocker / 'cache'}: cannot create or write the weights cache ")
+    assert msg.endswith("; expected a writable directory") and "\n" not in msg
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("must not be reached"))
+    assert _download_tool("vit_tiny_patch16_224.augreg_in21k_ft_in1k") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: VISION_MOE_CACHE={blocker / 'cache'}: cannot create or write the weights cache ")
+    assert "\n" not in err
+
+
+@pytest.mark.parametrize("var, value", [("VISION_MOE_OFFLINE", "1"), ("HF_HUB_OFFLINE", "true")])
+def test_offline_hf_weights_not_cached_is_one_line(tmp_path, monkeypatch, capsys, var, value):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VISION_MOE_CACHE", str(cache))
+    monkeypatch.delenv("VISION_MOE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(var, value)
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's config names the hf repo; nothing is cached
+    want = (
+        f"offline ({var}={value}): timm/{name}/model.safetensors is not in the cache {cache / 'hf'}; "
+        f"download it once with network access (python tools/download.py {name}) or unset {var}"
+    )
+    with pytest.raises(FileNotFoundError) as e:
+        hub.fetch_weights(name)
+    assert str(e.value) == want
+    assert _download_tool(name) == 1
+    assert capsys.readouterr().err.strip() == f"error: {want}"
+
+
+def test_hf_download_failure_names_the_url(tmp_path, monkeypatch, capsys):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    class ConnectError(OSError):  # stands for the HTTP client's connection error
+        pass
+
+    monkeypatch.setenv("VISION_MOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VISION_MOE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    url = f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
+
+    def no_network(*args, **kwargs):  # what huggingface_hub raises after its retries when the host is unreachable
+        try:
+            raise ConnectError("[Errno -2] Name or service not known")
+        except ConnectError as cause:
+            raise LocalEntryNotFoundError("An error happened ... check your connection and try again.") from cause
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
+    want = (
+        f"cannot download {url} (ConnectError: [Errno -2] Name or service not known) "
+        f"and it is not in the cache {tmp_path / 'cache' / 'hf'}"
+    )
+    with pytest.raises(ConnectionError) as e:
+        hub.fetch_weights(name)
+    assert str(e.value) == want
+    assert _download_tool(name) == 1
+    assert capsys.readouterr().err.strip() == f"error: {want}"
+
+    def not_found(*args, **kwargs):
+        raise RuntimeError("404 Client Error.\n\nEntry Not Found for url: ...")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", not_found)
+    with pytest.raises(OSError, match=f"^cannot fetch {url} into the cache .*: RuntimeError: 404 Client Error. Entry"):
+        hub.fetch_weights(name)

@@ -84,6 +84,8 @@ def test_unknown_model_and_kwarg_raise():
         vision_moe.create_model("m3vit_huge")
     with pytest.raises(TypeError, match="not_an_arg"):
         vision_moe.create_model("m3vit_tiny_patch16_224", not_an_arg=1)
+    with pytest.raises(ValueError, match=r"tasks='depth': expected a list of task names, e.g. tasks=\['depth'\]"):
+        vision_moe.create_model("m3vit_tiny_patch16_224", tasks="depth")
 
 
 def test_moe_block_layout_and_dense_twin():

@@ -11,14 +11,14 @@ Then upcycle or load: ``vision_moe.create_model(name, pretrained=True, pretraine
 import argparse
 import sys
 
-from vision_moe.hub import WEIGHTS, WeightsEntry, fetch_weights
+from vision_moe.hub import WEIGHTS, WeightsEntry, check_plain_filename, fetch_weights
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", nargs="?", help="weights name: a vision-moe entry or a timm weight tag (arch.tag)")
     ap.add_argument("--url", help="download this URL instead of a named entry")
-    ap.add_argument("--sha256", help="expected sha256 of the file (with --url)")
+    ap.add_argument("--sha256", help="expected sha256 of the file (with --url; 64 hex digits, either case)")
     ap.add_argument("--filename", help="file name in the cache (default: from the URL)")
     ap.add_argument("--list", action="store_true", help="list vision-moe's registered weights")
     args = ap.parse_args(argv)
@@ -30,6 +30,14 @@ def main(argv=None) -> int:
         return 0
     if bool(args.name) == bool(args.url):
         ap.error("give a weights name or --url, not both")
+    for flag, value in (("--sha256", args.sha256), ("--filename", args.filename)):
+        if value is not None and not args.url:
+            ap.error(f"{flag} applies to --url downloads only; a named entry brings its own")
+    if args.filename is not None:
+        try:
+            check_plain_filename(args.filename, "--filename")
+        except ValueError as e:
+            ap.error(str(e))
     try:
         src = WeightsEntry(url=args.url, sha256=args.sha256, filename=args.filename) if args.url else args.name
         print(fetch_weights(src, progress=True))

@@ -26,6 +26,8 @@ def create_model(name: str, tasks: Sequence[str] | None = None, pretrained: bool
     known = list_models()
     if name not in known:
         raise ValueError(f"unknown model {name!r}; vision-moe models are {known}")
+    if isinstance(tasks, str):  # tuple("depth") would be five one-letter tasks
+        raise ValueError(f"tasks={tasks!r}: expected a list of task names, e.g. tasks=[{tasks!r}]")
     if tasks is not None:
         overrides["tasks"] = tuple(tasks)
     return timm.create_model(name, pretrained=pretrained, **overrides)

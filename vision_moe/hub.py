@@ -31,6 +31,7 @@ __all__ = [
     "cache_dir",
     "is_offline",
     "sha256_file",
+    "check_plain_filename",
     "download_url",
     "resolve_weights",
     "fetch_weights",
@@ -54,10 +55,23 @@ class WeightsEntry:
     def __post_init__(self) -> None:
         if bool(self.url) == bool(self.hf_hub_id):
             raise ValueError("a weights entry needs exactly one of url= or hf_hub_id=")
-        if self.sha256 is not None and (
-            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
-        ):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.sha256 is not None:
+            object.__setattr__(self, "sha256", _check_sha256(self.sha256))
+
+
+def _check_sha256(sha256: str) -> str:
+    """``sha256`` as 64 lowercase hex digits (either case accepted), or a ValueError."""
+    norm = sha256.strip().lower() if isinstance(sha256, str) else ""
+    if len(norm) != 64 or any(c not in "0123456789abcdef" for c in norm):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    return norm
+
+
+def check_plain_filename(name: str, what: str = "filename") -> str:
+    """``name`` if it is a bare file name (no folder part, not '.' or '..'), else a ValueError."""
+    if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise ValueError(f"{what} must be a plain file name, got {name!r}")
+    return name
 
 
 # vision-moe has published no trained weights yet; entries are added here as they are released (with sha256).
@@ -75,11 +89,40 @@ def register_weights(name: str, entry: WeightsEntry, overwrite: bool = False) ->
 
 def cache_dir() -> Path:
     """``$VISION_MOE_CACHE`` or ``~/.cache/vision_moe``."""
-    return Path(os.environ.get("VISION_MOE_CACHE", Path.home() / ".cache" / "vision_moe"))
+    return Path(os.environ.get("VISION_MOE_CACHE") or Path.home() / ".cache" / "vision_moe")
+
+
+def _offline_var() -> str | None:
+    """The environment variable that turns offline mode on, if one does."""
+    for v in ("VISION_MOE_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(v, "").lower() in ("1", "true", "yes"):
+            return v
+    return None
 
 
 def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("VISION_MOE_OFFLINE", "HF_HUB_OFFLINE"))
+    return _offline_var() is not None
+
+
+def _cache_error(folder: Path, e: OSError, in_cache: bool) -> OSError:
+    env = os.environ.get("VISION_MOE_CACHE")
+    if not in_cache:
+        where = f"{folder}: cannot create or write the download folder"
+    elif env:
+        where = f"VISION_MOE_CACHE={env}: cannot create or write the weights cache {folder}"
+    else:
+        where = f"{folder}: cannot create or write the weights cache (set VISION_MOE_CACHE to use another folder)"
+    return OSError(f"{where} ({e.strerror or e}); expected a writable directory")
+
+
+def _one_line(e: BaseException) -> str:
+    """The root cause of ``e`` (through ``raise ... from``) as one line."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or (None if e.__suppress_context__ else e.__context__)) and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def sha256_file(path: str | Path) -> str:
@@ -106,16 +149,25 @@ def download_url(
     name = filename or Path(urlparse(url).path).name
     if not name:
         raise ValueError(f"cannot tell a file name from {url!r}; pass filename=")
+    check_plain_filename(name)
+    sha256 = None if sha256 is None else _check_sha256(sha256)
     folder = dest or cache_dir()
     target = folder / name
-    if target.exists():
+    if target.is_file():
         if sha256 is None or sha256_file(target) == sha256:
             return target
         _logger.warning("cached %s does not match sha256 %s; downloading again", target, sha256)
-    if is_offline():
-        raise FileNotFoundError(f"offline mode: {target} is not cached (source {url})")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    offline = _offline_var()
+    if offline:
+        raise FileNotFoundError(
+            f"offline ({offline}={os.environ[offline]}): {url} is not in the cache as {target}; download it once "
+            f"with network access or unset {offline}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    except OSError as e:
+        raise _cache_error(folder, e, in_cache=dest is None) from None
     try:
         h = hashlib.sha256()
         got = 0
@@ -177,20 +229,36 @@ def resolve_weights(name: str) -> WeightsEntry:
 
 def fetch_weights(name_or_entry: str | WeightsEntry, progress: bool = False) -> Path:
     """Local path of the weights, downloading into the cache if needed (never in offline mode)."""
+    name = name_or_entry if isinstance(name_or_entry, str) else "<weights name>"
     entry = resolve_weights(name_or_entry) if isinstance(name_or_entry, str) else name_or_entry
     if entry.url:
         return download_url(entry.url, sha256=entry.sha256, filename=entry.filename, progress=progress)
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    repo, fname = entry.hf_hub_id, entry.filename or "model.safetensors"
+    folder = cache_dir() / "hf"
+    offline = _offline_var()
+    if not offline:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _cache_error(folder, e, in_cache=True) from None
     # huggingface_hub verifies the LFS sha256 itself and honours HF_HUB_OFFLINE; our flag is passed through.
-    path = Path(
-        hf_hub_download(
-            entry.hf_hub_id,
-            entry.filename or "model.safetensors",
-            cache_dir=str(cache_dir() / "hf"),
-            local_files_only=is_offline(),
-        )
-    )
+    # Its errors name neither the file nor the cache (and span several lines): each becomes one line that does.
+    try:
+        path = Path(hf_hub_download(repo, fname, cache_dir=str(folder), local_files_only=offline is not None))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # not cached, and the network failed or is off
+        if offline:
+            raise FileNotFoundError(
+                f"offline ({offline}={os.environ[offline]}): {repo}/{fname} is not in the cache {folder}; download "
+                f"it once with network access (python tools/download.py {name}) or unset {offline}"
+            ) from None
+        raise ConnectionError(
+            f"cannot download {hf_hub_url(repo, fname)} ({_one_line(e)}) and it is not in the cache {folder}"
+        ) from None
+    except Exception as e:  # unknown repo / file (HTTP 401, 404), a full disk, ...
+        raise OSError(f"cannot fetch {hf_hub_url(repo, fname)} into the cache {folder}: {_one_line(e)}") from None
     if entry.sha256 is not None and sha256_file(path) != entry.sha256:
         raise ValueError(f"checksum mismatch for {entry.hf_hub_id}/{entry.filename}: expected sha256 {entry.sha256}")
     return path

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import numbers
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,18 +25,37 @@ def _fail(path: Path, what: str) -> ValueError:
     return ValueError(f"{path}: malformed COCO JSON: {what}")
 
 
+def _check_id(path: Path, where: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(path, f"{where}: expected an integer, got {value!r}")
+
+
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def load_coco_json(ann_file: str | Path) -> tuple[COCO, int]:
     """Validate a COCO instances JSON and index it with pycocotools.
 
-    Boxes with non-positive width/height are dropped (returned count); missing ``area`` / ``iscrowd`` are filled.
+    Boxes with non-positive width/height or a NaN / inf value are dropped (returned count); missing ``area`` /
+    ``iscrowd`` are filled.
     Raises a one-line ValueError naming the file and what was expected.
     """
     path = Path(ann_file)
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(raw)  # bytes: UTF-8 (or a BOM-marked UTF-16/32) as the JSON standard allows
     except json.JSONDecodeError as e:
         raise _fail(path, f"not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        bad = f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        raise _fail(path, f"not UTF-8 text ({bad}); expected a JSON text file") from None
+    except RecursionError:
+        raise _fail(path, "JSON nested too deeply; expected a COCO instances object") from None
     if not isinstance(data, dict):
         raise _fail(path, f"expected a JSON object at top level, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -43,17 +63,27 @@ def load_coco_json(ann_file: str | Path) -> tuple[COCO, int]:
             raise _fail(path, f"missing top-level key {key!r}; expected 'images', 'annotations', 'categories'")
         if not isinstance(data[key], list):
             raise _fail(path, f"{key!r} must be a list")
-    image_ids = set()
+    image_ids: dict[int, int] = {}  # id -> index in 'images'
     for i, img in enumerate(data["images"]):
         for key in ("id", "file_name"):
             if not isinstance(img, dict) or key not in img:
                 raise _fail(path, f"images[{i}] missing key {key!r}; expected 'id' and 'file_name'")
-        image_ids.add(img["id"])
-    cat_ids = set()
+        _check_id(path, f"images[{i}].id", img["id"])
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise _fail(path, f"images[{i}].file_name = {img['file_name']!r}; expected a non-empty string")
+        if img["id"] in image_ids:
+            first = image_ids[img["id"]]
+            raise _fail(path, f"images[{i}].id = {img['id']} repeats images[{first}].id; expected unique image ids")
+        image_ids[img["id"]] = i
+    cat_ids: dict[int, int] = {}
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             raise _fail(path, f"categories[{i}] missing key 'id'")
-        cat_ids.add(cat["id"])
+        _check_id(path, f"categories[{i}].id", cat["id"])
+        if cat["id"] in cat_ids:
+            first = cat_ids[cat["id"]]
+            raise _fail(path, f"categories[{i}].id = {cat['id']} repeats categories[{first}].id; expected unique ids")
+        cat_ids[cat["id"]] = i
     kept, dropped = [], 0
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
@@ -61,15 +91,22 @@ def load_coco_json(ann_file: str | Path) -> tuple[COCO, int]:
         for key in ("image_id", "category_id", "bbox"):
             if key not in ann:
                 raise _fail(path, f"annotations[{i}] missing key {key!r}; expected 'image_id', 'category_id', 'bbox'")
+        for key in ("image_id", "category_id", "id"):
+            if key in ann:
+                _check_id(path, f"annotations[{i}].{key}", ann[key])
         bbox = ann["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, numbers.Real) for v in bbox):
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in bbox)
+        ):
             raise _fail(path, f"annotations[{i}].bbox = {bbox!r}; expected 4 numbers [x, y, width, height]")
         if ann["image_id"] not in image_ids:
             raise _fail(path, f"annotations[{i}].image_id = {ann['image_id']!r} is not in 'images'")
         if ann["category_id"] not in cat_ids:
             raise _fail(path, f"annotations[{i}].category_id = {ann['category_id']!r} is not in 'categories'")
-        if bbox[2] <= 0 or bbox[3] <= 0:
-            dropped += 1
+        if not all(_finite(v) for v in bbox) or bbox[2] <= 0 or bbox[3] <= 0:
+            dropped += 1  # empty, or NaN / inf (Python's json reads NaN and Infinity): no usable box
             continue
         ann = dict(ann)
         ann.setdefault("id", i + 1)
@@ -84,7 +121,7 @@ def load_coco_json(ann_file: str | Path) -> tuple[COCO, int]:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     if dropped:
-        _logger.warning("%s: dropped %d boxes with non-positive width or height", path, dropped)
+        _logger.warning("%s: dropped %d boxes with non-positive width or height or a NaN / inf value", path, dropped)
     return coco, dropped
 
 

@@ -39,6 +39,12 @@ def check_tasks(tasks: Sequence[str] | None, available: Sequence[str], owner: st
     return tuple(tasks)
 
 
+def _reason(e: BaseException) -> str:
+    """One line for an exception: its message (or its type when it has none)."""
+    msg = " ".join(str(e).split())
+    return msg if msg else type(e).__name__
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB, or raise BadSampleError."""
     try:
@@ -47,8 +53,8 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError:
         raise BadSampleError(path, "file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadSampleError(path, f"cannot decode image ({e}); expected a readable RGB image") from None
+    except Exception as e:  # decoders raise many types on a corrupt file: all of them mean a bad sample
+        raise BadSampleError(path, f"cannot decode image ({_reason(e)}); expected a readable RGB image") from None
 
 
 def read_png(path: str | Path, expect_hw: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
@@ -61,21 +67,26 @@ def read_png(path: str | Path, expect_hw: tuple[int, int] | None = None, mode: s
             arr = np.asarray(im).copy()
     except FileNotFoundError:
         raise BadSampleError(path, "file not found") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadSampleError(path, f"cannot decode PNG ({e})") from None
+    except Exception as e:  # as in read_image
+        raise BadSampleError(path, f"cannot decode PNG ({_reason(e)})") from None
     if expect_hw is not None and tuple(arr.shape[:2]) != tuple(expect_hw):
         raise BadSampleError(path, f"size {arr.shape[:2]} does not match image size {tuple(expect_hw)}")
     return arr
 
 
 def read_npy(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a .npy array, or raise BadSampleError."""
+    """Read a numeric .npy array, or raise BadSampleError (empty, truncated, .npz, non-numeric: all bad samples)."""
     try:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise BadSampleError(path, "file not found") from None
-    except (OSError, ValueError) as e:
-        raise BadSampleError(path, f"cannot read .npy ({e})") from None
+    except Exception as e:  # EOFError on an empty file, ValueError when truncated, ...
+        raise BadSampleError(path, f"cannot read .npy ({_reason(e)}); expected an array saved by numpy.save") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        arr.close()
+        raise BadSampleError(path, "is an .npz archive; expected a single array saved by numpy.save")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
+        raise BadSampleError(path, f".npy has dtype {arr.dtype}; expected a real numeric array")
     if expect_hw is not None and tuple(arr.shape[:2]) != tuple(expect_hw):
         raise BadSampleError(path, f"size {arr.shape[:2]} does not match image size {tuple(expect_hw)}")
     return arr

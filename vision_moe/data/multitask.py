@@ -32,6 +32,7 @@ from skimage.morphology import thin
 from .common import (
     IGNORE_INDEX,
     BadSampleError,
+    _reason,
     check_tasks,
     decode_normals_png,
     finalize_sample,
@@ -75,8 +76,15 @@ def _loadmat(path: Path, key: str) -> Any:
         raise BadSampleError(path, "file not found") from None
     except KeyError:
         raise BadSampleError(path, f"no variable {key!r} in .mat file") from None
-    except (OSError, ValueError, TypeError, scipy.io.matlab.MatReadError) as e:
-        raise BadSampleError(path, f"cannot read .mat file ({e})") from None
+    except Exception as e:  # a corrupt .mat raises IndexError, UnboundLocalError, MemoryError, ...: all bad samples
+        raise BadSampleError(path, f"cannot read .mat file ({_reason(e)})") from None
+
+
+def _single_channel(path: Path, arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) or (H, W, 1) -> (H, W); any other shape is a bad sample."""
+    if arr.shape not in (tuple(hw), (*hw, 1)):
+        raise BadSampleError(path, f"shape {arr.shape}; expected a single-channel map {tuple(hw)}")
+    return arr.reshape(hw)
 
 
 def label_boundaries(label_map: np.ndarray) -> np.ndarray:
@@ -104,8 +112,10 @@ def read_pascal_parts(path: Path, hw: tuple[int, int], part_map: dict[str, int] 
                 if mask.shape != hw:
                     raise BadSampleError(path, f"part mask size {mask.shape} does not match image size {hw}")
                 out[mask] = part_map[name]
-    except (KeyError, ValueError, IndexError) as e:
-        raise BadSampleError(path, f"not a Pascal-Part 'anno' struct ({e})") from None
+    except BadSampleError:
+        raise
+    except Exception as e:  # a struct of another shape: KeyError, ValueError, IndexError, TypeError, ...
+        raise BadSampleError(path, f"not a Pascal-Part 'anno' struct ({_reason(e)})") from None
     return out if found else np.full(hw, IGNORE_INDEX, np.int64)
 
 
@@ -204,7 +214,7 @@ class NYUDv2MT(torch.utils.data.Dataset):
         if "depth" in self.tasks:
             p = self._find("depth", i, (".npy", ".png"))
             d = read_npy(p, hw) if p.suffix == ".npy" else read_depth_png(p, hw)
-            raw["depth"] = np.asarray(d, np.float32).reshape(hw)
+            raw["depth"] = _single_channel(p, d, hw).astype(np.float32)
         if "normals" in self.tasks:
             p = self._find("normals", i, (".npy", ".png"))
             if p.suffix == ".npy":
@@ -217,7 +227,7 @@ class NYUDv2MT(torch.utils.data.Dataset):
         if "edges" in self.tasks:
             p = self._find("edge", i, (".npy", ".png"))
             e = read_npy(p, hw) if p.suffix == ".npy" else read_png(p, hw, mode="L") / 255.0
-            raw["edges"] = (np.asarray(e).reshape(hw) > 0.5).astype(np.float32)
+            raw["edges"] = (_single_channel(p, e, hw) > 0.5).astype(np.float32)
         return raw
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import zipfile
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from safetensors import safe_open
 from timm.layers import (
     Attention,
     DropPath,
@@ -687,10 +690,73 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoEVisionTr
     return out
 
 
+def _check_pretrained_file(path: str | Path) -> None:
+    """Fail early, in one line naming ``path``, where timm's loader would fail without naming it."""
+    p = Path(path)
+    if not p.is_file():
+        exc = IsADirectoryError if p.is_dir() else FileNotFoundError
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise exc(f"{p}: pretrained weights file {what}; expected a .safetensors or torch state-dict file")
+    try:
+        if p.name.endswith(".safetensors"):  # as timm decides; reads the header, which covers the whole file
+            with safe_open(str(p), framework="pt") as f:
+                f.keys()
+        else:  # zip checkpoints are memory-mapped: only their index is read here
+            torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+    except Exception as e:  # safetensors / pickle errors come in many types, torch's over several lines
+        msg = " ".join(str(e).split())
+        if "WeightsUnpickler error:" in msg:  # skip torch's advice to load untrusted pickles
+            msg = "WeightsUnpickler error:" + msg.split("WeightsUnpickler error:")[1].split(" Check the doc")[0]
+        reason = msg.split(". ")[0] or type(e).__name__
+        kind = "safetensors" if p.name.endswith(".safetensors") else "torch"
+        raise ValueError(f"{p}: cannot read pretrained weights ({reason}); expected a complete {kind} file") from None
+
+
+def _check_shapes(source: str | Path, state_dict: dict, model: MoEVisionTransformer, skip: tuple[str, ...]) -> None:
+    """Name the first key whose shape differs from the model's (timm would list every one of them)."""
+    for k, want in model.state_dict().items():
+        v = state_dict.get(k)
+        if k in skip or k.startswith("head.") or not isinstance(v, torch.Tensor) or v.shape == want.shape:
+            continue  # the classifier: timm drops it when num_classes differs
+        if k == "patch_embed.proj.weight" and v.shape[:1] + v.shape[2:] == want.shape[:1] + want.shape[2:]:
+            continue  # input channels: timm adapts them
+        raise ValueError(
+            f"{source}: {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(want.shape)} in the model: the "
+            "checkpoint is for a different model size; expected one with this model's embed_dim, patch_size, MLP width"
+        )
+
+
+def _filter_pretrained(source: str | Path, state_dict: dict, model: MoEVisionTransformer) -> dict:
+    """:func:`checkpoint_filter_fn` with errors that name ``source`` and the first mismatching key."""
+    sd = _unwrap(state_dict)
+    if not any(k in sd for k in ("patch_embed.proj.weight", "patch_embed.backbone.0.conv.weight", "pos_embed")):
+        # timm loads with strict=False: a file of some other model would load nothing and keep the random init
+        if any(str(k).startswith("backbone.") for k in sd):
+            raise ValueError(
+                f"{source}: a vision-moe training checkpoint (a multi-task model: keys 'backbone.*' and "
+                "'heads.*'); expected a backbone state dict; load training checkpoints with "
+                "vision_moe.engine.load_model(<checkpoint folder>)"
+            )
+        first = next(iter(sd), None)
+        raise ValueError(
+            f"{source}: holds none of this model's weights (first key: {first!r}); expected a timm ViT or "
+            "vision-moe backbone state dict (keys 'patch_embed.*', 'pos_embed', 'blocks.*')"
+        )
+    _check_shapes(source, sd, model, skip=("pos_embed",))  # before upcycling: its errors mislead
+    try:
+        out = checkpoint_filter_fn(state_dict, model)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    _check_shapes(source, out, model, skip=())
+    return out
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
-    return build_model_with_cfg(
-        MoEVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
-    )
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    if file:
+        _check_pretrained_file(file)
+    filter_fn = partial(_filter_pretrained, file or f"pretrained weights of {variant}")
+    return build_model_with_cfg(MoEVisionTransformer, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict[str, Any]:
