@@ -70,6 +70,7 @@ def test_coco_with_train_transform_keeps_boxes_inside(tmp_path):
         ),
         (lambda d: d["categories"][1].__setitem__("id", {"x": 1}), r"categories\[1\]\.id: expected an integer"),
         (lambda d: d["categories"][2].__setitem__("id", 3), r"categories\[2\]\.id = 3 repeats categories\[0\]"),
+        (lambda d: d.__setitem__("categories", []), r"'categories' is empty; expected at least one category"),
         (
             lambda d: d["annotations"][4].__setitem__("image_id", [2]),
             r"annotations\[4\]\.image_id: expected an integer",
@@ -93,6 +94,7 @@ def test_coco_with_train_transform_keeps_boxes_inside(tmp_path):
         "duplicate_image_id",
         "category_id_dict",
         "duplicate_category_id",
+        "no_categories",
         "ann_image_id_list",
         "ann_category_id_float",
         "ann_id_null",

@@ -75,6 +75,8 @@ def load_coco_json(ann_file: str | Path) -> tuple[COCO, int]:
             first = image_ids[img["id"]]
             raise _fail(path, f"images[{i}].id = {img['id']} repeats images[{first}].id; expected unique image ids")
         image_ids[img["id"]] = i
+    if not data["categories"]:  # a detector with no classes would train on nothing but background
+        raise _fail(path, "'categories' is empty; expected at least one category")
     cat_ids: dict[int, int] = {}
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
