@@ -409,22 +409,24 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     m = build_multitask_model(
         "m3vit_tiny_patch16_224", {"classification": 6}, img_size=32, head="linear", **SMALL, **MOE
     )
-    cfg = dict(
-        model=dict(
-            backbone="m3vit_tiny_patch16_224",
-            tasks={"classification": 6},
-            img_size=32,
-            head="linear",
-            backbone_kwargs=dict(SMALL, **MOE),
-        )
-    )
-    ck = save_checkpoint(tmp_path / "ck", m, cfg)
+    ck = save_checkpoint(tmp_path / "ck", m, dict(model=_small_model_cfg({"classification": 6})))
     c = json.loads((ck / "config.json").read_text())
     c["model"]["backbone_kwargs"]["embed_dim"] = 128
     (ck / "config.json").write_text(json.dumps(c))
     assert tool.main(["--checkpoint", str(ck), "--all-tasks", "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
     assert "do not match" in err and "\n" not in err
+
+
+def _small_model_cfg(tasks: dict) -> dict:
+    """The 'model' section of a checkpoint's config.json for the small linear-head M³ViT these tests build."""
+    return dict(
+        backbone="m3vit_tiny_patch16_224",
+        tasks=dict(tasks),
+        img_size=32,
+        head="linear",
+        backbone_kwargs=dict(SMALL, **MOE),
+    )
 
 
 def _export_tool():
@@ -563,16 +565,7 @@ def test_cli_checkpoint_roundtrip(tmp_path, capsys):
     m = build_multitask_model(
         "m3vit_tiny_patch16_224", {"classification": 6, "saliency": None}, img_size=32, head="linear", **SMALL, **MOE
     )
-    cfg = dict(
-        model=dict(
-            backbone="m3vit_tiny_patch16_224",
-            tasks={"classification": 6, "saliency": None},
-            img_size=32,
-            head="linear",
-            backbone_kwargs=dict(SMALL, **MOE),
-        )
-    )
-    ck = save_checkpoint(tmp_path / "ck", m, cfg)
+    ck = save_checkpoint(tmp_path / "ck", m, dict(model=_small_model_cfg({"classification": 6, "saliency": None})))
     out = tmp_path / "o"
     assert tool.main(["--checkpoint", str(ck), "--task", "saliency", "--format", "engine", "--out", str(out)]) == 0
     assert "saliency" in capsys.readouterr().out
@@ -714,13 +707,7 @@ def test_checkpoint_source_uses_the_normalisation_it_was_trained_with(tmp_path):
     from vision_moe.engine.checkpoint import save_checkpoint
 
     m = build_multitask_model("m3vit_tiny_patch16_224", {"semseg": 3}, img_size=32, head="linear", **SMALL, **MOE)
-    model_cfg = dict(
-        backbone="m3vit_tiny_patch16_224",
-        tasks={"semseg": 3},
-        img_size=32,
-        head="linear",
-        backbone_kwargs=dict(SMALL, **MOE),
-    )
+    model_cfg = _small_model_cfg({"semseg": 3})
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     ck = save_checkpoint(tmp_path / "a", m, dict(model=dict(model_cfg, mean=mean, std=std)))
     assert load_checkpoint_source(ck)[2:] == (tuple(mean), tuple(std))

@@ -35,6 +35,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
 
+def _online_cache(monkeypatch, cache) -> None:
+    """Weights cache under ``cache``, with neither offline switch set."""
+    monkeypatch.setenv("VISION_MOE_CACHE", str(cache))
+    monkeypatch.delenv("VISION_MOE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 @pytest.fixture()
 def server(tmp_path, monkeypatch):
     srv_dir = tmp_path / "srv"
@@ -46,9 +53,7 @@ def server(tmp_path, monkeypatch):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setenv("VISION_MOE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("VISION_MOE_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _online_cache(monkeypatch, tmp_path / "cache")
     digest = hashlib.sha256((srv_dir / "w.safetensors").read_bytes()).hexdigest()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", digest, model
     httpd.shutdown()
@@ -183,9 +188,7 @@ def test_unusable_cache_dir_names_vision_moe_cache(server, tmp_path, monkeypatch
 @pytest.mark.parametrize("var, value", [("VISION_MOE_OFFLINE", "1"), ("HF_HUB_OFFLINE", "true")])
 def test_offline_hf_weights_not_cached_is_one_line(tmp_path, monkeypatch, capsys, var, value):
     cache = tmp_path / "cache"
-    monkeypatch.setenv("VISION_MOE_CACHE", str(cache))
-    monkeypatch.delenv("VISION_MOE_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _online_cache(monkeypatch, cache)
     monkeypatch.setenv(var, value)
     name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's config names the hf repo; nothing is cached
     want = (
@@ -205,9 +208,7 @@ def test_hf_download_failure_names_the_url(tmp_path, monkeypatch, capsys):
     class ConnectError(OSError):  # stands for the HTTP client's connection error
         pass
 
-    monkeypatch.setenv("VISION_MOE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("VISION_MOE_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _online_cache(monkeypatch, tmp_path / "cache")
     name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
     url = f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
 
