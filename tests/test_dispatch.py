@@ -162,17 +162,31 @@ def test_capacity_must_be_finite_and_positive(kw, msg):
 
 
 def test_static_dispatchers_have_no_data_dependent_ops():
-    """The export path must trace to a graph without NonZero / data-dependent shapes."""
+    """The export path must export (torch.export) to a graph without NonZero / data-dependent shapes; the
+    dynamic dispatchers cannot (their shapes depend on the routing), which shows the check can fail."""
     torch.manual_seed(0)
     experts = MlpExperts(4, 8, 8).requires_grad_(False)
     x = torch.randn(10, 8)
     idx, w = _routing(10, 4, 2, 0)
     keep = capacity_keep_mask(idx, 4, 3, group_size=5)
+
+    class Layer(torch.nn.Module):
+        def __init__(self, disp):
+            super().__init__()
+            self.disp, self.experts = disp, experts
+
+        def forward(self, a, i, g, k):
+            return self.disp(a, i, g, self.experts, k, capacity=3, group_size=5)
+
+    data_dependent = ("nonzero", "index_put", "masked_select", "bincount", "item", "_local_scalar_dense")
     for name in ("dense", "einsum", "gather"):
         disp = create_dispatcher(name)
         assert disp.static_shapes
-        graph = torch.jit.trace(
-            lambda a, i, g, d=disp: d(a, i, g, experts, keep, capacity=3, group_size=5), (x, idx, w)
-        ).inlined_graph
-        kinds = {n.kind() for n in graph.nodes()}
-        assert not kinds & {"aten::nonzero", "aten::index_put_", "aten::masked_select", "aten::bincount"}, kinds
+        ep = torch.export.export(Layer(disp), (x, idx, w, keep), strict=False)
+        ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        assert not [o for o in ops if any(d in o for d in data_dependent)], (name, ops)
+        torch.testing.assert_close(ep.module()(x, idx, w, keep), Layer(disp)(x, idx, w, keep))
+    for name in ("sort", "naive"):
+        assert not create_dispatcher(name).static_shapes
+        with pytest.raises(Exception, match="data-dependent"):
+            torch.export.export(Layer(create_dispatcher(name)), (x, idx, w, keep), strict=False)
