@@ -185,6 +185,15 @@ def test_unusable_cache_dir_names_vision_moe_cache(server, tmp_path, monkeypatch
     assert "\n" not in err
 
 
+def _assert_fetch_fails(name: str, exc: type[BaseException], want: str, capsys) -> None:
+    """fetch_weights raises ``exc`` with exactly ``want``; tools/download.py prints it as its one error line."""
+    with pytest.raises(exc) as e:
+        hub.fetch_weights(name)
+    assert str(e.value) == want
+    assert _download_tool(name) == 1
+    assert capsys.readouterr().err.strip() == f"error: {want}"
+
+
 @pytest.mark.parametrize("var, value", [("VISION_MOE_OFFLINE", "1"), ("HF_HUB_OFFLINE", "true")])
 def test_offline_hf_weights_not_cached_is_one_line(tmp_path, monkeypatch, capsys, var, value):
     cache = tmp_path / "cache"
@@ -195,11 +204,7 @@ def test_offline_hf_weights_not_cached_is_one_line(tmp_path, monkeypatch, capsys
         f"offline ({var}={value}): timm/{name}/model.safetensors is not in the cache {cache / 'hf'}; "
         f"download it once with network access (python tools/download.py {name}) or unset {var}"
     )
-    with pytest.raises(FileNotFoundError) as e:
-        hub.fetch_weights(name)
-    assert str(e.value) == want
-    assert _download_tool(name) == 1
-    assert capsys.readouterr().err.strip() == f"error: {want}"
+    _assert_fetch_fails(name, FileNotFoundError, want, capsys)
 
 
 def test_hf_download_failure_names_the_url(tmp_path, monkeypatch, capsys):
@@ -223,11 +228,7 @@ def test_hf_download_failure_names_the_url(tmp_path, monkeypatch, capsys):
         f"cannot download {url} (ConnectError: [Errno -2] Name or service not known) "
         f"and it is not in the cache {tmp_path / 'cache' / 'hf'}"
     )
-    with pytest.raises(ConnectionError) as e:
-        hub.fetch_weights(name)
-    assert str(e.value) == want
-    assert _download_tool(name) == 1
-    assert capsys.readouterr().err.strip() == f"error: {want}"
+    _assert_fetch_fails(name, ConnectionError, want, capsys)
 
     def not_found(*args, **kwargs):
         raise RuntimeError("404 Client Error.\n\nEntry Not Found for url: ...")

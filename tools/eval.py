@@ -13,30 +13,7 @@ import math
 import sys
 
 from vision_moe.engine import CheckpointError, evaluate_checkpoint
-from vision_moe.engine.checkpoint import read_config
-
-
-def check_device(name: str) -> None:
-    """ValueError naming ``--device`` unless it is 'auto' or a device this machine has."""
-    import torch
-
-    if name == "auto":
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: not a device; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"--device {name!r}: this machine has no CUDA device; expected 'auto' or 'cpu'")
-        if dev.index is not None and dev.index >= n:
-            raise ValueError(f"--device {name!r}: this machine has {n} CUDA device(s); expected cuda:0 .. cuda:{n - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name!r}: MPS is not available on this machine; expected 'auto' or 'cpu'")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {name!r}: unsupported device type; expected 'auto', 'cpu', 'cuda[:N]' or 'mps'")
+from vision_moe.engine.trainer import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,12 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-batches must be >= 0 (0 = the whole split), got {args.max_batches}")
         if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
             raise ValueError(f"--capacity-factor must be a finite number > 0, got {args.capacity_factor}")
-        check_device(args.device)
-        read_config(
-            args.checkpoint,
-            require=("experiment",),
-            why="tools/eval.py rebuilds the held-out data from this training config; tools/export.py works without it",
-        )
+        resolve_device(args.device, "--device")
         metrics = evaluate_checkpoint(args.checkpoint, args.task, args.max_batches, args.device, args.capacity_factor)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

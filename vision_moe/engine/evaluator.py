@@ -51,19 +51,15 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
         raise ValueError(f"no metric adapter for task {task!r}")
 
 
-def _batch_sizes(loader) -> Any:
-    """``j -> number of samples the loader's batch j was drawn with`` (before unreadable ones were dropped), or
-    None for a loader whose batches it cannot tell (an iterable without ``batch_size`` / a sized dataset)."""
-    bs, ds = getattr(loader, "batch_size", None), getattr(loader, "dataset", None)
+def _images_drawn(loader, batches: int) -> int | None:
+    """Samples the loader's first ``batches`` batches were drawn with (before unreadable ones were dropped), or
+    None for a loader that cannot tell (no ``batch_size`` or an unsized dataset)."""
+    bs = getattr(loader, "batch_size", None)
     try:
-        n = len(ds)
-    except TypeError:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError):
         return None
-    if not bs:
-        return None
-    if getattr(loader, "drop_last", False):
-        return lambda j: bs
-    return lambda j: max(0, min(bs, n - j * bs))
+    return min(n, batches * bs) if bs else None
 
 
 @torch.no_grad()
@@ -93,7 +89,6 @@ def evaluate_task(
     model.eval()
     metric = build_metric(task, dataset, num_classes)
     assigned = dropped = 0
-    expected = _batch_sizes(loader)
     seen = batches = 0
     try:
         for i, batch in enumerate(loader):
@@ -116,18 +111,17 @@ def evaluate_task(
         out = {k: float(v) for k, v in metric.compute().items() if isinstance(v, (int, float))}
         if assigned:
             out["moe_dropped_fraction"] = dropped / assigned
-        if expected is not None:
-            total = sum(expected(j) for j in range(batches))
-            if total > seen:
-                out["skipped_images"] = total - seen
-                _logger.warning(
-                    "%s: %d of %d held-out images were unreadable and skipped; the metrics cover the other %d "
-                    "(the skipped images and their ground truth are not evaluated)",
-                    task,
-                    total - seen,
-                    total,
-                    seen,
-                )
+        total = _images_drawn(loader, batches)
+        if total is not None and total > seen:
+            out["skipped_images"] = total - seen
+            _logger.warning(
+                "%s: %d of %d held-out images were unreadable and skipped; the metrics cover the other %d "
+                "(the skipped images and their ground truth are not evaluated)",
+                task,
+                total - seen,
+                total,
+                seen,
+            )
         return out
     finally:
         model.train(was)

@@ -34,15 +34,31 @@ from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutua
 from .optim import build_optimizer, build_scheduler
 from .reporter import Reporter, format_table
 
-__all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint"]
+__all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint", "resolve_device"]
 
 _logger = logging.getLogger(__name__)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "device") -> torch.device:
+    """``'auto'`` (CUDA if available) or a device this machine has; otherwise a ValueError naming ``what``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what} {name!r}: not a device; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{what} {name!r}: this machine has no CUDA device; expected 'auto' or 'cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{what} {name!r}: this machine has {n} CUDA device(s); expected cuda:0 .. cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{what} {name!r}: MPS is not available on this machine; expected 'auto' or 'cpu'")
+    elif dev.type != "cpu":
+        raise ValueError(f"{what} {name!r}: unsupported device type; expected 'auto', 'cpu', 'cuda[:N]' or 'mps'")
+    return dev
 
 
 def _amp_ctx(cfg: Config, device: torch.device):
@@ -164,15 +180,16 @@ class Trainer:
         self.cfg, self.out_dir = cfg, Path(out_dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = _device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, "train.device")
         self.distributed = dist_utils.init_distributed(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.main = self.rank == 0
-        if not resume and self.main and latest_checkpoint(self.out_dir) is not None:
+        old = latest_checkpoint(self.out_dir) if not resume and self.main else None
+        if old is not None:
             # a new run would overwrite some of the old run's checkpoints and leave the later ones, which a
             # later --resume would continue: refuse rather than mix two runs in one folder
             raise CheckpointError(
-                f"{self.out_dir}: already holds checkpoints of a run (newest: {latest_checkpoint(self.out_dir).name}); "
+                f"{self.out_dir}: already holds checkpoints of a run (newest: {old.name}); "
                 "expected --resume to continue it, or a new --out folder (or --overwrite to discard it)"
             )
         if self.main:
@@ -456,7 +473,12 @@ def evaluate_checkpoint(
     from ..config import config_from_dict
     from ..data import SkipBadSamples, collate_multitask
 
-    read_config(checkpoint, require=("experiment",), why="evaluation rebuilds the held-out data from it")
+    dev = resolve_device(device)
+    read_config(
+        checkpoint,
+        require=("experiment",),
+        why="tools/eval.py rebuilds the held-out data from this training config; tools/export.py works without it",
+    )
     model, mc = load_model(checkpoint)
     exp = dict(mc["experiment"])
     cfg = config_from_dict(exp, str(checkpoint))
@@ -465,7 +487,6 @@ def evaluate_checkpoint(
     if capacity_factor is not None:
         backbone = model.backbone if hasattr(model, "backbone") else model
         backbone.set_capacity(capacity_factor=capacity_factor)
-    dev = _device(device)
     model.to(dev)
     if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers
         model.to(memory_format=torch.channels_last)
