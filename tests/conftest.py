@@ -1,4 +1,4 @@
-"""Shared pytest set-up: one torch thread (2 shared cores), opt-in slow tests."""
+"""Shared pytest set-up: one torch thread (2 shared cores), opt-in slow tests, CPU unless a CUDA test."""
 
 import os
 
@@ -20,3 +20,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_a_cuda_test(request, monkeypatch):
+    """Outside tests/test_cuda.py the suite runs on the CPU also on a machine with a GPU: its assertions (bit-exact
+    resume, the trainer's metrics = eval.py's) are about the CPU kernels, and 'auto' devices would pick the GPU.
+    Subprocesses (torchrun, the CLI tools) get no visible GPU either."""
+    if request.node.path.name != "test_cuda.py":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

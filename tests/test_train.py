@@ -385,3 +385,22 @@ def test_step_loss_combines_task_weights_moe_aux_and_mi(tmp_path, data_root, unc
     mi = 0.7 * mutual_information_loss(task_expert_probs([probs[t][0] for t in tasks]))
     torch.testing.assert_close(logs["moe_mi"], mi.detach())
     torch.testing.assert_close(total, want + mi)
+
+
+@pytest.mark.parametrize(
+    ("amp", "dtype", "device", "bf16_gpu", "expected"),
+    [
+        (False, "auto", "cuda", True, None),
+        (True, "auto", "cpu", False, torch.bfloat16),
+        (True, "auto", "cuda", True, torch.bfloat16),
+        (True, "auto", "cuda", False, torch.float16),  # a GPU before Ampere: fp16, so it needs the GradScaler
+        (True, "fp16", "cuda", True, torch.float16),
+        (True, "bf16", "cpu", False, torch.bfloat16),
+    ],
+)
+def test_amp_dtype_resolves_auto_per_device(monkeypatch, amp, dtype, device, bf16_gpu, expected):
+    from vision_moe.engine.trainer import amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    cfg = config_from_dict(tiny("unused", train={"amp": amp, "amp_dtype": dtype}))
+    assert amp_dtype(cfg, torch.device(device)) == expected

@@ -127,7 +127,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 0  # 0 = only at the end
     log_every: int = 10
-    amp: bool = False  # autocast (bf16 on CPU, fp16 on CUDA)
+    amp: bool = False  # autocast (amp_dtype; auto = bf16 on CPU and bf16-capable GPUs, else fp16 + GradScaler)
     amp_dtype: str = "auto"  # 'auto' | 'bf16' | 'fp16'
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
     channels_last: bool = False  # NHWC memory format for the convolutions (stem, heads): faster on CPU (oneDNN)

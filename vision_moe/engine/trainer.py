@@ -61,14 +61,22 @@ def resolve_device(name: str, what: str = "device") -> torch.device:
     return dev
 
 
-def _amp_ctx(cfg: Config, device: torch.device):
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision). ``'auto'`` is bf16 on CPU and
+    on CUDA devices that support it (Ampere and later), else fp16, which then trains with a GradScaler."""
     if not cfg.train.amp:
-        return contextlib.nullcontext
+        return None
     dtype = cfg.train.amp_dtype
     if dtype == "auto":
-        dtype = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
-    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=tdtype)
+        dtype = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+    return torch.bfloat16 if dtype == "bf16" else torch.float16
+
+
+def _amp_ctx(cfg: Config, device: torch.device):
+    dtype = amp_dtype(cfg, device)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, Any]:
@@ -162,11 +170,16 @@ def _rng_state() -> dict[str, Any]:
         "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
         "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        # one state per visible GPU (router noise, dropout on CUDA draw from these)
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
+    cuda = s.get("cuda") or []  # absent in checkpoints written before it was saved
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
     np.random.set_state(
         ("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_gauss"][0], s["numpy_gauss"][1])
@@ -182,6 +195,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device, "train.device")
         self.distributed = dist_utils.init_distributed(self.device)
+        if self.distributed and self.device.type == "cuda":  # under torchrun each rank owns GPU LOCAL_RANK
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.main = self.rank == 0
         old = latest_checkpoint(self.out_dir) if not resume and self.main else None
@@ -225,8 +240,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, extra)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, cfg.train.steps)
         self.amp_ctx = _amp_ctx(cfg, self.device)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none. The dtype is the
+        # resolved one: 'auto' on a GPU without bf16 (before Ampere) is fp16 too.
         self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=cfg.train.amp and self.device.type == "cuda" and cfg.train.amp_dtype == "fp16"
+            self.device.type, enabled=self.device.type == "cuda" and amp_dtype(cfg, self.device) == torch.float16
         )
         self.plan = StepPlan(
             [len(ds) for ds, _ in self.train_sets],
