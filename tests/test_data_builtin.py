@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from vision_moe.data import collate_multitask, stack_target
-from vision_moe.data.builtin import BUILTIN_TASKS, BuiltinDataset, linear_probe_baseline, prepare_builtin
+from vision_moe.data.builtin import (
+    BUILTIN_TASKS,
+    MIN_DOMINANCE,
+    BuiltinDataset,
+    linear_probe_baseline,
+    prepare_builtin,
+    render_scene,
+)
 from vision_moe.data.transforms import build_transforms
 
 KW = dict(seed=3, num_train=24, num_val=8, img_size=48)
@@ -56,6 +63,9 @@ def test_real_formats_and_label_consistency(builtin_root):
         for a in ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=raw["image_id"])):
             per_cls[a["category_id"] - 1] += a["area"]
         assert raw["class_label"] == int(np.argmax(per_cls))
+        # ... by a clear margin: at least MIN_DOMINANCE (2) times the pixels of the runner-up class
+        runner_up, top = np.sort(per_cls)[-2:]
+        assert top >= MIN_DOMINANCE * runner_up, per_cls
         # depth: objects in front of the background; normals unit length, facing the camera
         d = raw["depth"]
         assert (d > 0).all()
@@ -110,7 +120,7 @@ def test_parallel_generation_gives_the_same_bytes(tmp_path):
 def test_training_crops_re_derive_the_class_from_the_visible_pixels(builtin_root):
     """The built-in image class is the class covering the most visible pixels: after a random crop it is the crop's
     dominant class (training), while evaluation keeps the stored label."""
-    tf = build_transforms(True, 32, tasks=("classification", "semseg"), scale=(0.2, 0.5), seed=0)
+    tf = build_transforms(True, 32, tasks=("classification", "semseg"), scale=(0.05, 0.2), seed=0)
     ds = BuiltinDataset(builtin_root, "train", tasks=("classification", "semseg"), transform=tf)
     changed = 0
     for i in range(len(ds)):
@@ -124,3 +134,18 @@ def test_training_crops_re_derive_the_class_from_the_visible_pixels(builtin_root
     val = BuiltinDataset(builtin_root, "val", tasks=("classification",), transform=build_transforms(False, 32))
     for i in range(len(val)):
         assert int(val[i][1]["class_label"]) == val.class_labels[val.coco.imgs[val.ids[i]]["file_name"]]
+
+
+def test_scenes_keep_a_uniform_object_count_under_the_dominance_rule():
+    """Redrawing a scene until its class is clear must not skew the scenes toward one object: the count is drawn
+    once and kept, so 1..6 objects stay about equally likely and multi-class scenes stay common."""
+    n_obj, n_cls = [], []
+    for i in range(300):
+        sc = render_scene(np.random.default_rng([7, i]), 64)
+        counts = np.sort(np.bincount(sc["semseg"][sc["semseg"] > 0] - 1, minlength=5))
+        assert counts[-1] >= MIN_DOMINANCE * counts[-2]
+        n_obj.append(len(sc["objects"]))
+        n_cls.append(len({o["cls"] for o in sc["objects"]}))
+    per_count = np.bincount(n_obj, minlength=7)[1:]
+    assert per_count.min() >= 30, per_count  # 50 each if uniform; one-object scenes alone pass the rule
+    assert np.mean(np.array(n_cls) >= 3) > 0.3, np.bincount(n_cls)

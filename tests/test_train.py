@@ -65,8 +65,9 @@ def test_short_training_lowers_the_loss(tmp_path, data_root):
     cfg = config_from_dict(
         tiny(
             data_root,
-            train={"steps": 30, "progress": False, "tensorboard": True, "threads": 1, "log_every": 5},
+            train={"steps": 40, "progress": False, "tensorboard": True, "threads": 1, "log_every": 5},
             data={"batch_size": 8},
+            optim={"lr": 4e-3},
             moe={"mi_weight": 0.005},
             tasks={"semseg": {}},
         )
@@ -76,7 +77,7 @@ def test_short_training_lowers_the_loss(tmp_path, data_root):
     tr = Trainer(cfg, tmp_path / "run")
     metrics = tr.fit()
     h = tr.loss_history
-    assert len(h) == 30
+    assert len(h) == 40  # data v3: the last 5 steps' mean loss is ~0.79 of the first 5 (0.89 after 30 at lr 2e-3)
     assert sum(h[-5:]) / 5 < 0.85 * sum(h[:5]) / 5, h
     assert set(metrics) == {"semseg", "classification"} and 0 <= metrics["semseg"]["mIoU"] <= 1
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
