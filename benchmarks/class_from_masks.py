@@ -6,7 +6,7 @@ the most frequent predicted object class of each held-out image. This prints thr
 split: the classification head, that read-out of the semseg head's prediction, and the same read-out of the true
 masks (1.0 by construction: a check that the label definition and this script agree). Then the same figures per
 margin of the true label: the runner-up class's pixels over the dominant class's (data v3 keeps every scene
-at 0.5 or below; data v2 had scenes up to 1.0, near coin flips, where most errors were).
+at 0.5 or below, the first row; data v2 had scenes up to 1.0, near coin flips, where most errors were).
 
   python benchmarks/class_from_masks.py --checkpoint runs/quickstart/checkpoints/step_0002900
 """
@@ -63,7 +63,7 @@ def main() -> None:
             top2 = true.topk(2, dim=1).values
             margin = top2[:, 1] / top2[:, 0].clamp_min(1)
             for i, m in enumerate(margin.tolist()):
-                b = next(j for j in range(len(bins) - 1) if m < bins[j + 1] or j == len(bins) - 2)
+                b = next(j for j in range(len(bins) - 1) if m <= bins[j + 1] or j == len(bins) - 2)
                 per_bin[b][0] += 1
                 per_bin[b][1] += int(head[i])
                 per_bin[b][2] += int(readout[i])
@@ -75,7 +75,7 @@ def main() -> None:
     print(f"  {'margin':12s} {'images':>6s} {'head':>6s} {'read-out':>8s}")
     for (lo, hi), (c, h, r) in zip(zip(bins[:-1], bins[1:]), per_bin):
         if c:
-            print(f"  [{lo:.1f}, {hi:.1f}){'':2s} {c:6d} {h / c:6.3f} {r / c:8.3f}")
+            print(f"  {'[' if lo == 0 else '('}{lo:.1f}, {hi:.1f}]{'':2s} {c:6d} {h / c:6.3f} {r / c:8.3f}")
 
 
 if __name__ == "__main__":
