@@ -11,7 +11,7 @@ object keeps at least half of its pixels visible). Labels, all read back through
   generator). Version 1 used the class of the single largest object, which 12 % of the time differs from the
   dominant class, a label no pooled image feature can tell apart; version 2 had no dominance rule, and in a
   third of its scenes the runner-up class covered 70-100 % of the winner's pixels: a near coin flip that
-  even the trained model's own segmentation, counted pixel by pixel, called right only 55-70 % of the time;
+  even the trained model's own segmentation, counted pixel by pixel, called right only 60-71 % of the time;
 - detection: ``annotations/instances_<split>.json`` (COCO: xywh boxes of the visible extent, RLE masks);
 - semseg: ``<split>/semseg/*.png`` (0 = background, 1..5 = shape class);
 - saliency: ``<split>/saliency/*.png`` (255 = any object); edges: ``<split>/edges/*.png`` (255 on the inner
