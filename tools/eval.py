@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 
 from vision_moe.engine import CheckpointError, evaluate_checkpoint
 from vision_moe.engine.trainer import resolve_device
+from vision_moe.moe.dispatch import resolve_capacity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         # the command-line values first: nothing is loaded for a run that cannot start
         if args.max_batches is not None and args.max_batches < 0:
             raise ValueError(f"--max-batches must be >= 0 (0 = the whole split), got {args.max_batches}")
-        if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
-            raise ValueError(f"--capacity-factor must be a finite number > 0, got {args.capacity_factor}")
+        if args.capacity_factor is not None:
+            try:  # the MoE layers' own rule (as ExportConfig.validate checks it), reported under the flag's name
+                resolve_capacity(1, 1, 1, capacity_factor=args.capacity_factor)
+            except ValueError as e:
+                raise ValueError(f"--capacity-factor{str(e).removeprefix('capacity_factor')}") from None
         resolve_device(args.device, "--device")
         metrics = evaluate_checkpoint(args.checkpoint, args.task, args.max_batches, args.device, args.capacity_factor)
     except (CheckpointError, ValueError) as e:
