@@ -6,7 +6,7 @@ per-task gate weights / task embeddings / expert masks are stacked into (T, ...)
 (``index_select``); the heads all run and ``Where`` picks the task's output (outputs of different channel counts
 are zero-padded to the largest; the report records each task's real channel count). Detection heads are decoded
 in the graph as in the per-task graphs and come out on ``boxes`` / ``scores``. Routing and dispatch reuse
-the model's own modules (dispatcher, experts, the layer's ``keep_mask``); only the task lookup is rewritten,
+the model's own modules (each MoE layer's ``apply_experts``); only the task lookup is rewritten,
 because the model's ``forward`` takes the task as a Python string, which cannot be a graph input.
 """
 
@@ -75,50 +75,18 @@ class _TaskIndexedRouter(nn.Module):
         return expert_index, combine
 
 
-class _TaskIndexedMlp(nn.Module):
-    def __init__(self, layer: MoEMlp, tasks: tuple[str, ...]) -> None:
+class _TaskIndexedLayer(nn.Module):
+    """An :class:`MoEMlp` or :class:`MoEAttention` with task-indexed routing; after routing, the layer's own
+    ``apply_experts`` (capacity, dispatch, attention) runs, so the graph computes exactly what the layer does."""
+
+    def __init__(self, layer: MoEMlp | MoEAttention, tasks: tuple[str, ...]) -> None:
         super().__init__()
         self.layer = layer
         self.router = _TaskIndexedRouter(layer.router, tasks)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x_flat = x.reshape(-1, shape[-1])  # (S, M)
-        idx, comb = self.router(x_flat, t)
-        n = shape[-2]
-        keep, cap = self.layer.keep_mask(idx, n)
-        y = self.layer.dispatcher(x_flat, idx, comb, self.layer.experts, self.layer._dispatch_keep(keep), cap, n)
-        return y.to(x.dtype).reshape(shape)
-
-
-class _TaskIndexedAttention(nn.Module):
-    """:class:`MoEAttention`'s forward with task-indexed routing."""
-
-    def __init__(self, layer: MoEAttention, tasks: tuple[str, ...]) -> None:
-        super().__init__()
-        self.layer = layer
-        self.router = _TaskIndexedRouter(layer.router, tasks)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        at = self.layer
-        b, n, m = x.shape
-        h, d = at.expert_heads, at.head_dim
-        x_flat = x.reshape(-1, m)
-        idx, comb = self.router(x_flat, t)
-        keep, cap = at.keep_mask(idx, n)
-        k = idx.shape[-1]
-        q = at.dispatcher.compute(x_flat, idx, at.q_experts, at._dispatch_keep(keep), cap, n)
-        q = q.reshape(b, n * k, h, d).transpose(1, 2)
-        kv = at.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, kv[0], kv[1])
-        att = att.transpose(1, 2).reshape(b * n * k, h * d)  # (S*k, h*d)
-        o_keep = None if keep is None else keep.reshape(-1, 1)
-        o = at.dispatcher.compute(att, idx.reshape(-1, 1), at.o_experts, o_keep, cap, n * k).reshape(b * n, k, m)
-        w = comb.to(o.dtype)
-        if keep is not None:
-            w = w * keep.to(w.dtype)
-        y = torch.einsum("skm,sk->sm", o, w)
-        return at.proj_drop(y.to(x.dtype).reshape(b, n, m))
+        idx, comb = self.router(x.reshape(-1, x.shape[-1]), t)
+        return self.layer.apply_experts(x, idx, comb)[0]
 
 
 class TaskIndexedModel(nn.Module):
@@ -158,9 +126,9 @@ class TaskIndexedModel(nn.Module):
         self.mlp = nn.ModuleList()
         for blk in backbone.blocks:
             self.attn.append(
-                _TaskIndexedAttention(blk.attn, self.tasks) if isinstance(blk.attn, MoEAttention) else nn.Identity()
+                _TaskIndexedLayer(blk.attn, self.tasks) if isinstance(blk.attn, MoEAttention) else nn.Identity()
             )
-            self.mlp.append(_TaskIndexedMlp(blk.mlp, self.tasks) if isinstance(blk.mlp, MoEMlp) else nn.Identity())
+            self.mlp.append(_TaskIndexedLayer(blk.mlp, self.tasks) if isinstance(blk.mlp, MoEMlp) else nn.Identity())
         if backbone.task_embed is not None:
             idx = [backbone.tasks.index(t) for t in self.tasks]
             self.register_buffer("task_embed", backbone.task_embed.detach()[:, idx].clone())  # (depth, T, C)

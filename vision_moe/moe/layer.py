@@ -73,13 +73,6 @@ class _MoEBase(nn.Module):
         resolve_capacity(1, self.top_k, self.capacity_experts, capacity, capacity_factor)  # validates
         self.capacity, self.capacity_factor = capacity, capacity_factor
 
-    def _route(
-        self, x_flat: torch.Tensor, task: str, group_size: int
-    ) -> tuple[RouterOutput, torch.Tensor | None, int | None]:
-        r = self.router(x_flat, task)
-        keep, cap = self.keep_mask(r.expert_index, group_size)
-        return r, keep, cap
-
     def _specialized_copy(self, task: str) -> tuple[_MoEBase, torch.Tensor]:
         """A shallow copy routed by ``task``'s router alone over the experts it can reach; the caller swaps in
         its experts cut to ``keep``."""
@@ -126,12 +119,21 @@ class MoEMlp(_MoEBase):
         self.experts = MlpExperts(num_experts, dim, hidden, act_layer=act_layer, bias=bias, drop=drop)
 
     def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
+        r = self.router(x.reshape(-1, x.shape[-1]), task)
+        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
+        return y, _make_aux(task, r, keep)
+
+    def apply_experts(
+        self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer after routing: x (..., N, M) and its (S, k) routing -> (output shaped like x, kept
+        assignments or None). Shared with the task-indexed export graph, which routes differently."""
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])  # (S, M)
         n = shape[-2] if x.dim() > 2 else x_flat.shape[0]  # capacity group: one image's tokens
-        r, keep, cap = self._route(x_flat, task, n)
-        y = self.dispatcher(x_flat, r.expert_index, r.combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
-        return y.to(x.dtype).reshape(shape), _make_aux(task, r, keep)
+        keep, cap = self.keep_mask(expert_index, n)
+        y = self.dispatcher(x_flat, expert_index, combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
+        return y.to(x.dtype).reshape(shape), keep
 
     def specialize(self, task: str) -> MoEMlp:
         """This layer for ``task`` alone: its router, and only the experts that router can reach."""
@@ -180,25 +182,34 @@ class MoEAttention(_MoEBase):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
+        r = self.router(x.reshape(-1, x.shape[-1]), task)
+        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
+        return y, _make_aux(task, r, keep)
+
+    def apply_experts(
+        self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer after routing: x (B, N, M) and its (B*N, k) routing -> (output (B, N, M), kept assignments
+        or None). Shared with the task-indexed export graph, which routes differently."""
         b, n, m = x.shape
         h, d = self.expert_heads, self.head_dim
         x_flat = x.reshape(-1, m)
-        r, keep, cap = self._route(x_flat, task, n)
-        k = r.expert_index.shape[-1]
-        q = self.dispatcher.compute(x_flat, r.expert_index, self.q_experts, self._dispatch_keep(keep), cap, n)
+        keep, cap = self.keep_mask(expert_index, n)
+        k = expert_index.shape[-1]
+        q = self.dispatcher.compute(x_flat, expert_index, self.q_experts, self._dispatch_keep(keep), cap, n)
         q = q.reshape(b, n * k, h, d).transpose(1, 2)  # (B, h, N*k, d)
         kv = self.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
         att = att.transpose(1, 2).reshape(b * n * k, h * d)  # (S*k, h*d), assignment order
-        o_idx = r.expert_index.reshape(-1, 1)
+        o_idx = expert_index.reshape(-1, 1)
         o_keep = None if keep is None else keep.reshape(-1, 1)
         # rows in (image, token, slot) order: an image's n*k rows form its capacity group
         o = self.dispatcher.compute(att, o_idx, self.o_experts, o_keep, cap, n * k).reshape(b * n, k, m)
-        w = r.combine_weights.to(o.dtype)
+        w = combine_weights.to(o.dtype)
         if keep is not None:
             w = w * keep.to(w.dtype)
         y = torch.einsum("skm,sk->sm", o, w)
-        return self.proj_drop(y.to(x.dtype).reshape(b, n, m)), _make_aux(task, r, keep)
+        return self.proj_drop(y.to(x.dtype).reshape(b, n, m)), keep
 
     def specialize(self, task: str) -> MoEAttention:
         """This layer for ``task`` alone: its router, and the query/output projections of the experts it can reach."""
