@@ -123,16 +123,17 @@ def read_config(path: str | Path, require: Sequence[str] = (), why: str = "") ->
     return cfg
 
 
-def load_model(path: str | Path, verify: bool = True):
+def load_model(path: str | Path, verify: bool = True, require: Sequence[str] = (), why: str = ""):
     """Rebuild the :class:`MultiTaskModel` of a checkpoint folder (or its weights file) and load its weights.
 
     Returns ``(model, config)``. A truncated file, a checksum mismatch or weights that do not fit the config
-    raise :class:`CheckpointError` naming the file.
+    raise :class:`CheckpointError` naming the file; so does a config without the ``require``-d sections (see
+    :func:`read_config`), before the weights are read.
     """
     from ..models.multitask import build_multitask_model
 
     d = _resolve_dir(path)
-    cfg = read_config(d)
+    cfg = read_config(d, require, why)
     wpath = d / WEIGHTS
     if not wpath.is_file():
         raise CheckpointError(f"{wpath}: not found")

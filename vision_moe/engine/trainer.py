@@ -25,7 +25,6 @@ from .checkpoint import (
     latest_checkpoint,
     load_model,
     load_train_state,
-    read_config,
     save_checkpoint,
 )
 from .data import BadSampleTracker, PlanDataset, StepPlan, TooManyBadSamples, build_dataset, collate_plan
@@ -491,12 +490,11 @@ def evaluate_checkpoint(
     from ..data import SkipBadSamples, collate_multitask
 
     dev = resolve_device(device)
-    read_config(
+    model, mc = load_model(
         checkpoint,
         require=("experiment",),
         why="tools/eval.py rebuilds the held-out data from this training config; tools/export.py works without it",
     )
-    model, mc = load_model(checkpoint)
     exp = dict(mc["experiment"])
     cfg = config_from_dict(exp, str(checkpoint))
     if task not in model.tasks:
