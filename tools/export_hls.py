@@ -65,8 +65,8 @@ def build(args: argparse.Namespace):
         return getattr(model, "backbone", model), args.checkpoint, mean, std
     import vision_moe
 
-    if args.model not in vision_moe.list_models():
-        raise ValueError(f"unknown model {args.model!r}; expected one of {vision_moe.list_models()}")
+    if args.model not in vision_moe.list_models(family="vit"):
+        raise ValueError(f"unknown model {args.model!r}; expected one of {vision_moe.list_models(family="vit")}")
     model = vision_moe.create_model(args.model, **overrides)
     return model, args.model, None, None
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vision-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help=_demo.__doc__)
-    demo.add_argument("--model", default="m3vit_tiny_patch16_224", choices=list_models())
+    demo.add_argument("--model", default="m3vit_tiny_patch16_224", choices=list_models(family="vit"))
     demo.add_argument("--tasks", default="semseg,depth,normals")
     demo.add_argument("--img-size", type=_at_least(1), default=224)
     demo.add_argument("--batch", type=_at_least(1), default=2)
