@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on one task's held-out split: ``python tools/eval.py --checkpoint DIR --task semseg``.
+"""Evaluate a checkpoint on its held-out split: ``python tools/eval.py --checkpoint DIR [--task semseg]``.
 
-Prints the same metrics the trainer reported for that checkpoint.
+Prints the same metrics the trainer reported for that checkpoint, as JSON: one entry per task (every task of the
+checkpoint unless ``--task`` names one); for restoration tasks also ``mean``, over all their held-out images.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import json
 import logging
 import sys
 
-from vision_moe.engine import CheckpointError, evaluate_checkpoint
-from vision_moe.engine.trainer import resolve_device
+from vision_moe.engine import CheckpointError
+from vision_moe.engine.trainer import evaluate_checkpoint_tasks, resolve_device
+from vision_moe.metrics import restoration_summary
 from vision_moe.moe.dispatch import resolve_capacity
+from vision_moe.tasks import is_restoration
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (with model.safetensors + config.json)")
-    p.add_argument("--task", required=True, help="task to evaluate")
+    p.add_argument("--task", default=None, help="task to evaluate (default: every task of the checkpoint)")
     p.add_argument(
         "--max-batches",
         type=int,
@@ -46,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 raise ValueError(f"--capacity-factor{str(e).removeprefix('capacity_factor')}") from None
         resolve_device(args.device, "--device")
-        metrics = evaluate_checkpoint(args.checkpoint, args.task, args.max_batches, args.device, args.capacity_factor)
+        tasks = None if args.task is None else [args.task]
+        metrics = evaluate_checkpoint_tasks(args.checkpoint, tasks, args.max_batches, args.device, args.capacity_factor)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({args.task: metrics}, indent=2))
+    if all(is_restoration(t) for t in metrics):
+        metrics["mean"] = restoration_summary(metrics)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -18,6 +18,8 @@ from ..config import Config, DatasetConfig
 
 __all__ = [
     "build_dataset",
+    "split_by_task",
+    "eval_loader",
     "StepPlan",
     "PlanDataset",
     "collate_plan",
@@ -30,11 +32,29 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
+def _restoration_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: list[str]):
+    from ..data.restoration import RestorationTransform, restoration_dataset
+
+    tf = RestorationTransform(train, cfg.model.img_size if train else None, flips=cfg.data.augment)
+    root = Path(ds.root).expanduser()
+    if ds.format == "builtin_restore":
+        from ..data.builtin_restore import BuiltinRestoration, prepare_builtin_restore
+
+        root = prepare_builtin_restore(
+            root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val, img_size=cfg.model.img_size
+        )
+        return BuiltinRestoration(root, split, tasks=tasks, transform=tf)
+    return restoration_dataset(ds.format, root, split, tasks, tf, lq_dir=ds.lq_dir, gt_dir=ds.gt_dir)
+
+
 def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None):
     """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline."""
+    from ..config import RESTORATION_FORMATS
     from ..data.transforms import build_transforms
 
     tasks = list(tasks if tasks is not None else ds.tasks or cfg.tasks)
+    if ds.format in RESTORATION_FORMATS:
+        return _restoration_dataset(ds, cfg, split, train, tasks)
     augment = train and cfg.data.augment
     tf = build_transforms(
         train=augment,
@@ -67,6 +87,38 @@ def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks
         if ann:
             kwargs["ann_file"] = root / ann
     return cls(root, split, **kwargs)
+
+
+def split_by_task(dataset: Any, tasks: Sequence[str]) -> list[tuple[Any, list[str]]]:
+    """(dataset, tasks) pairs a step or an evaluation runs on. A multi-task dataset labels every task on every
+    image: one pair. A dataset with one task per sample (``sample_tasks``: restoration pairs, one degradation
+    each) becomes one subset per task, so that a training step, like an evaluation, runs one degradation."""
+    per_sample = getattr(dataset, "sample_tasks", None)
+    if per_sample is None:
+        return [(dataset, list(tasks))]
+    out = []
+    for t in tasks:
+        idx = [i for i, s in enumerate(per_sample) if s == t]
+        if idx:
+            out.append((torch.utils.data.Subset(dataset, idx), [t]))
+    return out
+
+
+def eval_loader(dataset: Any, cfg: Config) -> torch.utils.data.DataLoader:
+    """The held-out loader of ``dataset``: unreadable samples skipped (and counted by the evaluator), batches of
+    ``data.eval_batch_size``; images of differing sizes (restoration sets) one at a time, never padded together."""
+    from ..data import SkipBadSamples, collate_multitask
+
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    uniform = getattr(base, "uniform_size", True)
+    return torch.utils.data.DataLoader(
+        SkipBadSamples(dataset),
+        batch_size=cfg.data.eval_batch_size if uniform else 1,
+        shuffle=False,
+        collate_fn=collate_multitask,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator(),
+    )
 
 
 def reseed_sample(dataset: Any, seed: int) -> None:

@@ -16,12 +16,15 @@ __all__ = ["build_metric", "update_metric", "evaluate_task"]
 _logger = logging.getLogger(__name__)
 
 
-def build_metric(task: str, dataset: Any, num_classes: int | None):
-    """The task's metric accumulator, configured from its dataset (COCO ground truth, number of classes)."""
+def build_metric(task: str, dataset: Any, num_classes: int | None, crop_border: int = 0):
+    """The task's metric accumulator, configured from its dataset (COCO ground truth, number of classes);
+    restoration metrics cut ``crop_border`` pixels from each side."""
     from .. import metrics as M
 
     spec = get_task(task)
     cls = getattr(M, spec.metric)
+    if spec.kind == "restoration":
+        return cls(crop_border)
     if spec.kind == "detection":
         return cls(dataset.coco, dataset.contiguous_to_cat_id)
     if spec.metric == "SegmentationMetric":
@@ -39,6 +42,8 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
     elif kind == "detection":
         dets = [{k: v.cpu() for k, v in d.items()} for d in result["detections"]]
         metric.update(dets, targets)
+    elif kind == "restoration":  # the ground truth, and the degraded input for its baseline, in [0, 1]
+        metric.update(out.float().cpu(), [t["gt"] for t in targets], [t["lq"] for t in targets])
     elif task in ("semseg", "human_parts"):
         metric.update(out.argmax(1).cpu(), stack_key(targets, task))
     elif task in ("saliency", "edges"):
@@ -72,6 +77,7 @@ def evaluate_task(
     device: torch.device,
     max_batches: int = 0,
     amp_ctx=None,
+    crop_border: int = 0,
 ) -> dict[str, float]:
     """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``.
 
@@ -87,7 +93,7 @@ def evaluate_task(
         raise ValueError(f"max_batches must be >= 0 (0 = the whole split), got {max_batches}")
     was = model.training
     model.eval()
-    metric = build_metric(task, dataset, num_classes)
+    metric = build_metric(task, dataset, num_classes, crop_border)
     assigned = dropped = 0
     seen = batches = 0
     try:

@@ -17,23 +17,32 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, config_to_dict
-from ..models.multitask import MultiTaskModel, build_multitask_model
-from ..tasks import get_task
+from ..tasks import RestorationLoss, get_task, is_restoration
 from . import distributed as dist_utils
 from .checkpoint import (
     CheckpointError,
+    build_model,
     latest_checkpoint,
     load_model,
     load_train_state,
     save_checkpoint,
 )
-from .data import BadSampleTracker, PlanDataset, StepPlan, TooManyBadSamples, build_dataset, collate_plan
+from .data import (
+    BadSampleTracker,
+    PlanDataset,
+    StepPlan,
+    TooManyBadSamples,
+    build_dataset,
+    collate_plan,
+    eval_loader,
+    split_by_task,
+)
 from .evaluator import evaluate_task
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
-from .reporter import Reporter, format_table
+from .reporter import Reporter, format_restoration_table, format_table
 
-__all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint", "resolve_device"]
+__all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint", "evaluate_checkpoint_tasks", "resolve_device"]
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +90,17 @@ def _amp_ctx(cfg: Config, device: torch.device):
 def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, Any]:
     """What ``config.json`` holds: everything to rebuild the model, plus the experiment config."""
     m = cfg.model
+    if all(is_restoration(t) for t in num_classes):
+        model = {
+            "kind": "restoration",
+            "backbone": m.backbone,
+            "tasks": dict(num_classes),
+            "img_size": m.img_size,
+            "backbone_kwargs": dict(m.backbone_kwargs),
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+        }
+        return {"model": model, "experiment": config_to_dict(cfg)}
     head_kwargs = dict(
         head_channels=m.head_channels,
         head_norm=m.head_norm,
@@ -104,16 +124,13 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
     }
 
 
-def build_model_from_config(mc: dict[str, Any]) -> MultiTaskModel:
-    m = mc["model"]
-    return build_multitask_model(
-        m["backbone"],
-        m["tasks"],
-        img_size=m["img_size"],
-        head=m["head"],
-        head_kwargs=m["head_kwargs"],
-        **m["backbone_kwargs"],
-    )
+def restoration_losses(cfg: Config) -> dict[str, RestorationLoss]:
+    """The configured loss of every restoration task (``tasks.<t>.loss``, ``perceptual_weight``)."""
+    return {
+        t: RestorationLoss("l1" if tc.loss == "default" else tc.loss, tc.perceptual_weight)
+        for t, tc in cfg.tasks.items()
+        if is_restoration(t)
+    }
 
 
 class _StepModule(nn.Module):
@@ -122,7 +139,7 @@ class _StepModule(nn.Module):
 
     def __init__(
         self,
-        model: MultiTaskModel,
+        model: nn.Module,
         cfg: Config,
         uncertainty: UncertaintyWeighting | None,
         mi_memory: TaskRoutingMemory | None = None,
@@ -220,14 +237,14 @@ class Trainer:
         self.num_classes = self._num_classes()
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model_from_config(self.model_cfg).to(self.device)
+        self.model = build_model(self.model_cfg["model"], restoration_losses(cfg)).to(self.device)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         if cfg.train.channels_last:  # weights (and the optimizer's moments, made like them) stay NHWC on resume
             self.model.to(memory_format=torch.channels_last)
         self.uncertainty = (
             UncertaintyWeighting(list(cfg.tasks)).to(self.device) if cfg.train.uncertainty_weighting else None
         )
-        moe_layers = self.model.backbone.moe_layers()
+        moe_layers = self.model.moe_layers()
         self.mi_memory = (
             TaskRoutingMemory(list(cfg.tasks), [m.num_experts for _, m in moe_layers], cfg.moe.mi_momentum).to(
                 self.device
@@ -249,7 +266,7 @@ class Trainer:
             cfg.data.batch_size,
             cfg.train.seed,
             cfg.data.sampling,
-            [d.sample_weight for d in cfg.data.datasets],
+            self.set_weights,
             self.rank,
             self.world,
         )
@@ -269,10 +286,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_sets(self, datasets, train: bool) -> list[tuple[Any, list[str]]]:
+        """(dataset, tasks) per step kind: a restoration set gives one per degradation (see split_by_task)."""
         out = []
+        self.set_weights = []
         for ds in datasets:
             tasks = list(ds.tasks or self.cfg.tasks)
-            out.append((build_dataset(ds, self.cfg, ds.train_split if train else ds.val_split, train, tasks), tasks))
+            built = build_dataset(ds, self.cfg, ds.train_split if train else ds.val_split, train, tasks)
+            for pair in split_by_task(built, tasks):
+                out.append(pair)
+                self.set_weights.append(ds.sample_weight)
         return out
 
     def _num_classes(self) -> dict[str, int | None]:
@@ -350,22 +372,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def _val_loaders(self) -> dict[str, tuple[Any, Any]]:
-        from ..data import SkipBadSamples, collate_multitask
-
         if not self._val:
-            for dcfg in self.cfg.data.datasets:
-                tasks = list(dcfg.tasks or self.cfg.tasks)
-                ds = build_dataset(dcfg, self.cfg, dcfg.val_split, train=False, tasks=tasks)
-                loader = torch.utils.data.DataLoader(
-                    SkipBadSamples(ds),
-                    batch_size=self.cfg.data.eval_batch_size,
-                    shuffle=False,
-                    collate_fn=collate_multitask,
-                    num_workers=self.cfg.data.num_workers,
-                    generator=torch.Generator(),
-                )
-                for t in tasks:
-                    self._val.setdefault(t, (loader, ds))
+            self._val = val_loaders(self.cfg)
         return self._val
 
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -382,6 +390,7 @@ class Trainer:
                     self.device,
                     self.cfg.train.eval_max_batches,
                     self.amp_ctx,
+                    self.cfg.data.crop_border,
                 )
         dist_utils.barrier()
         return results
@@ -455,8 +464,7 @@ class Trainer:
                     f"(first: {self.bad.bad[0]})"
                 )
             rep.message(
-                f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n"
-                + format_table(metrics, {t: get_task(t).primary for t in metrics})
+                f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n" + table(metrics)
             )
             try:
                 self.bad.check(final=True)
@@ -467,6 +475,28 @@ class Trainer:
         return metrics
 
 
+def table(metrics: dict[str, dict[str, float]]) -> str:
+    """The final metrics as a plain-text table (restoration: input and output PSNR / SSIM per degradation)."""
+    if metrics and all(is_restoration(t) for t in metrics):
+        return format_restoration_table(metrics)
+    return format_table(metrics, {t: get_task(t).primary for t in metrics})
+
+
+def val_loaders(cfg: Config, tasks: list[str] | None = None) -> dict[str, tuple[Any, Any]]:
+    """task -> (held-out loader, dataset) for every task of ``cfg`` (or ``tasks``): the first dataset labelling it."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for dcfg in cfg.data.datasets:
+        ds_tasks = [t for t in (dcfg.tasks or cfg.tasks) if tasks is None or t in tasks]
+        if not ds_tasks or all(t in out for t in ds_tasks):
+            continue
+        ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=ds_tasks)
+        for sub, sub_tasks in split_by_task(ds, ds_tasks):
+            loader = eval_loader(sub, cfg)
+            for t in sub_tasks:
+                out.setdefault(t, (loader, sub))
+    return out
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, dict[str, float]]:
     """Train ``cfg`` into ``out_dir`` (``--resume`` continues from its newest checkpoint); returns final metrics."""
     try:
@@ -475,19 +505,19 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, d
         dist_utils.cleanup()
 
 
-def evaluate_checkpoint(
+def evaluate_checkpoint_tasks(
     checkpoint: str | Path,
-    task: str,
+    tasks: list[str] | None = None,
     max_batches: int | None = None,
     device: str = "auto",
     capacity_factor: float | None = None,
-) -> dict[str, float]:
-    """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them.
+) -> dict[str, dict[str, float]]:
+    """Metrics of ``tasks`` (default: all of the checkpoint's) on their held-out splits, exactly as the trainer
+    computes them: task -> metrics.
 
     ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
     capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``."""
     from ..config import config_from_dict
-    from ..data import SkipBadSamples, collate_multitask
 
     dev = resolve_device(device)
     model, mc = load_model(
@@ -497,25 +527,34 @@ def evaluate_checkpoint(
     )
     exp = dict(mc["experiment"])
     cfg = config_from_dict(exp, str(checkpoint))
-    if task not in model.tasks:
-        raise ValueError(f"unknown task {task!r}; this checkpoint has {list(model.tasks)}")
+    tasks = list(model.tasks) if tasks is None else list(tasks)
+    for task in tasks:
+        if task not in model.tasks:
+            raise ValueError(f"unknown task {task!r}; this checkpoint has {list(model.tasks)}")
     if capacity_factor is not None:
-        backbone = model.backbone if hasattr(model, "backbone") else model
-        backbone.set_capacity(capacity_factor=capacity_factor)
+        model.set_capacity(capacity_factor=capacity_factor)
     model.to(dev)
     if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers
         model.to(memory_format=torch.channels_last)
-    for dcfg in cfg.data.datasets:
-        tasks = list(dcfg.tasks or cfg.tasks)
-        if task in tasks:
-            ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=tasks)
-            loader = torch.utils.data.DataLoader(
-                SkipBadSamples(ds),
-                batch_size=cfg.data.eval_batch_size,
-                shuffle=False,
-                collate_fn=collate_multitask,
-                num_workers=cfg.data.num_workers,
-            )
-            mb = cfg.train.eval_max_batches if max_batches is None else max_batches
-            return evaluate_task(model, task, loader, ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev))
-    raise ValueError(f"no dataset in the checkpoint's config labels task {task!r}")
+    loaders = val_loaders(cfg, tasks)
+    missing = [t for t in tasks if t not in loaders]
+    if missing:
+        raise ValueError(f"no dataset in the checkpoint's config labels task {missing[0]!r}")
+    mb = cfg.train.eval_max_batches if max_batches is None else max_batches
+    return {
+        t: evaluate_task(
+            model, t, *loaders[t], mc["model"]["tasks"][t], dev, mb, _amp_ctx(cfg, dev), cfg.data.crop_border
+        )
+        for t in tasks
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    task: str,
+    max_batches: int | None = None,
+    device: str = "auto",
+    capacity_factor: float | None = None,
+) -> dict[str, float]:
+    """Metrics of ``task`` for a checkpoint on its held-out split (see :func:`evaluate_checkpoint_tasks`)."""
+    return evaluate_checkpoint_tasks(checkpoint, [task], max_batches, device, capacity_factor)[task]
