@@ -3,7 +3,6 @@ trainer's metrics in evaluate_checkpoint / tools/eval.py, tools/restore.py resto
 seams for a local network), and bad configs or arguments give one line."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -207,26 +206,54 @@ def test_vit_tasks_keep_their_options(tmp_path):
         config_from_dict({"tasks": {"semseg": {}}, "model": {"backbone": "mofme_tiny_patch8"}}, "c.yaml")
 
 
-def test_train_tool_runs_the_restoration_config(tmp_path):
+def test_train_tool_runs_the_restoration_config(trained, tmp_path, capsys):
     """tools/train.py drives the same engine; --set reaches the restoration options (2 steps, to its table)."""
+    import train as train_tool
     import yaml
 
-    cfg = tiny(tmp_path / "data", train={"steps": 2, "progress": False, "tensorboard": False, "threads": 1})
+    _, _, base = trained
+    cfg = tiny(base / "data", train={"steps": 2, "progress": False, "tensorboard": False, "threads": 1})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "train.py"),
-            "--config",
-            str(tmp_path / "c.yaml"),
-            "--out",
-            str(tmp_path / "run"),
-            "--set",
-            "data.crop_border=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "mean (all images)" in r.stdout and "crop border 1" in r.stdout and "input PSNR" in r.stdout
+    args = ["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--set", "data.crop_border=1"]
+    assert train_tool.main(args) == 0
+    out = capsys.readouterr().out
+    assert "mean (all images)" in out and "crop border 1" in out and "input PSNR" in out
+
+
+@pytest.mark.parametrize("router", ["shared", "task_embed"])
+def test_a_mixed_batch_is_each_image_with_its_own_degradation(router):
+    """All-in-one batches: each image restored as if alone with its degradation; each task's loss over its images."""
+    from vision_moe.models.restoration import build_restoration_model
+
+    torch.manual_seed(0)
+    model = build_restoration_model(
+        "mofme_tiny_patch8",
+        ["derain", "dehaze"],
+        embed_dim=32,
+        num_heads=2,
+        attn_head_dim=16,
+        router=router,
+        residual=False,
+    ).eval()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    degs = ["dehaze", "derain", "dehaze", "dehaze"]
+    targets = [{"gt": torch.rand(3, 16, 16), "degradation": d} for d in degs]
+    with torch.no_grad():
+        r = model(x, None, targets)
+        alone = torch.cat([model.net(x[i : i + 1], degs[i]) for i in range(4)])
+    torch.testing.assert_close(r["out"], alone, atol=1e-5, rtol=1e-4)
+    assert r["task_counts"] == {"dehaze": 3, "derain": 1}
+    gt = torch.stack([t["gt"] for t in targets])
+    torch.testing.assert_close(r["task_losses"]["dehaze"], (alone - gt)[[0, 2, 3]].abs().mean())
+    with pytest.raises(ValueError, match="unknown task 'desnow' in the batch"):
+        model(x, None, [{**t, "degradation": "desnow"} for t in targets])
+
+
+def test_batches_mix_degradations_unless_asked_not_to(trained):
+    _, _, base = trained
+    mixed = Trainer(config_from_dict(tiny(base / "data")), base / "mixed")
+    assert [tasks for _, tasks in mixed.train_sets] == [["dehaze", "lowlight"]]
+    per_task = Trainer(config_from_dict(tiny(base / "data", data={"mixed_batches": False})), base / "per_task")
+    assert [(len(ds), tasks) for ds, tasks in per_task.train_sets] == [(8, ["dehaze"]), (8, ["lowlight"])]
+    with pytest.raises(ConfigError, match="moe.mi_weight: the task-expert MI needs one degradation per step"):
+        config_from_dict(tiny(base / "data", moe={"mi_weight": 0.005}))

@@ -101,6 +101,9 @@ class DataConfig:
     augment: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop scale range
     crop_border: int = 0  # restoration metrics: pixels cut from each side before PSNR / SSIM (BasicSR's)
+    # restoration sets: each training batch draws from all their degradations (all-in-one training); false: one
+    # degradation per step, round-robin (as multi-task steps run one dataset)
+    mixed_batches: bool = True
 
 
 @dataclass
@@ -322,6 +325,13 @@ def _check_restoration(cfg: Config, src: str) -> None:
         )
     if cfg.data.crop_border < 0:
         raise _err(src, "data.crop_border", "must be >= 0", cfg.data.crop_border)
+    if restoring and cfg.data.mixed_batches and cfg.moe.mi_weight:
+        raise _err(
+            src,
+            "moe.mi_weight",
+            "the task-expert MI needs one degradation per step: set data.mixed_batches: false",
+            cfg.moe.mi_weight,
+        )
 
 
 def _restorers() -> list[str]:

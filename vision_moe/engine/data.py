@@ -89,13 +89,17 @@ def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks
     return cls(root, split, **kwargs)
 
 
-def split_by_task(dataset: Any, tasks: Sequence[str]) -> list[tuple[Any, list[str]]]:
+def split_by_task(dataset: Any, tasks: Sequence[str], mixed: bool = False) -> list[tuple[Any, list[str]]]:
     """(dataset, tasks) pairs a step or an evaluation runs on. A multi-task dataset labels every task on every
     image: one pair. A dataset with one task per sample (``sample_tasks``: restoration pairs, one degradation
-    each) becomes one subset per task, so that a training step, like an evaluation, runs one degradation."""
+    each) becomes one subset per task, so that an evaluation (or, with ``mixed=False``, a training step) runs one
+    degradation; with ``mixed`` it stays one pair whose batches mix its tasks (all-in-one training)."""
     per_sample = getattr(dataset, "sample_tasks", None)
     if per_sample is None:
         return [(dataset, list(tasks))]
+    if mixed:
+        present = set(per_sample)
+        return [(dataset, [t for t in tasks if t in present])]
     out = []
     for t in tasks:
         idx = [i for i, s in enumerate(per_sample) if s == t]

@@ -148,6 +148,8 @@ class _StepModule(nn.Module):
         self.model, self.cfg, self.uncertainty, self.mi_memory = model, cfg, uncertainty, mi_memory
 
     def forward(self, images: torch.Tensor, targets: list[dict], tasks: Sequence[str]):
+        if len(tasks) > 1 and getattr(self.model, "per_image_tasks", False):
+            return self._forward_mixed(images, targets)
         total = images.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
         aux_by_task = {}
@@ -169,11 +171,31 @@ class _StepModule(nn.Module):
         if mi is not None:
             total = total + mi
             logs["moe_mi"] = mi.detach()
-        loads = {
-            t: [(a.expert_load.float() / a.expert_load.sum().clamp_min(1)).tolist() for a in aux]
-            for t, aux in aux_by_task.items()
-        }
-        return total, logs, loads
+        return total, logs, _loads(aux_by_task)
+
+    def _forward_mixed(self, images: torch.Tensor, targets: list[dict]):
+        """A batch whose images each have their own task (restoration: one degradation per image, all-in-one
+        training): one forward, each task's loss over its images, weighted by its share of the batch."""
+        r = self.model(images, None, targets)
+        total = images.new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        n = sum(r["task_counts"].values())
+        for task, loss_t in r["task_losses"].items():
+            logs[task] = loss_t.detach()
+            w = self.cfg.tasks[task].weight * r["task_counts"][task] / n
+            total = total + (self.uncertainty(task, w * loss_t) if self.uncertainty is not None else w * loss_t)
+        aux_l = moe_aux_loss(r["aux"], self.cfg.moe)
+        if aux_l is not None:
+            total = total + aux_l
+            logs["moe_aux/mixed"] = aux_l.detach()
+        return total, logs, _loads({"mixed": r["aux"]})
+
+
+def _loads(aux_by_task: dict) -> dict[str, list[list[float]]]:
+    return {
+        t: [(a.expert_load.float() / a.expert_load.sum().clamp_min(1)).tolist() for a in aux]
+        for t, aux in aux_by_task.items()
+    }
 
 
 def _rng_state() -> dict[str, Any]:
@@ -292,7 +314,7 @@ class Trainer:
         for ds in datasets:
             tasks = list(ds.tasks or self.cfg.tasks)
             built = build_dataset(ds, self.cfg, ds.train_split if train else ds.val_split, train, tasks)
-            for pair in split_by_task(built, tasks):
+            for pair in split_by_task(built, tasks, mixed=train and self.cfg.data.mixed_batches):
                 out.append(pair)
                 self.set_weights.append(ds.sample_weight)
         return out

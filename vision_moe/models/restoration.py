@@ -22,7 +22,12 @@ __all__ = ["RestorationModel", "build_restoration_model"]
 
 
 class RestorationModel(nn.Module):
-    """``.net`` (the restoration network), ``.tasks`` (its degradations), ``.losses`` (task -> RestorationLoss)."""
+    """``.net`` (the restoration network), ``.tasks`` (its degradations), ``.losses`` (task -> RestorationLoss).
+
+    A batch may mix degradations (all-in-one training): ``model(images, None, targets)`` takes each image's
+    degradation from ``targets[i]["degradation"]``."""
+
+    per_image_tasks = True  # the trainer may hand it batches that mix tasks
 
     def __init__(self, net: nn.Module, losses: dict[str, RestorationLoss] | None = None) -> None:
         super().__init__()
@@ -34,11 +39,16 @@ class RestorationModel(nn.Module):
         self.losses = nn.ModuleDict({t: (losses or {}).get(t) or RestorationLoss() for t in self.tasks})
 
     def forward(
-        self, images: torch.Tensor, task: str, targets: list[dict] | None = None, shared: Any = None
+        self, images: torch.Tensor, task: str | None, targets: list[dict] | None = None, shared: Any = None
     ) -> dict[str, Any]:
         """images (B, 3, H, W) normalised to [-1, 1] -> {"out": restored (B, 3, H, W) in [0, 1], "aux": [MoEAux],
-        "losses": {name: tensor} if targets}. ``shared`` is accepted for the trainer's interface (a restoration
-        step runs one task, nothing is shared)."""
+        "losses": {name: tensor} if targets}. ``shared`` is accepted for the trainer's interface (nothing of a
+        restoration network is shared between tasks).
+
+        ``task=None`` with ``targets``: each image's own degradation (a mixed batch); the result then also holds
+        ``task_losses`` (task -> its loss over its images) and ``task_counts`` (task -> its number of images)."""
+        if task is None and targets is not None:
+            return self._forward_mixed(images, targets)
         if task not in self.tasks:
             raise ValueError(f"unknown task {task!r}; this model serves {list(self.tasks)}")
         out, aux = self.net(images, task, return_aux=True)
@@ -46,6 +56,35 @@ class RestorationModel(nn.Module):
         if targets is not None:
             result["losses"] = task_loss(task, self.losses[task], out, targets, tuple(images.shape[-2:]))
         return result
+
+    def _forward_mixed(self, images: torch.Tensor, targets: list[dict]) -> dict[str, Any]:
+        per_image = [t["degradation"] for t in targets]
+        bad = sorted({t for t in per_image if t not in self.tasks})
+        if bad:
+            raise ValueError(f"unknown task {bad[0]!r} in the batch; this model serves {list(self.tasks)}")
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(per_image):
+            groups.setdefault(t, []).append(i)
+        if getattr(self.net, "task_conditioned", False):  # routing depends on the degradation: one forward each
+            out = images.new_empty(images.shape)
+            aux: list = []
+            for t, idx in groups.items():
+                o, a = self.net(images[idx], t, return_aux=True)
+                out[idx] = o.to(out.dtype)
+                aux.extend(a)
+        else:
+            out, aux = self.net(images, None, return_aux=True)
+        size = tuple(images.shape[-2:])
+        task_losses = {
+            t: sum(task_loss(t, self.losses[t], out[idx], [targets[i] for i in idx], size).values())
+            for t, idx in groups.items()
+        }
+        return {
+            "out": out,
+            "aux": aux,
+            "task_losses": task_losses,
+            "task_counts": {t: len(idx) for t, idx in groups.items()},
+        }
 
     def forward_shared(self, images: torch.Tensor) -> None:
         """Nothing of a restoration network is shared between tasks' forwards (see MultiTaskModel's)."""
