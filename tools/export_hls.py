@@ -66,7 +66,7 @@ def build(args: argparse.Namespace):
     import vision_moe
 
     if args.model not in vision_moe.list_models(family="vit"):
-        raise ValueError(f"unknown model {args.model!r}; expected one of {vision_moe.list_models(family="vit")}")
+        raise ValueError(f"unknown model {args.model!r}; expected one of {vision_moe.list_models(family='vit')}")
     model = vision_moe.create_model(args.model, **overrides)
     return model, args.model, None, None
 
