@@ -24,14 +24,9 @@ object keeps at least half of its pixels visible). Labels, all read back through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,6 +40,7 @@ from pycocotools import mask as mask_utils
 
 from .coco import CocoDetection
 from .common import (
+    cached_folder,
     check_tasks,
     encode_normals_png,
     finalize_sample,
@@ -292,15 +288,6 @@ def _write_split(out: Path, split: str, seed: int, num: int, img_size: int, work
         f.writelines(cls_lines)
 
 
-def _content_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            h.update(str(p.relative_to(root)).encode())
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def prepare_builtin(
     root: str | Path,
     seed: int = 0,
@@ -321,42 +308,15 @@ def prepare_builtin(
     if img_size < 32:
         raise ValueError(f"prepare_builtin: img_size={img_size}; expected >= 32 (objects are 8 px to img_size/2)")
     params = dict(version=_VERSION, seed=seed, num_train=num_train, num_val=num_val, img_size=img_size)
-    root = Path(root)
-    out = root / f"builtin_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        try:
-            m = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            m = {}
-        if m.get("params") == params and (not verify or m.get("sha256") == _content_hash(out)):
-            return out
-        _logger.warning("%s: manifest does not match the arguments or the content; regenerating", out)
-        shutil.rmtree(out)
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin-", dir=root))
-    try:
+    out = Path(root) / f"builtin_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
+
+    def write(tmp: Path) -> dict:
         _write_split(tmp, "train", seed, num_train, img_size, workers)
         _write_split(tmp, "val", seed, num_val, img_size, workers)
         (tmp / "classes.txt").write_text("".join(f"{n}\n" for n in SHAPE_CLASSES))
-        man = dict(
-            params=params,
-            sha256=_content_hash(tmp),
-            classes=list(SHAPE_CLASSES),
-            generation_seconds=round(time.perf_counter() - t0, 2),
-        )
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=1))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: keep its copy
-            if not manifest.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    _logger.info("built-in data written to %s in %.1f s", out, time.perf_counter() - t0)
-    return out
+        return dict(classes=list(SHAPE_CLASSES))
+
+    return cached_folder(out, params, write, verify)
 
 
 # ----------------------------------------------------------------------------------------------- reading

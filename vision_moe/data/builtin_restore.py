@@ -31,13 +31,8 @@ PSNR / SSIM of the degraded crops themselves, per degradation, which every model
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +40,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .common import cached_folder
 from .restoration import RestorationPairs, RestorationTransform, all_in_one_samples
 
 __all__ = [
@@ -265,15 +261,6 @@ def _write_split(
     return scores
 
 
-def _content_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            h.update(str(p.relative_to(root)).encode())
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def prepare_builtin_restore(
     root: str | Path, seed: int = 0, num_train: int = 600, num_val: int = 40, img_size: int = 64, verify: bool = True
 ) -> Path:
@@ -286,44 +273,19 @@ def prepare_builtin_restore(
     if img_size < 16:
         raise ValueError(f"prepare_builtin_restore: img_size={img_size}; expected >= 16")
     params = dict(version=_VERSION, seed=seed, num_train=num_train, num_val=num_val, img_size=img_size)
-    root = Path(root)
-    out = root / f"builtin_restore_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        try:
-            m = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            m = {}
-        if m.get("params") == params and (not verify or m.get("sha256") == _content_hash(out)):
-            return out
-        _logger.warning("%s: manifest does not match the arguments or the content; regenerating", out)
-        shutil.rmtree(out)
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    _logger.info("generating the built-in restoration data (%d + %d crops per degradation)", num_train, num_val)
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin_restore-", dir=root))
-    try:
+    out = Path(root) / f"builtin_restore_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
+
+    def write(tmp: Path) -> dict:
+        _logger.info("generating the built-in restoration data (%d + %d crops per degradation)", num_train, num_val)
         _write_split(tmp, "train", seed, num_train, img_size, _pyramids(TRAIN_PHOTOS))
         baseline = _write_split(tmp, "val", seed, num_val, img_size, _pyramids(HELD_OUT_PHOTOS), baseline=True)
-        man = dict(
-            params=params,
-            sha256=_content_hash(tmp),
+        return dict(
             degradations=list(BUILTIN_DEGRADATIONS),
             photos={"train": list(TRAIN_PHOTOS), "val": list(HELD_OUT_PHOTOS)},
             val_input_baseline=baseline,
-            generation_seconds=round(time.perf_counter() - t0, 2),
         )
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=1))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: keep its copy
-            if not manifest.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    _logger.info("built-in restoration data written to %s in %.1f s", out, time.perf_counter() - t0)
-    return out
+
+    return cached_folder(out, params, write, verify)
 
 
 class BuiltinRestoration(RestorationPairs):

@@ -94,6 +94,24 @@ class MoELayer(nn.Module):
     def set_dispatcher(self, dispatcher: str | Dispatcher) -> None:
         self.dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
 
+    def forward(self, x: torch.Tensor, task: str | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """x (B, N, M) routed for ``task`` -> (y (B, N, M), MoEAux)."""
+        r = self.router(x.reshape(-1, x.shape[-1]), task)
+        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
+        return y, _make_aux(task, r, keep)
+
+    def _experts_on_tokens(
+        self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``self.experts`` on x (..., N, M) with its (S, k) routing, combined -> (output shaped like x, kept
+        assignments or None); capacity counted per image (N tokens)."""
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])  # (S, M)
+        n = shape[-2] if x.dim() > 2 else x_flat.shape[0]  # capacity group: one image's tokens
+        keep, cap = self.keep_mask(expert_index, n)
+        y = self.dispatcher(x_flat, expert_index, combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
+        return y.to(x.dtype).reshape(shape), keep
+
 
 _MoEBase = MoELayer  # the name before the base was public
 
@@ -124,22 +142,12 @@ class MoEMlp(MoELayer):
         self._init_routing(dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor)
         self.experts = MlpExperts(num_experts, dim, hidden, act_layer=act_layer, bias=bias, drop=drop)
 
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
-        r = self.router(x.reshape(-1, x.shape[-1]), task)
-        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
-        return y, _make_aux(task, r, keep)
-
     def apply_experts(
         self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer after routing: x (..., N, M) and its (S, k) routing -> (output shaped like x, kept
         assignments or None). Shared with the task-indexed export graph, which routes differently."""
-        shape = x.shape
-        x_flat = x.reshape(-1, shape[-1])  # (S, M)
-        n = shape[-2] if x.dim() > 2 else x_flat.shape[0]  # capacity group: one image's tokens
-        keep, cap = self.keep_mask(expert_index, n)
-        y = self.dispatcher(x_flat, expert_index, combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
-        return y.to(x.dtype).reshape(shape), keep
+        return self._experts_on_tokens(x, expert_index, combine_weights)
 
     def specialize(self, task: str) -> MoEMlp:
         """This layer for ``task`` alone: its router, and only the experts that router can reach."""
@@ -186,11 +194,6 @@ class MoEAttention(MoELayer):
         self.o_experts = LinearExperts(num_experts, inner, dim, bias=True)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
-        r = self.router(x.reshape(-1, x.shape[-1]), task)
-        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
-        return y, _make_aux(task, r, keep)
 
     def apply_experts(
         self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
@@ -263,22 +266,13 @@ class MoEFiLM(MoELayer):
         """h = act(W1 x) * (W2 x), what the experts modulate."""
         return self.act(self.w1(x)) * self.w2(x)
 
-    def forward(self, x: torch.Tensor, task: str | None = None) -> tuple[torch.Tensor, MoEAux]:
-        r = self.router(x.reshape(-1, x.shape[-1]), task)
-        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
-        return y, _make_aux(task, r, keep)
-
     def apply_experts(
         self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer after routing: x (..., N, d) and its (S, k) routing -> (output shaped like x, kept
         assignments or None)."""
-        shape = x.shape
-        h = self.shared_block(x).reshape(-1, shape[-1])  # (S, d)
-        n = shape[-2] if x.dim() > 2 else h.shape[0]  # capacity group: one image's tokens
-        keep, cap = self.keep_mask(expert_index, n)
-        y = self.dispatcher(h, expert_index, combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
-        return self.adaptor(y.to(x.dtype).reshape(shape)), keep
+        y, keep = self._experts_on_tokens(self.shared_block(x), expert_index, combine_weights)
+        return self.adaptor(y), keep
 
     def specialize(self, task: str | None) -> MoEFiLM:
         """This layer for ``task`` alone: its router, and only the experts that router can reach."""

@@ -311,6 +311,10 @@ class SharedRouter(_TaskRouter):
         self._check_task(task)
         return self.gate(x)
 
+    def _options(self) -> dict:
+        """Constructor options beyond the gate's (subclasses add theirs)."""
+        return {}
+
     def _new(self, num_experts: int, top_k: int, tasks: tuple[str, ...]) -> SharedRouter:
         src = self.gate
         return type(self)(
@@ -321,6 +325,7 @@ class SharedRouter(_TaskRouter):
             noise_std=src.noise_std * num_experts / src.num_experts,
             renormalize=src.renormalize,
             bias=src.proj.bias is not None,
+            **self._options(),
         )
 
     def specialize(self, task: str | None, keep: torch.Tensor) -> SharedRouter:
@@ -391,19 +396,8 @@ class UncertaintyRouter(SharedRouter):
             combine = combine / combine.sum(-1, keepdim=True).clamp_min(tiny)
             return RouterOutput(logits=clean, probs=mean, expert_index=expert_index, combine_weights=combine)
 
-    def _new(self, num_experts: int, top_k: int, tasks: tuple[str, ...]) -> UncertaintyRouter:
-        src = self.gate
-        return UncertaintyRouter(
-            src.proj.in_features,
-            num_experts,
-            top_k,
-            tasks,
-            samples=self.samples,
-            dropout=self.dropout,
-            noise_std=src.noise_std * num_experts / src.num_experts,
-            renormalize=src.renormalize,
-            bias=src.proj.bias is not None,
-        )
+    def _options(self) -> dict:
+        return dict(samples=self.samples, dropout=self.dropout)
 
     def extra_repr(self) -> str:
         return f"samples={self.samples}, dropout={self.dropout}"
