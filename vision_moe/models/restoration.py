@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .._factory import create_model, model_family
+from ..moe import merge_aux
 from ..tasks import RestorationLoss, get_task, is_restoration, task_loss
 
 __all__ = ["RestorationModel", "build_restoration_model"]
@@ -67,11 +68,12 @@ class RestorationModel(nn.Module):
             groups.setdefault(t, []).append(i)
         if getattr(self.net, "task_conditioned", False):  # routing depends on the degradation: one forward each
             out = images.new_empty(images.shape)
-            aux: list = []
+            parts = []
             for t, idx in groups.items():
                 o, a = self.net(images[idx], t, return_aux=True)
                 out[idx] = o.to(out.dtype)
-                aux.extend(a)
+                parts.append(a)
+            aux = [merge_aux(list(layer)) for layer in zip(*parts)]  # one record per MoE layer for the batch
         else:
             out, aux = self.net(images, None, return_aux=True)
         size = tuple(images.shape[-2:])

@@ -12,7 +12,7 @@ from .dispatch import (
     resolve_capacity,
 )
 from .experts import FiLMExperts, LinearExperts, MlpExperts
-from .layer import MoEAttention, MoEAux, MoEFiLM, MoELayer, MoEMlp
+from .layer import MoEAttention, MoEAux, MoEFiLM, MoELayer, MoEMlp, merge_aux
 from .losses import (
     cv_squared,
     importance_load_loss,
@@ -49,6 +49,7 @@ __all__ = [
     "MoEFiLM",
     "MoELayer",
     "MoEMlp",
+    "merge_aux",
     "cv_squared",
     "importance_load_loss",
     "mutual_information_loss",
