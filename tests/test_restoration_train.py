@@ -260,3 +260,14 @@ def test_batches_mix_degradations_unless_asked_not_to(trained):
     assert [(len(ds), tasks) for ds, tasks in per_task.train_sets] == [(8, ["dehaze"]), (8, ["lowlight"])]
     with pytest.raises(ConfigError, match="moe.mi_weight: the task-expert MI needs one degradation per step"):
         config_from_dict(tiny(base / "data", moe={"mi_weight": 0.005}))
+
+
+def test_export_tool_refuses_restoration_models_in_one_line(trained, tmp_path, capsys):
+    import export as export_tool
+
+    _, _, base = trained
+    for src in (["--model", "mofme_tiny_patch8"], ["--checkpoint", str(latest_checkpoint(base / "run"))]):
+        rc = export_tool.main([*src, "--all-tasks", "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert rc != 0 and "exporting restoration models is not supported yet" in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

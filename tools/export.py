@@ -97,10 +97,16 @@ def build(args: argparse.Namespace):
     from vision_moe.deploy.source import load_checkpoint_source, parse_overrides
 
     overrides = parse_overrides(args.set)
+    not_yet = "exporting restoration models is not supported yet; tools/restore.py runs them in PyTorch"
     if args.checkpoint:
         model, cfg, mean, std = load_checkpoint_source(args.checkpoint, overrides)
+        if (cfg.get("model") or {}).get("kind") == "restoration":
+            raise ValueError(f"{args.checkpoint}: a restoration checkpoint; {not_yet}")
         return model, dict(checkpoint=args.checkpoint, config=cfg.get("model")), mean, std
     import vision_moe
+
+    if args.model in vision_moe.list_models(family="restoration"):
+        raise ValueError(f"--model {args.model}: a restoration model; {not_yet}")
 
     tasks = _tasks_def(args.tasks_def) if args.tasks_def else None
     what = " ".join(f"--set {kv}" for kv in args.set) or "its defaults"

@@ -48,6 +48,7 @@ __all__ = [
     "TRAIN_PHOTOS",
     "HELD_OUT_PHOTOS",
     "DEGRADE",
+    "load_photo",
     "prepare_builtin_restore",
     "BuiltinRestoration",
 ]
@@ -75,7 +76,7 @@ _MIN_STD = 0.04
 _SCALES = (0.5, 0.625, 0.75, 0.875, 1.0)
 
 
-def _photo(name: str) -> np.ndarray:
+def load_photo(name: str) -> np.ndarray:
     """A bundled scikit-image photograph as (H, W, 3) uint8 RGB."""
     from skimage import data
 
@@ -207,7 +208,7 @@ DEGRADE: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray,
 def _pyramids(names: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
     out = {}
     for n in names:
-        img = _photo(n)
+        img = load_photo(n)
         h, w = img.shape[:2]
         out[n] = [cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) for s in _SCALES]
     return out
