@@ -206,3 +206,25 @@ def test_naive_reference_is_what_the_dispatch_test_compares_to():
     torch.testing.assert_close(NaiveDispatcher()(x, idx, w, ex), _film_reference(ex, x, idx, w))
     wrong = _film_reference(ex, x, idx.flip(-1), w)
     assert not torch.allclose(wrong, _film_reference(ex, x, idx, w))
+
+
+def test_task_embedding_router_takes_one_task_per_image():
+    """A batch mixing degradations in one forward: each image's tokens routed with its own task embedding and mask."""
+    from vision_moe.moe import MultiGateRouter, TaskEmbeddingRouter
+
+    torch.manual_seed(0)
+    router = TaskEmbeddingRouter(8, 6, 2, ("derain", "dehaze"), task_dim=4, renormalize=True, noise_std=0.0)
+    with torch.no_grad():
+        router.task_embed.weight.normal_(0, 2.0)
+    router.set_expert_mask("dehaze", torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool))
+    x = torch.randn(3 * 5, 8)  # 3 images of 5 tokens
+    mixed = router(x, ["dehaze", "derain", "dehaze"])
+    for i, t in enumerate(["dehaze", "derain", "dehaze"]):
+        alone = router(x[5 * i : 5 * (i + 1)], t)
+        assert torch.equal(mixed.expert_index[5 * i : 5 * (i + 1)], alone.expert_index)
+        torch.testing.assert_close(mixed.combine_weights[5 * i : 5 * (i + 1)], alone.combine_weights)
+    assert (mixed.expert_index[:5] < 3).all()  # dehaze's mask holds for its tokens
+    with pytest.raises(ValueError, match="2 per-image tasks for 15 tokens"):
+        router(x, ["dehaze", "derain"])
+    with pytest.raises(ValueError, match="one task per call"):
+        MultiGateRouter(8, 6, 2, ("derain", "dehaze"))(x, ["derain"] * 3)

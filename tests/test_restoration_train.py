@@ -243,9 +243,13 @@ def test_a_mixed_batch_is_each_image_with_its_own_degradation(router):
         alone = torch.cat([model.net(x[i : i + 1], degs[i]) for i in range(4)])
     torch.testing.assert_close(r["out"], alone, atol=1e-5, rtol=1e-4)
     assert r["task_counts"] == {"dehaze": 3, "derain": 1}
-    # one routing record per MoE layer for the whole batch (the aux loss does not grow with the degradations)
+    # one forward, one routing record per MoE layer for the whole batch
     assert len(r["aux"]) == len(model.net.moe_layers()) and all(a.probs.shape[0] == 4 * 4 for a in r["aux"])
     assert all(int(a.expert_load.sum()) == 4 * 4 * 2 for a in r["aux"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x, degs), alone, atol=1e-5, rtol=1e-4)  # per-image tasks directly
+    with pytest.raises(ValueError, match="3 per-image tasks for a batch of 4"):
+        model.net(x, degs[:3])
     gt = torch.stack([t["gt"] for t in targets])
     torch.testing.assert_close(r["task_losses"]["dehaze"], (alone - gt)[[0, 2, 3]].abs().mean())
     with pytest.raises(ValueError, match="unknown task 'desnow' in the batch"):

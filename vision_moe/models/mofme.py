@@ -224,18 +224,19 @@ class MoFME(nn.Module):
         return set()
 
     # ------------------------------------------------------------------ tasks and MoE
-    def resolve_task(self, task: str | None) -> str | None:
+    def resolve_task(self, task: str | Sequence[str] | None) -> str | list[str] | None:
         """The task to route by: None stays None when routing does not depend on it; a degradation-conditioned
-        model needs one (or has only one)."""
+        model needs one (or has only one); a list gives each image its own."""
         if task is None:
             if not self.task_conditioned:
                 return None
             if len(self.tasks) == 1:
                 return self.tasks[0]
             raise ValueError(f"this model routes by degradation {list(self.tasks)}: pass task=...")
-        if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r}; this model knows {list(self.tasks)}")
-        return task
+        for t in [task] if isinstance(task, str) else task:
+            if t not in self.tasks:
+                raise ValueError(f"unknown task {t!r}; this model knows {list(self.tasks)}")
+        return task if isinstance(task, str) else list(task)
 
     def moe_layers(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, MoELayer)]
@@ -252,9 +253,12 @@ class MoFME(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor, task: str | None = None, *, return_aux: bool = False):
+    def forward(self, images: torch.Tensor, task: str | Sequence[str] | None = None, *, return_aux: bool = False):
         """images (B, 3, H, W) in [-1, 1], any H, W >= the patch size -> restored (B, 3, H, W) in [0, 1]; with
-        ``return_aux`` also the MoE routing records (one per MoE layer)."""
+        ``return_aux`` also the MoE routing records (one per MoE layer). ``task``: None, a degradation, or one
+        degradation per image (a batch mixing them)."""
+        if not (task is None or isinstance(task, str)) and len(task) != images.shape[0]:
+            raise ValueError(f"{len(task)} per-image tasks for a batch of {images.shape[0]} images")
         x, (h, w) = pad_to_multiple(images, self.patch_size)
         task = self.resolve_task(task)
         feat = self.head(x)  # (B, C, Hp, Wp)

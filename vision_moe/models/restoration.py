@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from .._factory import create_model, model_family
-from ..moe import merge_aux
 from ..tasks import RestorationLoss, get_task, is_restoration, task_loss
 
 __all__ = ["RestorationModel", "build_restoration_model"]
@@ -66,16 +65,9 @@ class RestorationModel(nn.Module):
         groups: dict[str, list[int]] = {}
         for i, t in enumerate(per_image):
             groups.setdefault(t, []).append(i)
-        if getattr(self.net, "task_conditioned", False):  # routing depends on the degradation: one forward each
-            out = images.new_empty(images.shape)
-            parts = []
-            for t, idx in groups.items():
-                o, a = self.net(images[idx], t, return_aux=True)
-                out[idx] = o.to(out.dtype)
-                parts.append(a)
-            aux = [merge_aux(list(layer)) for layer in zip(*parts)]  # one record per MoE layer for the batch
-        else:
-            out, aux = self.net(images, None, return_aux=True)
+        # routing by degradation: each image routed with its own (the network takes one task per image)
+        per = per_image if getattr(self.net, "task_conditioned", False) else None
+        out, aux = self.net(images, per, return_aux=True)
         size = tuple(images.shape[-2:])
         task_losses = {
             t: sum(task_loss(t, self.losses[t], out[idx], [targets[i] for i in idx], size).values())

@@ -12,7 +12,7 @@ from .dispatch import (
     resolve_capacity,
 )
 from .experts import FiLMExperts, LinearExperts, MlpExperts
-from .layer import MoEAttention, MoEAux, MoEFiLM, MoELayer, MoEMlp, merge_aux
+from .layer import MoEAttention, MoEAux, MoEFiLM, MoELayer, MoEMlp
 from .losses import (
     cv_squared,
     importance_load_loss,
@@ -49,7 +49,6 @@ __all__ = [
     "MoEFiLM",
     "MoELayer",
     "MoEMlp",
-    "merge_aux",
     "cv_squared",
     "importance_load_loss",
     "mutual_information_loss",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from .dispatch import Dispatcher, capacity_keep_mask, create_dispatcher, resolve
 from .experts import FiLMExperts, LinearExperts, MlpExperts
 from .router import RouterOutput, create_router
 
-__all__ = ["MoEAux", "MoELayer", "MoEMlp", "MoEAttention", "MoEFiLM", "merge_aux"]
+__all__ = ["MoEAux", "MoELayer", "MoEMlp", "MoEAttention", "MoEFiLM"]
 
 
 @dataclass
@@ -42,29 +43,6 @@ def _make_aux(task: str | None, r: RouterOutput, keep: torch.Tensor | None) -> M
     load = torch.bincount(idx.reshape(-1), minlength=e + 1)[:e]
     dropped = (1.0 - keep.float().mean()) if keep is not None else r.probs.new_zeros(())
     return MoEAux(task, r.logits, r.probs, r.expert_index, r.combine_weights, r.load_prob, keep, load, dropped)
-
-
-def merge_aux(records: list[MoEAux]) -> MoEAux:
-    """One layer's records of several forwards on parts of a batch (e.g. one per degradation) as the record of
-    the whole batch: tokens concatenated, loads summed; ``task`` None where the parts' tasks differ."""
-    if len(records) == 1:
-        return records[0]
-    cat = lambda name: torch.cat([getattr(a, name) for a in records])  # noqa: E731
-    opt = lambda name: None if any(getattr(a, name) is None for a in records) else cat(name)  # noqa: E731
-    keep = opt("keep")
-    tasks = {a.task for a in records}
-    dropped = (1.0 - keep.float().mean()) if keep is not None else records[0].probs.new_zeros(())
-    return MoEAux(
-        tasks.pop() if len(tasks) == 1 else None,
-        cat("logits"),
-        cat("probs"),
-        cat("expert_index"),
-        cat("combine_weights"),
-        opt("load_prob"),
-        keep,
-        torch.stack([a.expert_load for a in records]).sum(0),
-        dropped,
-    )
 
 
 class MoELayer(nn.Module):
@@ -117,11 +95,12 @@ class MoELayer(nn.Module):
     def set_dispatcher(self, dispatcher: str | Dispatcher) -> None:
         self.dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
 
-    def forward(self, x: torch.Tensor, task: str | None = None) -> tuple[torch.Tensor, MoEAux]:
-        """x (B, N, M) routed for ``task`` -> (y (B, N, M), MoEAux)."""
+    def forward(self, x: torch.Tensor, task: str | Sequence[str] | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """x (B, N, M) routed for ``task`` (one task, or one per image where the router takes that) ->
+        (y (B, N, M), MoEAux; its ``task`` None for per-image tasks)."""
         r = self.router(x.reshape(-1, x.shape[-1]), task)
         y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
-        return y, _make_aux(task, r, keep)
+        return y, _make_aux(task if task is None or isinstance(task, str) else None, r, keep)
 
     def _experts_on_tokens(
         self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor

@@ -8,6 +8,7 @@ Task conditioning lives only here: a router is called as ``router(x, task)``. Th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +181,8 @@ class MultiGateRouter(_TaskRouter):
         self.gates[task].expert_mask.copy_(mask)
 
     def forward(self, x: torch.Tensor, task: str) -> RouterOutput:
+        if not isinstance(task, str):
+            raise ValueError("the multi-gate router routes one task per call; give one task (or use 'task_embed')")
         self._check_task(task)
         return self.gates[task](x)
 
@@ -240,14 +243,30 @@ class TaskEmbeddingRouter(_TaskRouter):
     def _store_mask(self, task: str, mask: torch.Tensor) -> None:
         self.task_expert_mask[self.tasks.index(task)].copy_(mask)
 
-    def forward(self, x: torch.Tensor, task: str) -> RouterOutput:
-        self._check_task(task)
-        t = self.tasks.index(task)
-        emb = self.task_embed.weight[t].to(x.dtype).expand(x.shape[0], -1)  # (S, task_dim)
+    def forward(self, x: torch.Tensor, task: str | Sequence[str]) -> RouterOutput:
+        """``task``: one task for all S tokens, or one per image (the S tokens are that many images' equal runs of
+        tokens, image-major): each token is routed with its image's task embedding and expert mask."""
+        if isinstance(task, str):
+            self._check_task(task)
+            t = self.tasks.index(task)
+            emb = self.task_embed.weight[t].to(x.dtype).expand(x.shape[0], -1)  # (S, task_dim)
+            mask = self.task_expert_mask[t]  # (E,)
+        else:
+            rows = self.token_tasks(task, x.shape[0]).to(x.device)  # (S,)
+            emb, mask = self.task_embed.weight[rows].to(x.dtype), self.task_expert_mask[rows]  # (S, .), (S, E)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.gate.logits(torch.cat([x.float(), emb.float()], dim=-1))
-            logits = logits.masked_fill(~self.task_expert_mask[t], float("-inf"))
+            logits = logits.masked_fill(~mask, float("-inf"))
             return self.gate.route(logits)
+
+    def token_tasks(self, tasks: Sequence[str], num_tokens: int) -> torch.Tensor:
+        """(S,) task index of each token, from one task per image (images of ``num_tokens / len(tasks)`` tokens)."""
+        for t in tasks:
+            self._check_task(t)
+        if not len(tasks) or num_tokens % len(tasks):
+            raise ValueError(f"{len(tasks)} per-image tasks for {num_tokens} tokens: expected a divisor of it")
+        ids = torch.tensor([self.tasks.index(t) for t in tasks])
+        return ids.repeat_interleave(num_tokens // len(tasks))
 
     def specialize(self, task: str, keep: torch.Tensor) -> TaskEmbeddingRouter:
         """A one-task router: that task's embedding row only, gate rows for ``keep`` only."""
@@ -297,9 +316,11 @@ class SharedRouter(_TaskRouter):
     def top_k(self) -> int:
         return self.gate.top_k
 
-    def _check_task(self, task: str | None) -> None:
-        if task is not None:
-            super()._check_task(task)
+    def _check_task(self, task: str | Sequence[str] | None) -> None:
+        if task is None:
+            return
+        for t in [task] if isinstance(task, str) else task:
+            super()._check_task(t)
 
     def expert_mask_for(self, task: str | None) -> torch.Tensor:
         return self.gate.expert_mask
