@@ -84,7 +84,9 @@ def bench(e: int, k: int, rounds: int) -> dict:
 
     variants = [(kind, disp) for kind in KINDS for disp in ("sort", "dense")]
     for what, fn in (("layer", layer_fn), ("model", model_fn)):
-        res = time_alternating({f"{kd}_{d}": fn(kd, d) for kd, d in variants}, baseline="ffn_moe_sort", rounds=rounds)
+        res = time_alternating(
+            {f"{kd}_{d}": fn(kd, d) for kd, d in variants}, baseline="ffn_moe_sort", rounds=rounds, warmup=1
+        )
         for name, r in res.items():
             out[f"{what}_{name}_ms"] = r["ms"]
         best = {kind: min(("sort", "dense"), key=lambda d, kind=kind: res[f"{kind}_{d}"]["ms"]) for kind in KINDS}
