@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export task-specialised ONNX graphs (and TensorRT engines or their build scripts) with verified parity.
 
-python tools/export.py --checkpoint runs/x/ckpt --task semseg --precision int8 --calib-data data/builtin --out out/
+python tools/export.py --checkpoint runs/x/checkpoints/step_0002900 --task semseg --precision int8 --out out/
 python tools/export.py --model m3vit_tiny_patch16_224 --set depth=2 --all-tasks --multitask --out out/
 """
 
@@ -47,9 +47,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="per-image expert capacity (V-MoE inference): the graph runs each expert on at most "
         "factor * tokens * top_k / experts tokens instead of every token; default: the model's own (dropless)",
     )
-    p.add_argument("--calib-data", default=None, help="folder of images from the task's dataset (INT8)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="CONFIG",
+        help="training config (YAML) whose datasets give labelled data: INT8 calibration on the training split, "
+        "the INT8 / FP16 metric drop on the held-out split (default: a checkpoint's own training config; with "
+        "--model and no --data the drop is agreement with the FP32 graph on unlabelled photographs)",
+    )
+    p.add_argument(
+        "--calib-data",
+        default=None,
+        metavar="DIR",
+        help="folder of images to calibrate INT8 on instead (default: the training split of the labelled data, "
+        "else scikit-image's bundled photographs)",
+    )
     p.add_argument("--calib-images", type=int, default=16, help="INT8 calibration images (default 16)")
-    p.add_argument("--eval-images", type=int, default=16, help="held-out images for the INT8 / FP16 drop (default 16)")
+    p.add_argument(
+        "--eval-images", type=int, default=16, help="held-out images for the INT8 / FP16 metric drop (default 16)"
+    )
     b = p.add_mutually_exclusive_group()
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--dynamic-batch", action="store_true")
@@ -92,14 +108,26 @@ def _tasks_def(text: str) -> dict:
     return tasks
 
 
+def experiment_config(args: argparse.Namespace, checkpoint_cfg: dict | None):
+    """The training config whose datasets give labelled data: --data, else the checkpoint's own, else None."""
+    from vision_moe.config import config_from_dict, load_config
+
+    if args.data:
+        return load_config(args.data)
+    if checkpoint_cfg and checkpoint_cfg.get("experiment"):
+        return config_from_dict(dict(checkpoint_cfg["experiment"]), args.checkpoint)
+    return None
+
+
 def build(args: argparse.Namespace):
-    """(model, info, mean, std) from the arguments."""
+    """(model, info, mean, std, experiment) from the arguments."""
     from vision_moe.deploy.source import load_checkpoint_source, parse_overrides
 
     overrides = parse_overrides(args.set)
     if args.checkpoint:
         model, cfg, mean, std = load_checkpoint_source(args.checkpoint, overrides)
-        return model, dict(checkpoint=args.checkpoint, config=cfg.get("model")), mean, std
+        info = dict(checkpoint=args.checkpoint, config=cfg.get("model"))
+        return model, info, mean, std, experiment_config(args, cfg)
     import vision_moe
 
     tasks = _tasks_def(args.tasks_def) if args.tasks_def else None
@@ -123,7 +151,34 @@ def build(args: argparse.Namespace):
             f"--model {args.model} {src}with {what}: cannot build the model ({msg}); "
             "--set values are JSON (numbers, lists, true/false)"
         ) from None
-    return model, dict(model=args.model, overrides=overrides, weights="random init"), (0.5,) * 3, (0.5,) * 3
+    exp = experiment_config(args, None)
+    mean, std = (tuple(exp.data.mean), tuple(exp.data.std)) if exp is not None else ((0.5,) * 3, (0.5,) * 3)
+    return model, dict(model=args.model, overrides=overrides, weights="random init"), mean, std, exp
+
+
+def _variant_lines(prec: str, entry: dict) -> str:
+    """What was measured for an FP16 / INT8 variant, and on what, in plain words."""
+    ev = entry["evaluation"]
+    lines = [
+        f"    {prec}: {ev['metric']}: fp32 {ev['fp32']:.2f}, {prec} {ev['quantized']:.2f} (drop {ev['drop']:.2f})",
+        f"      measured with {ev['measured_with']}",
+    ]
+    cal = entry.get("calibration")
+    if cal:
+        lines.append(f"      calibrated on {cal['source']}")
+        if cal.get("unreadable_images"):
+            lines.append(f"      ({cal['unreadable_images']} unreadable image(s) in --calib-data skipped)")
+    sat = entry.get("saturation")
+    if sat is not None and not sat["saturation_free"]:
+        from vision_moe.machine import int8_kernels
+
+        k = int8_kernels()
+        where = "this CPU" if k["saturates"] else "x86 CPUs without VNNI"
+        lines.append(
+            f"      warning: 8-bit weights can saturate ONNX Runtime's integer GEMMs on {where} "
+            f"({len(sat['layers_at_risk'])} layers); this file is for TensorRT"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -133,7 +188,7 @@ def main(argv=None) -> int:
 
     try:
         check_args(args)
-        model, info, mean, std = build(args)
+        model, info, mean, std, experiment = build(args)
         tasks = None if args.all_tasks else args.task
         cfg = ExportConfig(
             out_dir=args.out,
@@ -147,6 +202,7 @@ def main(argv=None) -> int:
             opset=args.opset,
             exporter=args.exporter,
             calib_data=args.calib_data,
+            experiment=experiment,
             calib_images=args.calib_images,
             eval_images=args.eval_images,
             multitask=args.multitask,
@@ -168,11 +224,9 @@ def main(argv=None) -> int:
             line += f"  capacity {r['capacity_factor']:g} (dropped {100 * r['dropped_fraction']:.1f}% assignments)"
         if "fp16" in e:
             line += f"  fp16 rel err {max(v['rel'] for v in e['fp16']['parity']['outputs'].values()):.2e}"
-        if "int8" in e:
-            ev = e["int8"]["evaluation"]
-            line += f"  int8 {ev['metric']}: fp32 {ev['fp32']:.2f} int8 {ev['quantized']:.2f} (drop {ev['drop']:.2f})"
-            if e["int8"].get("unreadable_images"):
-                line += f"  ({e['int8']['unreadable_images']} unreadable image(s) in --calib-data skipped)"
+        for prec in ("fp16", "int8"):
+            if "evaluation" in e.get(prec, {}):
+                line += "\n" + _variant_lines(prec, e[prec])
         if "engine" in e:
             line += "  engine built" if e["engine"]["built"] else f"  engine: run {e['engine']['script']}"
         print(line)

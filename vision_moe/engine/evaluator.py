@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..tasks import get_task, stack_key
 
-__all__ = ["build_metric", "update_metric", "evaluate_task"]
+__all__ = ["build_metric", "update_metric", "evaluate_task", "task_dataset", "heldout_loader"]
 
 _logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def build_metric(task: str, dataset: Any, num_classes: int | None):
 def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> None:
     """Feed one batch of model output (``MultiTaskModel.forward``'s dict) and targets to ``metric``."""
     kind = get_task(task).kind
-    out = result["out"]
+    out = result.get("out")  # detection results carry "detections" instead
     if kind == "classification":
         labels = torch.stack([torch.as_tensor(t["class_label"]) for t in targets]).long()
         metric.update(out.float().cpu(), labels)
@@ -49,6 +49,40 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
         metric.update(out.float().cpu(), stack_key(targets, task))
     else:
         raise ValueError(f"no metric adapter for task {task!r}")
+
+
+def task_dataset(cfg: Any, task: str, split: str = "val", img_size: Any = None):
+    """The dataset of experiment config ``cfg`` that labels ``task``: its held-out (``split="val"``) or training
+    (``"train"``) split with the evaluation transform (no augmentation). ``img_size`` evaluates at another size
+    than the config's (the data itself, e.g. generated built-in data, stays the config's)."""
+    from ..data.transforms import build_transforms
+    from .data import build_dataset
+
+    for dcfg in cfg.data.datasets:
+        tasks = list(dcfg.tasks or cfg.tasks)
+        if task in tasks:
+            name = dcfg.val_split if split == "val" else dcfg.train_split
+            ds = build_dataset(dcfg, cfg, name, train=False, tasks=tasks)
+            if img_size is not None:
+                ds.transform = build_transforms(False, img_size, cfg.data.mean, cfg.data.std, tasks)
+            return ds
+    raise ValueError(f"no dataset in the config labels task {task!r}")
+
+
+def heldout_loader(cfg: Any, dataset: Any, limit: int = 0, batch_size: int | None = None, workers: int | None = None):
+    """The evaluation DataLoader over ``dataset`` (its first ``limit`` samples when > 0): unreadable samples
+    dropped from their batch (:class:`~vision_moe.data.SkipBadSamples`), targets as a list of dicts."""
+    from ..data import SkipBadSamples, collate_multitask
+
+    ds = dataset if not limit or limit >= len(dataset) else torch.utils.data.Subset(dataset, range(limit))
+    return torch.utils.data.DataLoader(
+        SkipBadSamples(ds),
+        batch_size=batch_size or cfg.data.eval_batch_size,
+        shuffle=False,
+        collate_fn=collate_multitask,
+        num_workers=cfg.data.num_workers if workers is None else workers,
+        generator=torch.Generator(),
+    )
 
 
 def _images_drawn(loader, batches: int) -> int | None:

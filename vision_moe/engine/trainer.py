@@ -28,7 +28,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import BadSampleTracker, PlanDataset, StepPlan, TooManyBadSamples, build_dataset, collate_plan
-from .evaluator import evaluate_task
+from .evaluator import evaluate_task, heldout_loader, task_dataset
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
 from .reporter import Reporter, format_table
@@ -350,22 +350,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def _val_loaders(self) -> dict[str, tuple[Any, Any]]:
-        from ..data import SkipBadSamples, collate_multitask
-
         if not self._val:
-            for dcfg in self.cfg.data.datasets:
-                tasks = list(dcfg.tasks or self.cfg.tasks)
-                ds = build_dataset(dcfg, self.cfg, dcfg.val_split, train=False, tasks=tasks)
-                loader = torch.utils.data.DataLoader(
-                    SkipBadSamples(ds),
-                    batch_size=self.cfg.data.eval_batch_size,
-                    shuffle=False,
-                    collate_fn=collate_multitask,
-                    num_workers=self.cfg.data.num_workers,
-                    generator=torch.Generator(),
-                )
-                for t in tasks:
-                    self._val.setdefault(t, (loader, ds))
+            for task in self.cfg.tasks:
+                ds = task_dataset(self.cfg, task, "val")
+                self._val[task] = (heldout_loader(self.cfg, ds), ds)
         return self._val
 
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -487,7 +475,6 @@ def evaluate_checkpoint(
     ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
     capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``."""
     from ..config import config_from_dict
-    from ..data import SkipBadSamples, collate_multitask
 
     dev = resolve_device(device)
     model, mc = load_model(
@@ -505,17 +492,8 @@ def evaluate_checkpoint(
     model.to(dev)
     if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers
         model.to(memory_format=torch.channels_last)
-    for dcfg in cfg.data.datasets:
-        tasks = list(dcfg.tasks or cfg.tasks)
-        if task in tasks:
-            ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=tasks)
-            loader = torch.utils.data.DataLoader(
-                SkipBadSamples(ds),
-                batch_size=cfg.data.eval_batch_size,
-                shuffle=False,
-                collate_fn=collate_multitask,
-                num_workers=cfg.data.num_workers,
-            )
-            mb = cfg.train.eval_max_batches if max_batches is None else max_batches
-            return evaluate_task(model, task, loader, ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev))
-    raise ValueError(f"no dataset in the checkpoint's config labels task {task!r}")
+    ds = task_dataset(cfg, task, "val")
+    mb = cfg.train.eval_max_batches if max_batches is None else max_batches
+    return evaluate_task(
+        model, task, heldout_loader(cfg, ds), ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev)
+    )
