@@ -134,3 +134,20 @@ def test_documented_exponent_overrides_load():
         assert value == want and type(value) is type(want), (raw, value)
     with pytest.raises(ConfigError, match=r"train.steps: expected an integer \(got 1000.0\)"):
         load_config(QS, ["train.steps=1e3"])
+
+
+@pytest.mark.parametrize(
+    "overrides, stride",
+    [
+        (["model.img_size=60"], 8),  # the quickstart's convolutional stem (strides 1-2-1-2-1-2)
+        (["model.img_size=60", "model.backbone_kwargs={patch_size: 16, depth: 2}"], 16),  # plain patch embedding
+    ],
+)
+def test_img_size_must_be_a_multiple_of_the_patch_size(overrides, stride):
+    """Refused at load, with the real token stride (the stem's HybridEmbed alone would infer 60 // 8 = 7)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(QS, overrides)
+    assert str(e.value) == (
+        f"{QS}: model.img_size: must be a multiple of m3vit_tiny_patch16_224's patch size {stride} (got 60)"
+    )
+    assert load_config(QS, ["model.img_size=56"]).model.img_size == 56

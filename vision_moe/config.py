@@ -341,12 +341,20 @@ def _check_backbone(cfg: Config, src: str) -> None:
     kw = cfg.model.backbone_kwargs
     try:
         with torch.device("meta"):
-            create_model(cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, num_classes=0, **kw)
+            m = create_model(
+                cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, num_classes=0, **kw
+            )
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _err(
             src, "model.backbone_kwargs", f"{cfg.model.backbone} cannot be built with these: {msg}", kw
         ) from None
+    # timm's feature_info 'reduction' is the token stride: the patch size, or the product of a convolutional stem's
+    # strides (the stem's HybridEmbed infers its ratio from img_size itself, so a non-multiple gets a wrong one)
+    stride = (getattr(m, "feature_info", None) or [{}])[-1].get("reduction")
+    size = cfg.model.img_size
+    if stride and size % stride:
+        raise _err(src, "model.img_size", f"must be a multiple of {cfg.model.backbone}'s patch size {stride}", size)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
