@@ -270,9 +270,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_sets(self, datasets, train: bool) -> list[tuple[Any, list[str]]]:
         out = []
+        bar = self.main and self.cfg.train.progress  # generating the built-in data: a bar, else periodic log lines
         for ds in datasets:
             tasks = list(ds.tasks or self.cfg.tasks)
-            out.append((build_dataset(ds, self.cfg, ds.train_split if train else ds.val_split, train, tasks), tasks))
+            split = ds.train_split if train else ds.val_split
+            out.append((build_dataset(ds, self.cfg, split, train, tasks, progress=bar), tasks))
         return out
 
     def _num_classes(self) -> dict[str, int | None]:
