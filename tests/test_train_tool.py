@@ -2,6 +2,7 @@
 from any folder (--data-root), data generation that says so, and what the reporter writes (console, TensorBoard)."""
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,48 @@ def test_generating_the_builtin_data_shows_progress(tmp_path, capsys, caplog):
         lines.update(3)
         lines.update(7)  # the last count is not logged: the "written in N s" line follows it
     assert "built-in data: 3 of 10 images" in caplog.text and "10 of 10" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------ reporter
+def test_tensorboard_expert_load_is_one_run_with_a_chart_per_layer(tmp_path):
+    """add_scalars made one run (folder) per (task, layer, expert); now: tags in the run, one chart per layer."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from vision_moe.engine.reporter import Reporter
+
+    rep = Reporter(tmp_path, 10, 0, True, progress=False, tensorboard=True)
+    loads = {"semseg": [[0.5, 0.25, 0.25, 0.0], [0.25] * 4], "depth": [[0.0, 0.0, 0.5, 0.5], [0.25] * 4]}
+    rep.expert_load(1, loads)
+    rep.expert_load(2, loads)
+    rep.close()
+    assert [p.name for p in (tmp_path / "tb").iterdir() if p.is_dir()] == []  # a single run
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    want = {f"expert_load/{t}/layer{i}/e{e}" for t in loads for i in range(2) for e in range(4)}
+    assert set(ea.Tags()["scalars"]) == want
+    assert [(s.step, s.value) for s in ea.Scalars("expert_load/depth/layer0/e3")] == [(1, 0.5), (2, 0.5)]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {(cat.title, c.title): list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts == {
+        (f"expert_load/{t}", f"layer{i}"): [rf"^expert_load/{t}/layer{i}/e\d+$"] for t in loads for i in range(2)
+    }
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_without_a_progress_bar_each_checkpoint_and_evaluation_is_a_progress_line(tmp_path, capsys, bar):
+    from vision_moe.engine.reporter import Reporter
+
+    rep = Reporter(tmp_path, 10, 0, True, progress=bar, tensorboard=False)
+    for step in (1, 2, 3, 4):
+        rep.step(step, {"total": 2.0}, 1e-3, log=True)
+    rep.checkpoint(4, tmp_path / "checkpoints" / "step_0000004")
+    rep.evaluation(4, {"semseg": {"mIoU": 0.5}})
+    rep.close()
+    out = capsys.readouterr().out.splitlines()
+    if bar:  # the bar shows step, ETA and loss; the evaluation line is short
+        assert out == ["step 4: semseg: mIoU=0.5000"]
+        return
+    assert len(out) == 2
+    assert re.fullmatch(rf"step 4/10 \(0\.\d min, ETA 0\.\d min; loss 2\.000\): checkpoint {tmp_path}/\S+", out[0])
+    assert re.fullmatch(r"step 4/10 \(0\.\d min, ETA 0\.\d min; loss 2\.000\): semseg: mIoU=0\.5000", out[1])

@@ -439,7 +439,7 @@ class Trainer:
                 if log:
                     rep.expert_load(self.step, loads)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < total:
-                    self.save()
+                    rep.checkpoint(self.step, self.save())
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                     rep.evaluation(self.step, self.evaluate())
             # the finished run is written before anything can fail: checkpoint, metrics, then the bad-sample limit
