@@ -261,8 +261,6 @@ def test_no_help_or_message_refers_to_the_projects_issues():
 
 
 def test_download_tool_usage(capsys):
-    from vision_moe.cli import main as _unused  # noqa: F401  (the tools share its parser)
-
     spec = importlib.util.spec_from_file_location("download_tool", ROOT / "tools" / "download.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -141,7 +141,7 @@ def _check_reachable(url: str, missing: str, folder: Path, download_args: str, t
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or " ".join(str(e).split()) or type(e).__name__
+        reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or _one_line(e)
         raise ConnectionError(
             f"cannot connect to {host}:{port} ({reason}) and {missing} is not in the cache {folder}; to work "
             f"offline, run 'python tools/download.py {download_args}' where there is network access, copy that "
