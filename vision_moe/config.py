@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "MoELossConfig",
     "load_config",
+    "yaml_load",
     "config_from_dict",
     "config_to_dict",
 ]
@@ -226,8 +228,6 @@ def _build(cls: type, data: dict, prefix: str, src: str) -> Any:
 
 
 def _generic_key(key: str) -> str:
-    import re
-
     return re.sub(r"\[\d+\]", "", key)
 
 
@@ -341,12 +341,20 @@ def _check_backbone(cfg: Config, src: str) -> None:
     kw = cfg.model.backbone_kwargs
     try:
         with torch.device("meta"):
-            create_model(cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, num_classes=0, **kw)
+            m = create_model(
+                cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, num_classes=0, **kw
+            )
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _err(
             src, "model.backbone_kwargs", f"{cfg.model.backbone} cannot be built with these: {msg}", kw
         ) from None
+    # timm's feature_info 'reduction' is the token stride: the patch size, or the product of a convolutional stem's
+    # strides (the stem's HybridEmbed infers its ratio from img_size itself, so a non-multiple gets a wrong one)
+    stride = (getattr(m, "feature_info", None) or [{}])[-1].get("reduction")
+    size = cfg.model.img_size
+    if stride and size % stride:
+        raise _err(src, "model.img_size", f"must be a multiple of {cfg.model.backbone}'s patch size {stride}", size)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -362,9 +370,27 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: PyYAML implements YAML 1.1, where a float needs a dot and a
+    signed exponent, so ``2e-4``, ``5e-4`` or ``1.0e3`` would be strings and ``optim.lr: 5e-4`` a type error.
+    The extra resolver only matches exponent forms; every other scalar resolves as before."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML as every config file and ``--set`` value is parsed (safe, with YAML 1.2 exponent floats)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -390,7 +416,7 @@ def _apply_set(data: dict, item: str, src: str) -> None:
         raise ConfigError(f"{src}: --set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_load(raw)
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")

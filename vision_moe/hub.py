@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -125,6 +126,29 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+def _check_reachable(url: str, missing: str, folder: Path, download_args: str, timeout: float = 5.0) -> None:
+    """One TCP connection to the host of ``url`` (or to the proxy the environment names for it); if it fails, a
+    ConnectionError at once that says how to work offline (huggingface_hub would retry an unreachable host for
+    about half a minute). ``missing``: what is not in the cache ``folder``; ``download_args``: tools/download.py's
+    arguments that fetch it."""
+    u = urlparse(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if proxy and not urllib.request.proxy_bypass(u.hostname):
+        u = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or _one_line(e)
+        raise ConnectionError(
+            f"cannot connect to {host}:{port} ({reason}) and {missing} is not in the cache {folder}; to work "
+            f"offline, run 'python tools/download.py {download_args}' where there is network access, copy that "
+            "cache folder here (VISION_MOE_CACHE names it) and set VISION_MOE_OFFLINE=1"
+        ) from None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -165,6 +189,10 @@ def download_url(
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cache_error(folder, e, in_cache=dest is None) from None
+    _check_reachable(url, url, folder, f"--url {url}" + (f" --sha256 {sha256}" if sha256 else ""))
+    try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
     except OSError as e:
         raise _cache_error(folder, e, in_cache=dest is None) from None
@@ -244,16 +272,25 @@ def fetch_weights(name_or_entry: str | WeightsEntry, progress: bool = False) -> 
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _cache_error(folder, e, in_cache=True) from None
+    unreachable = None
+    if offline is None:
+        try:
+            _check_reachable(hf_hub_url(repo, fname), f"{repo}/{fname}", folder, name)
+        except ConnectionError as e:  # a cached copy still serves, as huggingface_hub's own fallback would
+            unreachable = e
     # huggingface_hub verifies the LFS sha256 itself and honours HF_HUB_OFFLINE; our flag is passed through.
     # Its errors name neither the file nor the cache (and span several lines): each becomes one line that does.
     try:
-        path = Path(hf_hub_download(repo, fname, cache_dir=str(folder), local_files_only=offline is not None))
+        local_only = offline is not None or unreachable is not None
+        path = Path(hf_hub_download(repo, fname, cache_dir=str(folder), local_files_only=local_only))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # not cached, and the network failed or is off
         if offline:
             raise FileNotFoundError(
                 f"offline ({offline}={os.environ[offline]}): {repo}/{fname} is not in the cache {folder}; download "
                 f"it once with network access (python tools/download.py {name}) or unset {offline}"
             ) from None
+        if unreachable is not None:
+            raise unreachable from None
         raise ConnectionError(
             f"cannot download {hf_hub_url(repo, fname)} ({_one_line(e)}) and it is not in the cache {folder}"
         ) from None

@@ -30,8 +30,11 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
-def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None):
-    """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline."""
+def build_dataset(
+    ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None, progress: bool = False
+):
+    """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline. The built-in data is
+    generated on first use (``progress``: with a tqdm bar, see :func:`~vision_moe.data.builtin.prepare_builtin`)."""
     from ..data.transforms import build_transforms
 
     tasks = list(tasks if tasks is not None else ds.tasks or cfg.tasks)
@@ -49,7 +52,12 @@ def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks
         from ..data.builtin import BuiltinDataset, prepare_builtin
 
         root = prepare_builtin(
-            root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val, img_size=cfg.model.img_size
+            root,
+            seed=ds.seed,
+            num_train=ds.num_train,
+            num_val=ds.num_val,
+            img_size=cfg.model.img_size,
+            progress=progress,
         )
         return BuiltinDataset(root, split, tasks=tasks, transform=tf)
     from .. import data as D

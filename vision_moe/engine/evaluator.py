@@ -51,18 +51,25 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
         raise ValueError(f"no metric adapter for task {task!r}")
 
 
-def task_dataset(cfg: Any, task: str, split: str = "val", img_size: Any = None):
+def task_dataset(
+    cfg: Any, task: str, split: str = "val", img_size: Any = None, root: Any = None, progress: bool = False
+):
     """The dataset of experiment config ``cfg`` that labels ``task``: its held-out (``split="val"``) or training
     (``"train"``) split with the evaluation transform (no augmentation). ``img_size`` evaluates at another size
-    than the config's (the data itself, e.g. generated built-in data, stays the config's)."""
+    than the config's (the data itself, e.g. generated built-in data, stays the config's); ``root`` replaces the
+    dataset's root; ``progress`` shows a bar if built-in data has to be generated."""
+    import dataclasses
+
     from ..data.transforms import build_transforms
     from .data import build_dataset
 
     for dcfg in cfg.data.datasets:
         tasks = list(dcfg.tasks or cfg.tasks)
         if task in tasks:
+            if root is not None:
+                dcfg = dataclasses.replace(dcfg, root=str(root))
             name = dcfg.val_split if split == "val" else dcfg.train_split
-            ds = build_dataset(dcfg, cfg, name, train=False, tasks=tasks)
+            ds = build_dataset(dcfg, cfg, name, train=False, tasks=tasks, progress=progress)
             if img_size is not None:
                 ds.transform = build_transforms(False, img_size, cfg.data.mean, cfg.data.std, tasks)
             return ds

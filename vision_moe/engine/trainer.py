@@ -79,8 +79,12 @@ def _amp_ctx(cfg: Config, device: torch.device):
 
 
 def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, Any]:
-    """What ``config.json`` holds: everything to rebuild the model, plus the experiment config."""
+    """What ``config.json`` holds: everything to rebuild the model, plus the experiment config, whose dataset roots
+    are made absolute (a root relative to where training ran would name another folder from anywhere else)."""
     m = cfg.model
+    experiment = config_to_dict(cfg)
+    for d in experiment["data"]["datasets"]:
+        d["root"] = str(Path(d["root"]).expanduser().absolute())
     head_kwargs = dict(
         head_channels=m.head_channels,
         head_norm=m.head_norm,
@@ -100,7 +104,7 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
             "mean": list(cfg.data.mean),
             "std": list(cfg.data.std),
         },
-        "experiment": config_to_dict(cfg),
+        "experiment": experiment,
     }
 
 
@@ -190,6 +194,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False) -> None:
         self.cfg, self.out_dir = cfg, Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"{self.out_dir}: is a file; expected a folder for the run (new, or holding a run)")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device, "train.device")
@@ -207,7 +213,10 @@ class Trainer:
                 "expected --resume to continue it, or a new --out folder (or --overwrite to discard it)"
             )
         if self.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a parent is a file, no permission...: one line that names the folder
+                raise OSError(f"{self.out_dir}: cannot create the run folder ({e.strerror or e})") from None
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -270,9 +279,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_sets(self, datasets, train: bool) -> list[tuple[Any, list[str]]]:
         out = []
+        bar = self.main and self.cfg.train.progress  # generating the built-in data: a bar, else periodic log lines
         for ds in datasets:
             tasks = list(ds.tasks or self.cfg.tasks)
-            out.append((build_dataset(ds, self.cfg, ds.train_split if train else ds.val_split, train, tasks), tasks))
+            split = ds.train_split if train else ds.val_split
+            out.append((build_dataset(ds, self.cfg, split, train, tasks, progress=bar), tasks))
         return out
 
     def _num_classes(self) -> dict[str, int | None]:
@@ -425,7 +436,7 @@ class Trainer:
                 if log:
                     rep.expert_load(self.step, loads)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < total:
-                    self.save()
+                    rep.checkpoint(self.step, self.save())
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                     rep.evaluation(self.step, self.evaluate())
             # the finished run is written before anything can fail: checkpoint, metrics, then the bad-sample limit
@@ -463,17 +474,51 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, d
         dist_utils.cleanup()
 
 
+def _eval_data_root(checkpoint: str | Path, i: int, dcfg: Any, cfg: Config, data_root: str | Path | None) -> Path:
+    """Where the held-out data of ``cfg.data.datasets[i]`` is: ``data_root`` if given, else the root the checkpoint
+    stored (absolute since roots are stored so; a relative one, from older checkpoints, is taken from the current
+    folder). A missing dataset is an error naming it; missing built-in data is generated (deterministic: the same
+    images), never silently."""
+    from ..data.builtin import builtin_dir
+
+    root = Path(data_root if data_root is not None else dcfg.root).expanduser()
+    given = "--data-root" if data_root is not None else f"data.datasets[{i}].root"
+    if dcfg.format != "builtin":
+        if not root.exists():
+            raise ValueError(
+                f"{checkpoint}: {given} {root}: not found; expected the {dcfg.format} dataset the checkpoint was "
+                "trained on" + ("" if data_root is not None else " (tools/eval.py --data-root names where it is now)")
+            )
+        return root
+    folder = builtin_dir(root, dcfg.seed, dcfg.num_train, dcfg.num_val, cfg.model.img_size)
+    if not (folder / "manifest.json").is_file():
+        _logger.warning(
+            "%s: its built-in data is not in %s (%s); generating it there: %d + %d images, the same as in training%s",
+            checkpoint,
+            folder,
+            given,
+            dcfg.num_train,
+            dcfg.num_val,
+            "" if data_root is not None else " (tools/eval.py --data-root names a copy elsewhere)",
+        )
+    return root
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     task: str,
     max_batches: int | None = None,
     device: str = "auto",
     capacity_factor: float | None = None,
+    data_root: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them.
 
     ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
-    capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``."""
+    capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``.
+    ``data_root``: where the task's dataset is now (default: the root stored in the checkpoint); for the built-in
+    data, the folder holding it or its parent. ``progress``: a tqdm bar if the built-in data has to be generated."""
     from ..config import config_from_dict
 
     dev = resolve_device(device)
@@ -492,7 +537,11 @@ def evaluate_checkpoint(
     model.to(dev)
     if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers
         model.to(memory_format=torch.channels_last)
-    ds = task_dataset(cfg, task, "val")
+    i, dcfg = next(((i, d) for i, d in enumerate(cfg.data.datasets) if task in (d.tasks or cfg.tasks)), (-1, None))
+    if dcfg is None:
+        raise ValueError(f"no dataset in the checkpoint's config labels task {task!r}")
+    root = _eval_data_root(checkpoint, i, dcfg, cfg, data_root)
+    ds = task_dataset(cfg, task, "val", root=root, progress=progress)
     mb = cfg.train.eval_max_batches if max_batches is None else max_batches
     return evaluate_task(
         model, task, heldout_loader(cfg, ds), ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev)

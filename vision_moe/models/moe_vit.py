@@ -416,7 +416,11 @@ class MoEVisionTransformer(nn.Module):
 
     def set_capacity(self, capacity: int | None = None, capacity_factor: float | None = None) -> MoEVisionTransformer:
         """Per-image expert capacity of every MoE layer (V-MoE's inference capacity: a number of assignments, or a
-        factor of the even share ``tokens * top_k / experts``); both None = dropless. Returns self."""
+        factor of the even share ``tokens * top_k / experts``); both None = dropless. Returns self. A capacity for
+        a model without MoE layers raises (it would change nothing)."""
+        if not self.moe_layers() and (capacity is not None or capacity_factor is not None):
+            given = f"capacity={capacity}" if capacity is not None else f"capacity_factor={capacity_factor}"
+            raise ValueError(f"{given}: this model has no MoE layers, so there is no expert capacity to set")
         for _, m in self.moe_layers():
             m.set_capacity(capacity, capacity_factor)
         return self
