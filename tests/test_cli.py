@@ -207,7 +207,7 @@ def _parsers():
     from vision_moe.cli import build_parser
 
     out = {"vision-moe": build_parser()}
-    for name in ("train", "eval", "download"):
+    for name in ("train", "eval", "download", "export"):
         spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -222,20 +222,24 @@ def test_every_flag_has_help_with_its_default():
     import argparse
 
     parsers = _parsers()
-    assert len(parsers) == 7
+    assert len(parsers) == 8
     for where, parser in parsers.items():
         formatter = parser._get_formatter()
+        # one of a required group (--checkpoint | --model) is as required as a required flag
+        in_required_group = {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
                 continue
             name = "/".join(action.option_strings) or action.dest
             assert action.help, f"{where} {name}: no help text"
-            takes_value = action.nargs != 0 and not action.required
+            takes_value = action.nargs != 0 and not action.required and action not in in_required_group
             text = formatter._expand_help(action)
             assert not takes_value or "(default" in text or "default:" in text, f"{where} {name}: no default: {text}"
 
 
-@pytest.mark.parametrize("where", ["vision-moe", "tools/train.py", "tools/eval.py", "tools/download.py"])
+@pytest.mark.parametrize(
+    "where", ["vision-moe", "tools/train.py", "tools/eval.py", "tools/download.py", "tools/export.py"]
+)
 def test_version(where, capsys):
     from vision_moe import __version__
 

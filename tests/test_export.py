@@ -452,10 +452,20 @@ def _export_tool():
         (["--tasks-def", '{"semseg": "x"}', "--task", "semseg"], ["task 'semseg' has 'x' classes"]),
         (["--img-size", "0", "0", "--all-tasks"], ["--img-size must be positive, got 0 0"]),
         (["--calib-images", "0", "--all-tasks", "--precision", "int8"], ["--calib-images must be >= 1, got 0"]),
-        (["--eval-images", "-1", "--all-tasks"], ["--eval-images must be >= 1, got -1"]),
+        (["--eval-images", "-1", "--all-tasks", "--precision", "fp16"], ["--eval-images must be >= 1, got -1"]),
         (["--eval-images", "1", "--batch", "2", "--all-tasks", "--precision", "int8"], ["--eval-images must be >= 2"]),
         (["--capacity-factor", "inf", "--all-tasks"], ["capacity_factor must be a finite number > 0, got inf"]),
         (["--capacity-factor", "nan", "--all-tasks"], ["capacity_factor must be a finite number > 0, got nan"]),
+        # flags that would be ignored are refused
+        (["--calib-data", "x", "--all-tasks"], ["--calib-data acts only with --precision int8; got --precision fp32"]),
+        (["--calib-images", "4", "--all-tasks", "--precision", "fp16"], ["--calib-images acts only with --precision"]),
+        (["--int8-runtime", "onnxruntime", "--all-tasks"], ["--int8-runtime acts only with --precision int8"]),
+        (["--data", "configs/quickstart.yaml", "--all-tasks"], ["--data acts only with --precision fp16 or int8"]),
+        (["--eval-images", "4", "--all-tasks"], ["--eval-images acts only with --precision fp16 or int8"]),
+        (["--head", "linear", "--all-tasks"], ["--head needs --tasks-def"]),
+        (["--data", "nope.yaml", "--all-tasks", "--precision", "int8"], ["--data nope.yaml: not a file"]),
+        # a model without heads is a classifier: its routing task 'semseg' is no segmentation graph
+        (["--task", "semseg"], ["task 'semseg': this model has no task heads", "--tasks-def"]),
     ],
 )
 def test_export_tool_bad_arguments_give_one_line_errors_and_no_folder(tmp_path, capsys, args, needles):
@@ -595,6 +605,11 @@ def test_dynamo_exporter(tmp_path, name, capacity):
         ExportConfig(out_dir=str(tmp_path), tasks=["a"], exporter="dynamo", parity_images=1, capacity_factor=capacity),
     )
     _assert_clean(rep)
+    # the opset the file declares is the one reported (and checked against TensorRT's tables)
+    assert rep["tasks"]["a"]["fp32"]["opset"] == rep["config"]["opset"] == 18
+    from vision_moe.deploy.onnx_export import file_opset
+
+    assert file_opset(onnx.load(str(tmp_path / "a.onnx"))) == 18
     if capacity is not None:
         assert rep["tasks"]["a"]["routing"]["dispatcher"] == "GatherDispatcher"
 
@@ -762,3 +777,106 @@ def test_checkpoint_source_uses_the_normalisation_it_was_trained_with(tmp_path):
     assert load_checkpoint_source(ck)[2:] == (tuple(mean), tuple(std))
     ck = save_checkpoint(tmp_path / "c", m, dict(model=model_cfg))
     assert load_checkpoint_source(ck)[2:] == ((0.5,) * 3, (0.5,) * 3)
+
+
+# ------------------------------------------------------------------ what a newcomer hits: output folders, flags, seeds
+def test_a_failed_export_leaves_the_output_folder_as_it_was(tmp_path, monkeypatch):
+    """The export is staged in a sibling folder and moved into place when done: a failure after some graphs were
+    written leaves no file, no staging folder, and an existing --out untouched (even with overwrite)."""
+    import vision_moe.deploy.pipeline as pipeline
+
+    calls = {"n": 0}
+    real = pipeline._parity
+
+    def fail_on_second_task(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("parity failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_parity", fail_on_second_task)
+    model = _small("vit_mtl_tiny_patch16_224")
+    with pytest.raises(RuntimeError, match="parity failed"):
+        export_model(model, ExportConfig(out_dir=str(tmp_path / "new"), parity_images=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # a.onnx was written, then taken away with the stage
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "a.onnx").write_text("the previous export")
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="parity failed"):
+        export_model(model, ExportConfig(out_dir=str(old), parity_images=1, overwrite=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "a.onnx").read_text() == "the previous export"
+
+
+def test_a_non_empty_out_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stale.int8.onnx").write_text("from an earlier export")
+    model = _small("vit_mtl_tiny_patch16_224")
+    with pytest.raises(ValueError, match="is not empty; choose a new folder, or overwrite"):
+        export_model(model, ExportConfig(out_dir=str(out), tasks=["a"], parity_images=1))
+    rep = export_model(model, ExportConfig(out_dir=str(out), tasks=["a"], parity_images=1, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx", "build_engine.sh", "export_report.json"]
+    # the Jetson kit's next step works for every export: build_engine.sh holds the trtexec line of each graph
+    assert "--onnx=a.onnx --saveEngine=a.fp32.engine" in (out / "build_engine.sh").read_text()
+    assert rep["tasks"]["a"]["engine"] == dict(
+        built=False, reason="format onnx: build on the device", precision="fp32", script="build_engine.sh"
+    )
+
+
+def test_capacity_on_a_model_without_experts_and_dynamo_opsets_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="capacity_factor 1: this model has no MoE layers"):
+        export_model(_small("vit_mtl_tiny_patch16_224"), ExportConfig(out_dir=str(tmp_path / "o"), capacity_factor=1))
+    cfg = ExportConfig(out_dir=str(tmp_path / "o"), exporter="dynamo")
+    cfg.validate()
+    assert cfg.opset == 18  # the dynamo exporter's lowest; torchscript's is 17
+    with pytest.raises(ValueError, match="opset 17: the dynamo exporter writes opset 18 or newer"):
+        ExportConfig(out_dir=str(tmp_path / "o"), exporter="dynamo", opset=17).validate()
+    assert not (tmp_path / "o").exists()
+
+
+def test_detection_with_a_dynamic_batch(tmp_path):
+    """Decoded detection outputs keep every dimension but the batch static (A anchors, K classes)."""
+    torch.manual_seed(0)
+    m = build_multitask_model(
+        "m3vit_tiny_patch16_224",
+        {"detection": 3},
+        img_size=(64, 64),
+        **SMALL,
+        **MOE,
+        head_kwargs=dict(det_channels=32, det_num_convs=1),
+    )
+    rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=2, dynamic_batch=True, parity_images=2))
+    e = rep["tasks"]["detection"]
+    a = sum(e["level_counts"])
+    assert e["fp32"]["io"]["outputs"] == {"boxes": ["batch", a, 4], "scores": ["batch", a, 3]}
+    assert e["fp32"]["parity_batch_1"]["images"] == 2  # batch 1 through the same graph
+
+
+def test_export_tool_is_seeded_prints_its_stages_and_the_next_step(tmp_path, capsys):
+    """Random-init exports are seeded (the same command writes the same file); the console shows each stage, what
+    INT8 was calibrated and measured on, and the next command."""
+    args = ["--model", "m3vit_tiny_patch16_224", "--set", "depth=1", "--set", "embed_dim=32", "--set", "num_heads=2"]
+    args += ["--tasks-def", '{"classification": 4}', "--img-size", "32", "32", "--all-tasks"]
+    args += ["--precision", "int8", "--calib-images", "2", "--eval-images", "2"]
+    assert _export_tool()([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert _export_tool()([*args, "--out", str(tmp_path / "b")]) == 0
+    rep = [json.loads((tmp_path / d / "export_report.json").read_text()) for d in "ab"]
+    sha = [r["tasks"]["classification"]["fp32"]["sha256"] for r in rep]
+    assert sha[0] == sha[1] and rep[0]["model"]["weights"] == "random init (seed 0)"
+    assert _export_tool()([*args, "--seed", "1", "--out", str(tmp_path / "c")]) == 0
+    rep_c = json.loads((tmp_path / "c" / "export_report.json").read_text())
+    assert rep_c["tasks"]["classification"]["fp32"]["sha256"] != sha[0]
+    for needle in (
+        "classification: exported classification.onnx (",
+        "classification: ONNX Runtime = PyTorch to ",
+        "classification: INT8 classification.int8.onnx (",
+        "calibrated on 2 images of scikit-image's bundled photographs",
+        "top-1 agreement with FP32 (no labels: 2 images",
+        "not an accuracy",
+        "measured with estimate: ONNX Runtime",
+        "next:",
+        f"python3 export/build_engine.py {tmp_path / 'a'} --precision int8",
+    ):
+        assert needle in out, (needle, out)

@@ -4,10 +4,9 @@ kernel level, and which integer GEMM ONNX Runtime's x86 kernels (MLAS) run for I
 Why it matters: figures measured on a CPU with AVX-512 / VNNI do not carry over to one with AVX2 only, and INT8
 models behave differently. On x86 without VNNI, ONNX Runtime multiplies uint8 activations by int8 weights with
 ``vpmaddubsw``, which adds each two neighbouring products into a *saturating* 16-bit integer before the 32-bit
-accumulation; with VNNI (``vpdpbusd``) the products go straight into 32 bits. (ONNX Runtime's quantisation docs:
-"On x86-64 machines with AVX2 and AVX512 extensions, ONNX Runtime uses the VPMADDUBSW instruction for U8S8 for
-performance. This instruction might suffer from saturation issues".) :func:`int8_kernels` names the path this CPU
-takes; :mod:`vision_moe.deploy.quantize` writes files that cannot saturate on either path.
+accumulation; with VNNI (``vpdpbusd``) the products go straight into 32 bits. (ONNX Runtime's quantisation docs
+say the same of its U8S8 kernels on x86-64 with AVX2 and AVX-512: VPMADDUBSW can saturate.) :func:`int8_kernels`
+names the path this CPU takes; :mod:`vision_moe.deploy.quantize` writes files that cannot saturate on either path.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,14 @@ from .trt_ops import TRT_VERSIONS, check_tensorrt_support
 __all__ = ["ExportConfig", "export_model", "task_module", "task_kind", "PRECISIONS", "FORMATS"]
 
 _logger = logging.getLogger(__name__)
+# one line per finished stage (export, simplify, parity, variants, evaluation), for tools to show as progress
+_stages = logging.getLogger("vision_moe.deploy.stages")
+
+
+def _mib(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FORMATS = ("onnx", "engine")
@@ -494,6 +503,7 @@ def _export(
         tasks={},
     )
     for task in tasks:
+        t0 = time.perf_counter()
         module, names, meta = task_module(model, task, hw, cfg.dispatcher, cfg.capacity_factor)
         path = out / f"{task}.onnx"
         example = torch.from_numpy(images[: cfg.batch])
@@ -508,12 +518,24 @@ def _export(
             dynamic_batch=cfg.dynamic_batch,
         )
         proto, info = _finish_graph(proto, path, cfg)
+        _stages.info(
+            "%s: exported %s (%s, opset %d; %d nodes, %d before onnxslim) in %.1f s",
+            task,
+            path.name,
+            _mib(path),
+            info["opset"],
+            info["nodes"],
+            info["nodes_before_slim"],
+            time.perf_counter() - t0,
+        )
         sess = ort_session(proto)
         entry: dict[str, Any] = dict(meta, fp32=info)
         routing = _routing_info(module, images)
         if routing is not None:
             entry["routing"] = routing
         entry["fp32"]["parity"] = _parity(sess, module, images, names, FP32_RTOL, cfg.batch)
+        worst = max(v["rel"] for v in entry["fp32"]["parity"]["outputs"].values())
+        _stages.info("%s: ONNX Runtime = PyTorch to %.1e relative on %d images", task, worst, len(images))
         if cfg.dynamic_batch:  # a second batch size through the same graph
             b2 = 1 if cfg.batch > 1 else min(3, len(images))
             entry["fp32"]["parity_batch_" + str(b2)] = _parity(
@@ -521,6 +543,7 @@ def _export(
             )
         if cfg.precision == "fp16":
             p16 = out / f"{task}.fp16.onnx"
+            t1 = time.perf_counter()
             convert_fp16(path, p16)
             entry["fp16"] = dict(
                 path=p16.name,
@@ -540,11 +563,21 @@ def _export(
                 ),
                 tensorrt={v: check_tensorrt_support(onnx.load(str(p16)), v).as_dict() for v in cfg.trt_versions},
             )
+            _stages.info("%s: FP16 %s (%s) checked in %.1f s", task, p16.name, _mib(p16), time.perf_counter() - t1)
         if cfg.precision == "int8":
             trt = cfg.int8_runtime == "tensorrt"
             p8 = out / (f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
             calib, calib_source = data["calib"][task]
+            t1 = time.perf_counter()
             saturation = quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
+            _stages.info(
+                "%s: INT8 %s (%s) calibrated on %s in %.1f s; evaluating",
+                task,
+                p8.name,
+                _mib(p8),
+                calib_source,
+                time.perf_counter() - t1,
+            )
             entry["int8"] = dict(
                 path=p8.name,
                 sha256=_sha256(p8),
@@ -584,7 +617,11 @@ def _export(
         src = out / f"{task}.int8.onnx" if prec == "int8" else path
         entry["engine"] = _engine(cfg, src, out / f"{task}.{prec}.engine", prec, hw)
         report["tasks"][task] = entry
-        _logger.info("exported %s: %s", task, path)
+        if "int8" in entry:
+            ev = entry["int8"]["evaluation"]
+            _stages.info(
+                "%s: INT8 %s: drop %.2f (%d images)", task, ev["metric"].split(" (")[0], ev["drop"], ev["images"]
+            )
     if cfg.multitask:
         report["multitask"] = _export_multitask(model, tasks, images, out, cfg)
         prec = MULTITASK_ENGINE_PRECISION[cfg.precision]
@@ -616,6 +653,7 @@ def _export_multitask(
         dynamic_batch=cfg.dynamic_batch,
     )
     proto, info = _finish_graph(proto, path, cfg)
+    _stages.info("multitask: exported %s (%s, %d nodes); checking every task", path.name, _mib(path), info["nodes"])
     sess = ort_session(proto)
     has_task = "task" in {i.name for i in sess.get_inputs()}
     if not has_task:  # nothing depends on the task (dense twin with one shared head): the exporter drops the input
