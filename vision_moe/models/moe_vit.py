@@ -156,17 +156,25 @@ class TaskBlock(nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
         moe_mlp: dict | None = None,
         moe_attn: dict | None = None,
+        attn_head_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         if moe_attn is not None:
             self.attn = MoEAttention(
-                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **moe_attn
+                dim,
+                num_heads,
+                qkv_bias=qkv_bias,
+                head_dim=attn_head_dim,
+                attn_drop=attn_drop,
+                proj_drop=proj_drop,
+                **moe_attn,
             )
         else:
             self.attn = Attention(
                 dim,
                 num_heads=num_heads,
+                attn_head_dim=attn_head_dim,
                 qkv_bias=qkv_bias,
                 qk_norm=qk_norm,
                 attn_drop=attn_drop,
@@ -233,6 +241,8 @@ class MoEVisionTransformer(nn.Module):
         dispatcher: ``'sort'`` (default, dropless), ``'dense'``, ``'einsum'``, ``'naive'``.
         capacity_factor: per-expert capacity as a factor of the even share; ``None`` = dropless.
         task_embed_blocks: add a learned per-task embedding to the tokens before each block (Mod-Squad).
+        attn_head_dim: channels per attention head (default ``embed_dim // num_heads``; Mod-Squad's released models
+            use wider heads, so heads x head_dim may differ from embed_dim).
     """
 
     def __init__(
@@ -273,6 +283,7 @@ class MoEVisionTransformer(nn.Module):
         weight_init: str = "",
         stem_channels: Sequence[int] | None = None,
         stem_strides: Sequence[int] | None = None,
+        attn_head_dim: int | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("", "avg", "token"):
@@ -350,6 +361,7 @@ class MoEVisionTransformer(nn.Module):
                     norm_layer=norm_layer,
                     moe_mlp=moe_mlp,
                     moe_attn=moe_attn,
+                    attn_head_dim=attn_head_dim,
                 )
             )
         self.blocks = nn.ModuleList(blocks)
@@ -532,12 +544,14 @@ class MoEVisionTransformer(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         return_aux: bool = False,
+        return_prefix_tokens: bool = False,
     ):
         """Outputs of the chosen blocks as (B, C, H/p, W/p) maps (or NLC), timm's convention.
 
         ``indices``: an int n takes the last n blocks; a sequence takes those block indices (negative allowed).
         Returns ``intermediates`` if ``intermediates_only`` else ``(final_tokens, intermediates)``; with
-        ``return_aux`` the MoE records are appended to the returned tuple.
+        ``return_aux`` the MoE records are appended to the returned tuple. ``return_prefix_tokens`` (as timm's
+        ViT): each intermediate is ``(spatial, prefix tokens (B, prefix, C))``.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -562,10 +576,10 @@ class MoEVisionTransformer(nn.Module):
             aux.extend(a)
             if i in take:
                 y = self.norm(x) if norm else x
-                y = y[:, self.num_prefix_tokens :]
+                prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
                 if output_fmt == "NCHW":
                     y = y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
-                feats.append(y)
+                feats.append((y, prefix) if return_prefix_tokens else y)
         if intermediates_only:
             return (feats, aux) if return_aux else feats
         x = self.norm(x)

@@ -1,0 +1,177 @@
+"""The zoo: weight tags with real pretrained_cfgs, loaded in one call from a Hugging Face cache snapshot in offline
+mode (the layout huggingface_hub reads), and vision-moe models in the Hub format both ways."""
+
+import hashlib
+import os
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import vision_moe
+from vision_moe import hub
+from vision_moe.models.moe_vit import ZOO
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_snapshot(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Write ``files`` as huggingface_hub caches a download: blobs named by their sha256, a snapshot folder of
+    relative symlinks for the commit, refs/main naming the commit. Returns the snapshot folder."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    root = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snap = root / "snapshots" / COMMIT
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    return snap
+
+
+@pytest.fixture()
+def hf_cache(tmp_path, monkeypatch):
+    """huggingface_hub's own cache under tmp_path, offline (no VISION_MOE_CACHE: the default Hub cache is used)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("VISION_MOE_CACHE", raising=False)
+    monkeypatch.delenv("VISION_MOE_OFFLINE", raising=False)
+    return cache
+
+
+def _dense_tiny(depth: int = 2):
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", depth=depth).eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return dense
+
+
+def _safetensors_bytes(tmp_path: Path, state: dict) -> bytes:
+    f = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(f))
+    return f.read_bytes()
+
+
+def test_every_tag_has_the_dense_sources_pretrained_cfg():
+    assert len(ZOO) == 30
+    for tag, z in ZOO.items():
+        cfg = timm.models.get_pretrained_cfg(tag)
+        src = timm.models.get_pretrained_cfg(z.source)
+        assert cfg is not None and src is not None, tag
+        assert cfg.hf_hub_id == src.hf_hub_id and cfg.hf_hub_id.startswith("timm/"), tag
+        assert (cfg.mean, cfg.std, cfg.input_size, cfg.license, cfg.num_classes) == (
+            src.mean,
+            src.std,
+            src.input_size,
+            src.license,
+            src.num_classes,
+        ), tag
+    assert set(vision_moe.list_pretrained("m3vit_small*")) == {
+        f"m3vit_small_patch16_224.{t}" for t in ("augreg_in21k_ft_in1k", "augreg_in21k", "augreg_in1k", "deit_in1k")
+    }
+    # the default tag (pretrained=True without a tag) is each architecture's first
+    assert timm.models.get_pretrained_cfg("m3vit_small_patch16_224").tag == "augreg_in21k_ft_in1k"
+
+
+def test_a_tag_loads_in_one_call_from_the_hub_cache_offline(hf_cache, tmp_path):
+    """The dense ViT-Ti as huggingface_hub caches it; create_model(tag, pretrained=True) (vision-moe's and timm's,
+    and the plain name, which loads the default tag) upcycles it and equals it."""
+    from huggingface_hub import scan_cache_dir
+
+    dense = _dense_tiny()
+    repo = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    snap = write_hub_snapshot(hf_cache, repo, {"model.safetensors": _safetensors_bytes(tmp_path, dense.state_dict())})
+    seen = {r.repo_id: {f.file_name for rev in r.revisions for f in rev.files} for r in scan_cache_dir(hf_cache).repos}
+    assert seen == {repo: {"model.safetensors"}}  # huggingface_hub reads the layout the test wrote
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = dense(x)
+        for make in (vision_moe.create_model, timm.create_model):
+            for name in ("m3vit_tiny_patch16_224.augreg_in21k_ft_in1k", "m3vit_tiny_patch16_224"):
+                model = make(name, pretrained=True, depth=2).eval()
+                torch.testing.assert_close(model(x, task="semseg"), want, atol=1e-5, rtol=0)
+                assert model.pretrained_cfg["hf_hub_id"] == repo and "file" not in model.pretrained_cfg
+    assert snap.is_dir()
+
+
+def test_offline_and_missing_or_corrupt_cache_files_are_one_line(hf_cache, tmp_path):
+    name = "m3vit_tiny_patch16_224.augreg_in21k"
+    with pytest.raises(FileNotFoundError) as e:
+        vision_moe.create_model(name, pretrained=True, depth=2)
+    assert str(e.value) == (
+        f"offline (HF_HUB_OFFLINE=1): timm/vit_tiny_patch16_224.augreg_in21k/model.safetensors is not in the cache "
+        f"{hf_cache}; download it once with network access (python tools/download.py {name}) or unset HF_HUB_OFFLINE"
+    )
+    data = _safetensors_bytes(tmp_path, _dense_tiny().state_dict())
+    snap = write_hub_snapshot(hf_cache, "timm/vit_tiny_patch16_224.augreg_in21k", {"model.safetensors": data[:5000]})
+    with pytest.raises(ValueError) as e:
+        vision_moe.create_model(name, pretrained=True, depth=2)
+    msg = str(e.value)
+    assert msg.startswith(f"{snap / 'model.safetensors'}: cannot read pretrained weights (") and "\n" not in msg
+    assert msg.endswith(f"delete {(snap / 'model.safetensors').resolve()} (its blob in the Hugging Face cache) to "
+                        "download it again")  # fmt: skip
+
+
+def test_unknown_names_list_the_close_matches():
+    with pytest.raises(ValueError) as e:
+        vision_moe.create_model("m3vit_small_patch16_224.augreg_in21k_ft_in1")
+    assert str(e.value).startswith(
+        "unknown weight tag 'm3vit_small_patch16_224.augreg_in21k_ft_in1'; close matches: "
+        "['m3vit_small_patch16_224.augreg_in21k_ft_in1k'"
+    )
+    with pytest.raises(ValueError, match=r"^unknown weight tag 'm3vit_small_patch16_224.nope'; close matches: \["):
+        timm.create_model("m3vit_small_patch16_224.nope")  # timm alone would fall back to random weights
+    with pytest.raises(ValueError, match=r"^unknown model 'm3vit_smal_patch16_224'; close matches: \['m3vit_small_pa"):
+        vision_moe.create_model("m3vit_smal_patch16_224")
+
+
+def test_a_tag_fixes_the_architecture_its_weights_need():
+    meta = dict(depth=2, img_size=32)
+    plain = vision_moe.create_model("m3vit_small_patch16_224", **meta)
+    tagged = vision_moe.create_model("m3vit_small_patch16_224.deit_in1k", **meta)
+    assert plain.blocks[0].attn.num_heads == 12 and tagged.blocks[0].attn.num_heads == 6  # timm's ViT-S: 6 heads
+    assert plain.blocks[1].mlp.router.gates["semseg"].proj.bias is None
+    assert tagged.blocks[1].mlp.router.gates["semseg"].proj.bias is not None  # the exact split's constant input
+    own = vision_moe.create_model("m3vit_small_patch16_224.deit_in1k", num_heads=4, **meta)
+    assert own.blocks[0].attn.num_heads == 4  # the caller's arguments win
+    ms = vision_moe.create_model("modsquad_small_patch16_224.augreg_in1k", depth=2, img_size=32)
+    attn = ms.blocks[1].attn
+    assert (attn.expert_heads, attn.top_k) == (6, 1) and ms.blocks[1].mlp.router.gates["semseg"].proj.bias is not None
+
+
+def _download_tool(*args: str) -> int:
+    argv = sys.argv
+    sys.argv = ["download.py", *args]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "tools" / "download.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return e.value.code
+
+
+def test_download_list_shows_every_tag_and_its_source(capsys):
+    assert _download_tool("--list") == 0
+    out = capsys.readouterr().out
+    for tag, z in ZOO.items():
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [tag])
+        assert z.source in line and "apache-2.0" in line, line
+    assert re.search(r"m3vit_small_patch16_224\.augreg_in21k_ft_in1k\s+timm/vit_small_patch16_224", out)
