@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import save_file
 
 import vision_moe
-from vision_moe import hub
 from vision_moe.models.moe_vit import ZOO
 
 ROOT = Path(__file__).resolve().parents[1]

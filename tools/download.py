@@ -34,7 +34,9 @@ def _list() -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", nargs="?", help="weights name: a zoo tag, a vision-moe entry or a timm weight tag (arch.tag)")
+    ap.add_argument(
+        "name", nargs="?", help="weights name: a zoo tag, a vision-moe entry or a timm weight tag (arch.tag)"
+    )
     ap.add_argument("--url", help="download this URL instead of a named entry")
     ap.add_argument("--sha256", help="expected sha256 of the file (with --url; 64 hex digits, either case)")
     ap.add_argument("--filename", help="file name in the cache (default: from the URL)")
