@@ -174,3 +174,29 @@ def test_download_list_shows_every_tag_and_its_source(capsys):
         line = next(ln for ln in out.splitlines() if ln.split()[:1] == [tag])
         assert z.source in line and "apache-2.0" in line, line
     assert re.search(r"m3vit_small_patch16_224\.augreg_in21k_ft_in1k\s+timm/vit_small_patch16_224", out)
+
+
+def test_a_training_run_starts_from_a_weight_tag(hf_cache, tmp_path):
+    """model.backbone: a tag + model.pretrained: the trainer's backbone is the upcycled dense ViT; a resumed run and
+    load_model rebuild the same architecture from the tag (a plain name with pretrained is refused)."""
+    from test_train import tiny
+
+    from vision_moe.config import ConfigError, config_from_dict
+    from vision_moe.engine.trainer import Trainer
+
+    dense = _dense_tiny()
+    write_hub_snapshot(hf_cache, "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                       {"model.safetensors": _safetensors_bytes(tmp_path, dense.state_dict())})  # fmt: skip
+    cfg = tiny(tmp_path / "data", model={"backbone": "m3vit_tiny_patch16_224.augreg_in21k_ft_in1k", "pretrained": True,
+                                         "img_size": 32, "backbone_kwargs": {"depth": 2}})  # fmt: skip
+    tr = Trainer(config_from_dict(cfg), tmp_path / "run")
+    bb = tr.model.backbone
+    assert torch.equal(bb.blocks[0].attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
+    with torch.no_grad():  # the upcycled MoE block computes the dense one
+        h = torch.randn(1, 5, 192)
+        dense_mlp = dense.blocks[1].mlp(dense.blocks[1].norm2(h))
+        moe_mlp, _ = bb.blocks[1].mlp(bb.blocks[1].norm2(h), "semseg")
+    torch.testing.assert_close(moe_mlp, dense_mlp, atol=1e-5, rtol=0)
+    cfg["model"]["backbone"] = "m3vit_tiny_patch16_224"
+    with pytest.raises(ConfigError, match=r"model.pretrained: needs a weight tag as model.backbone"):
+        config_from_dict(cfg)

@@ -34,6 +34,7 @@ class Reporter:
         self.ema: dict[str, float] = {}
         self.history: list[dict] = []
         self.bar = self.writer = None
+        self._warned_heatmaps = False
         self.t0 = time.perf_counter()
         if not enabled:
             return
@@ -80,6 +81,19 @@ class Reporter:
         for task, layers in loads.items():
             for li, row in enumerate(layers):
                 self.writer.add_scalars(f"expert_load/{task}/layer{li}", {f"e{e}": v for e, v in enumerate(row)}, step)
+
+    def routing_heatmaps(self, step: int, counts: dict, layers: list[str]) -> None:
+        """Each MoE layer's task x expert heatmap of the evaluation's assignments to TensorBoard (needs matplotlib)."""
+        if self.writer is None or not counts or not layers:
+            return
+        try:
+            from .routing import RoutingStats, log_heatmaps
+
+            log_heatmaps(self.writer, step, RoutingStats(layers, counts, {}))
+        except ImportError as e:  # matplotlib is in the [train] extra
+            if not self._warned_heatmaps:
+                _logger.warning("no routing heatmaps in TensorBoard: %s", e)
+                self._warned_heatmaps = True
 
     def evaluation(self, step: int, metrics: dict[str, dict[str, float]], extra: dict | None = None) -> None:
         if not self.enabled:
