@@ -2,31 +2,22 @@
 the reference code writes them) against a forward pass written here from the source's semantics."""
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from tool_loader import tool_main
 
 import vision_moe
 from vision_moe.deploy.edge_moe import EDGE_MOE, edge_moe_files, read_edge_moe, write_edge_moe
 from vision_moe.models.convert import ConversionError, read_m3vit, read_modsquad, remap_m3vit, remap_modsquad
 
-ROOT = Path(__file__).resolve().parents[1]
 D, P, HEADS = 32, 8, 2
 IMG = (16, 32)  # a 2 x 4 grid: not square, so the image size is given
 GRID = (IMG[0] // P) * (IMG[1] // P)
-
-
-def _convert_tool():
-    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main
 
 
 def _r(*shape):
@@ -277,7 +268,7 @@ def test_modsquad_checkpoint_converts_and_computes_the_reference(tmp_path):
 
 def test_tool_converts_each_source_and_refuses_the_wrong_one_in_one_line(tmp_path, capsys):
     torch.manual_seed(0)
-    tool = _convert_tool()
+    tool = tool_main("convert")
     torch.save({"model": modsquad_state()}, tmp_path / "ms.pth")
     torch.save({"state_dict": m3vit_state()}, tmp_path / "m3.pth")
     assert tool(["modsquad", str(tmp_path / "ms.pth"), "--out", str(tmp_path / "ms"), "--img-size", "16", "32"]) == 0
@@ -373,7 +364,7 @@ def test_edge_moe_folder_with_a_missing_or_missized_file_is_one_line(edge_model,
         str(e.value) == f"{tmp_path / 'w' / 'l3_h4toh_bias.float32.bin'}: 100 bytes, expected 12288 ((16, 192) float32)"
     )
     (tmp_path / "w" / "l3_h4toh_bias.float32.bin").unlink()
-    tool = _convert_tool()
+    tool = tool_main("convert")
     assert tool(["edge-moe-import", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     missing = tmp_path / "w" / "l3_h4toh_bias.float32.bin"
@@ -397,7 +388,7 @@ def test_training_checkpoint_to_hub_format_in_one_command(tmp_path, capsys):
     cfg = {"model": dict(backbone="m3vit_tiny_patch16_224", tasks=tasks, img_size=32, head="linear", head_kwargs={},
                          backbone_kwargs=kw, mean=[0.4, 0.4, 0.4], std=[0.2, 0.2, 0.2])}  # fmt: skip
     ck = save_checkpoint(tmp_path / "ck", m, cfg)
-    assert _convert_tool()(["to-hub", "--checkpoint", str(ck), "--out", str(tmp_path / "hub")]) == 0
+    assert tool_main("convert")(["to-hub", "--checkpoint", str(ck), "--out", str(tmp_path / "hub")]) == 0
     assert "with heads for ['classification', 'semseg']" in capsys.readouterr().out
     hub_cfg = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert hub_cfg["architecture"] == "m3vit_tiny_patch16_224" and hub_cfg["pretrained_cfg"]["mean"] == [0.4] * 3

@@ -3,15 +3,14 @@ computation; the trainer sends the same heatmaps to TensorBoard at each evaluati
 
 import copy
 import html.parser
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from test_train import tiny
+from tool_loader import tool_main
 from torch.utils.flop_counter import FlopCounterMode
 
 from vision_moe import save_pretrained
@@ -21,15 +20,7 @@ from vision_moe.engine import latest_checkpoint, load_model
 from vision_moe.engine.data import build_dataset
 from vision_moe.engine.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 5
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("analyze_routing", ROOT / "tools" / "analyze_routing.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +91,8 @@ def _flops(fn) -> int:
 def test_report_page_numbers_equal_a_direct_computation(run, tmp_path, capsys):
     out, cfg_dict = run
     ck = latest_checkpoint(out)
-    assert _tool()(["--checkpoint", str(ck), "--out", str(tmp_path / "r"), "--max-images", str(N_IMAGES)]) == 0
+    tool = tool_main("analyze_routing")
+    assert tool(["--checkpoint", str(ck), "--out", str(tmp_path / "r"), "--max-images", str(N_IMAGES)]) == 0
     assert f"wrote {tmp_path / 'r' / 'report.html'}" in capsys.readouterr().out
     page = (tmp_path / "r" / "report.html").read_text()
     assert (tmp_path / "r" / "heatmap_blocks.1.mlp.png").read_bytes()[
@@ -146,7 +138,7 @@ def test_model_and_data_sources_and_bad_input(run, tmp_path, capsys):
     out, cfg_dict = run
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg_dict))
-    tool = _tool()
+    tool = tool_main("analyze_routing")
     backbone = load_model(latest_checkpoint(out))[0].backbone
     save_pretrained(backbone, tmp_path / "hub")  # a backbone in the Hub format, routed on the config's data
     src = f"local-dir:{tmp_path / 'hub'}"

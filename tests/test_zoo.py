@@ -4,14 +4,13 @@ mode (the layout huggingface_hub reads), and vision-moe models in the Hub format
 import hashlib
 import os
 import re
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from test_hub import _download_tool
 
 import vision_moe
 from vision_moe.models.moe_vit import ZOO
@@ -156,17 +155,6 @@ def test_a_tag_fixes_the_architecture_its_weights_need():
     assert (attn.expert_heads, attn.top_k) == (6, 1) and ms.blocks[1].mlp.router.gates["semseg"].proj.bias is not None
 
 
-def _download_tool(*args: str) -> int:
-    argv = sys.argv
-    sys.argv = ["download.py", *args]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / "tools" / "download.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return e.value.code
-
-
 def test_download_list_shows_every_tag_and_its_source(capsys):
     assert _download_tool("--list") == 0
     out = capsys.readouterr().out
@@ -200,3 +188,23 @@ def test_a_training_run_starts_from_a_weight_tag(hf_cache, tmp_path):
     cfg["model"]["backbone"] = "m3vit_tiny_patch16_224"
     with pytest.raises(ConfigError, match=r"model.pretrained: needs a weight tag as model.backbone"):
         config_from_dict(cfg)
+
+
+def test_readme_zoo_table_lists_every_tag_with_its_source_licence_params_and_exactness():
+    """The table benchmarks/zoo_table.py printed: its rows are the registry's tags, sources, licences and exactness,
+    and its parameter counts those of the architectures the tags build (counted on the meta device)."""
+    text = (ROOT / "README.md").read_text()
+    row = r"^\| `([\w.]+)` \| \[([^\]]+)\]\(https://huggingface\.co/\2\) \| ([\w.-]+) \| ([\d.]+) \| ([\d.]+)"
+    row += r" \| (\w+) \|$"
+    rows = re.findall(row, text, flags=re.M)
+    assert [r[0] for r in rows] == list(ZOO)
+    counted = {}
+    for tag, hub_id, licence, params, _gflops, exact in rows:
+        cfg = timm.models.get_pretrained_cfg(tag)
+        assert (hub_id, licence, exact) == (cfg.hf_hub_id, cfg.license, "yes" if ZOO[tag].exact else "no"), tag
+        key = (tag.split(".")[0], repr(sorted(ZOO[tag].model_args.items())))
+        if key not in counted:
+            with torch.device("meta"):
+                m = vision_moe.create_model(tag, tasks=("semseg", "depth"), num_classes=0)
+            counted[key] = sum(p.numel() for p in m.parameters()) / 1e6
+        assert params == f"{counted[key]:.2f}", tag

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..models.convert import Conversion, ConversionError
+from ..models.convert import Conversion, ConversionError, vit_args
 from ..moe import MoEAttention, MoEMlp, MultiGateRouter
 from .hls.config import FxType
 from .hls.fixed import OverflowLog, quantize, to_float
@@ -102,19 +102,13 @@ def edge_moe_files(num_tasks: int = 2) -> dict[str, tuple[tuple[int, ...], FxTyp
 
 
 def _model_args(tasks: Sequence[str]) -> dict:
-    return dict(
-        img_size=EDGE_MOE["img"],
-        patch_size=PATCH,
-        embed_dim=EDGE_MOE["dim"],
-        depth=EDGE_MOE["depth"],
-        num_heads=EDGE_MOE["heads"],
-        mlp_ratio=EDGE_MOE["mlp_hidden"] / EDGE_MOE["dim"],
-        moe_blocks="every2",
-        num_experts=EDGE_MOE["experts"],
-        top_k=EDGE_MOE["top_k"],
-        expert_hidden=EDGE_MOE["expert_hidden"],
-        tasks=list(tasks),
+    d = EDGE_MOE["dim"]
+    args = vit_args(
+        EDGE_MOE["img"], PATCH, d, EDGE_MOE["depth"], EDGE_MOE["heads"], EDGE_MOE["mlp_hidden"], list(tasks)
     )
+    args.update(moe_blocks="every2", num_experts=EDGE_MOE["experts"], top_k=EDGE_MOE["top_k"])
+    args["expert_hidden"] = EDGE_MOE["expert_hidden"]
+    return args
 
 
 def _read_bin(path: Path, shape: tuple[int, ...]) -> np.ndarray:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "vit_args",
     "Conversion",
     "ConversionError",
     "SourceDict",
@@ -160,6 +161,27 @@ def _grid(where: str, n_patches: int, patch: int, img_size) -> tuple[int, int]:
     return side * patch, side * patch
 
 
+def _task_names(where: str, given, found: list[str], n_tasks: int, what: str) -> list[str]:
+    """The task names: ``given``, else the ones the source names (``found``), else task0, task1, ..."""
+    tasks = list(given) if given else (found or [f"task{t}" for t in range(n_tasks)])
+    if len(tasks) != n_tasks:
+        raise ConversionError(f"{where}: {what} {n_tasks} tasks, got {len(tasks)} names {tasks}")
+    return tasks
+
+
+def vit_args(img_size, patch: int, dim: int, depth: int, heads: int, mlp_hidden: int, tasks: list[str]) -> dict:
+    """Constructor arguments of the dense ViT frame every source shares."""
+    return dict(
+        img_size=img_size,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_hidden / dim,
+        tasks=tasks,
+    )
+
+
 def _vit_common(src: SourceDict, out: dict, c: Conversion, depth: int, dim: int, patch: int, n_tokens: int) -> None:
     """The parts every source shares with timm's ViT names: patch embedding, tokens, norms."""
     for k, shape in (
@@ -292,24 +314,11 @@ def remap_m3vit(
             f"{where}: blocks.{moe[0]}.mlp.gate: neither per-task gates 'gate.<t>.w_gate' nor a task-conditioned "
             "gate with 'backbone.gate_task_represent' (a single-task gate has no task to route)"
         )
-    tasks = list(tasks) if tasks else (decoders if len(decoders) == n_tasks else [f"task{t}" for t in range(n_tasks)])
-    if len(tasks) != n_tasks:
-        raise ConversionError(f"{where}: the gates serve {n_tasks} tasks, got {len(tasks)} names {tasks}")
+    tasks = _task_names(where, tasks, decoders if len(decoders) == n_tasks else [], n_tasks, "the gates serve")
     heads = num_heads or (3 if dim == 192 else 12)
-    args = dict(
-        img_size=(h_img, w_img),
-        patch_size=patch,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        mlp_ratio=mlp_hidden / dim,
-        moe_blocks=moe,
-        num_experts=e,
-        top_k=top_k,
-        expert_hidden=hidden,
-        tasks=tasks,
-        router="multi_gate" if multi else "task_embed",
-    )
+    args = vit_args((h_img, w_img), patch, dim, depth, heads, mlp_hidden, tasks)
+    args.update(moe_blocks=moe, num_experts=e, top_k=top_k, expert_hidden=hidden)
+    args["router"] = "multi_gate" if multi else "task_embed"
     c = Conversion(_arch("m3vit", dim), args, {})
     out: dict[str, torch.Tensor] = {}
     _vit_common(src, out, c, depth, dim, patch, n_tokens)
@@ -425,28 +434,10 @@ def remap_modsquad(
     mlp_hidden = src.shape(f"blocks.{dense_mlp[0]}.mlp.fc1.weight")[0] if dense_mlp else 4 * dim
     k = top_k or mlp_hidden // hidden  # TaskMoE(dim, mlp_hidden // ffd_heads, E, k=ffd_heads)
     notes.append(f"MLP top_k={k}" + ("" if top_k else f" = MLP hidden {mlp_hidden} / expert hidden {hidden}"))
-    tasks = list(tasks) if tasks else [f"task{t}" for t in range(n_tasks)]
-    if len(tasks) != n_tasks:
-        raise ConversionError(f"{where}: task_embedding has {n_tasks} tasks, got {len(tasks)} names {tasks}")
-    args = dict(
-        img_size=(h_img, w_img),
-        patch_size=patch,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        attn_head_dim=head_dim,
-        mlp_ratio=mlp_hidden / dim,
-        moe_blocks=moe_mlp,
-        moe_attn_blocks=moe_attn,
-        num_experts=em,
-        top_k=k,
-        expert_hidden=hidden,
-        attn_num_experts=ea,
-        attn_top_k=heads,
-        expert_heads=1,
-        task_embed_blocks=True,
-        tasks=tasks,
-    )
+    tasks = _task_names(where, tasks, [], n_tasks, "task_embedding has")
+    args = vit_args((h_img, w_img), patch, dim, depth, heads, mlp_hidden, tasks)
+    args.update(attn_head_dim=head_dim, moe_blocks=moe_mlp, moe_attn_blocks=moe_attn, num_experts=em, top_k=k)
+    args.update(expert_hidden=hidden, attn_num_experts=ea, attn_top_k=heads, expert_heads=1, task_embed_blocks=True)
     c = Conversion(_arch("modsquad", dim), args, {}, notes=notes)
     out: dict[str, torch.Tensor] = {}
     _vit_common(src, out, c, depth, dim, patch, n_tokens)

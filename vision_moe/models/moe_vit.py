@@ -840,16 +840,9 @@ def _tag_cfg(tag: str) -> dict[str, Any]:
     src = timm.models.get_pretrained_cfg(ZOO[tag].source, allow_unregistered=False)
     if src is None or not src.hf_hub_id:
         raise RuntimeError(f"timm {timm.__version__} has no weights {ZOO[tag].source!r} (needed by {tag})")
+    same = ("hf_hub_id", "hf_hub_filename", "num_classes", "input_size", "crop_pct", "interpolation", "mean", "std")
     return _cfg(
-        hf_hub_id=src.hf_hub_id,
-        hf_hub_filename=src.hf_hub_filename,
-        num_classes=src.num_classes,
-        input_size=src.input_size,
-        crop_pct=src.crop_pct,
-        interpolation=src.interpolation,
-        mean=src.mean,
-        std=src.std,
-        license=src.license,
+        **{k: getattr(src, k) for k in (*same, "license")},
         origin_url=f"https://huggingface.co/{src.hf_hub_id}",
         notes=(f"dense {ZOO[tag].source}, upcycled on load (exact at initialisation)",),
     )
