@@ -158,3 +158,16 @@ def test_model_and_data_sources_and_bad_input(run, tmp_path, capsys):
     weights = latest_checkpoint(out) / "model.safetensors"  # the weights file of a checkpoint: its folder is meant
     assert tool(["--checkpoint", str(weights), "--out", str(tmp_path / "w"), "--max-images", "1"]) == 0
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_in_the_hub_format_evaluates_as_the_checkpoint(run, tmp_path, capsys):
+    """tools/convert.py to-hub keeps the training config: tools/eval.py on the Hub folder prints the same metrics."""
+    out, _ = run
+    ck = latest_checkpoint(out)
+    assert tool_main("convert")(["to-hub", "--checkpoint", str(ck), "--out", str(tmp_path / "hub")]) == 0
+    capsys.readouterr()
+    evaluate = tool_main("eval")
+    assert evaluate(["--checkpoint", str(ck), "--task", "semseg"]) == 0
+    want = capsys.readouterr().out
+    assert evaluate(["--checkpoint", str(tmp_path / "hub"), "--task", "semseg"]) == 0
+    assert capsys.readouterr().out == want and "mIoU" in want

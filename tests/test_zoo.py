@@ -208,3 +208,28 @@ def test_readme_zoo_table_lists_every_tag_with_its_source_licence_params_and_exa
                 m = vision_moe.create_model(tag, tasks=("semseg", "depth"), num_classes=0)
             counted[key] = sum(p.numel() for p in m.parameters()) / 1e6
         assert params == f"{counted[key]:.2f}", tag
+
+
+def test_a_saved_multitask_model_loads_from_the_hub_by_name(hf_cache, tmp_path, capsys):
+    """save_pretrained's folder as huggingface_hub caches an upload: hf-hub:ORG/NAME gives the whole multi-task
+    model to vision-moe and the backbone to timm, offline; download.py fetches both files by the same name."""
+    from vision_moe.models.multitask import build_multitask_model
+
+    torch.manual_seed(0)
+    kw = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_experts=4, top_k=2)
+    tasks = {"semseg": 3, "depth": None}
+    m = build_multitask_model("m3vit_tiny_patch16_224", tasks, img_size=32, head="linear", **kw).eval()
+    section = dict(backbone="m3vit_tiny_patch16_224", tasks=tasks, img_size=32, head="linear", backbone_kwargs=kw)
+    vision_moe.save_pretrained(m, tmp_path / "up", config={"model": section})
+    files = {f.name: f.read_bytes() for f in (tmp_path / "up").iterdir()}
+    assert sorted(files) == ["config.json", "model.safetensors"]
+    snap = write_hub_snapshot(hf_cache, "someone/m3vit-demo", files)
+    whole = vision_moe.create_model("hf-hub:someone/m3vit-demo", pretrained=True).eval()
+    bare = timm.create_model("hf-hub:someone/m3vit-demo", pretrained=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for task in tasks:
+            torch.testing.assert_close(whole(x, task)["out"], m(x, task)["out"])
+        torch.testing.assert_close(bare.forward_features(x, "depth"), m.backbone.forward_features(x, "depth"))
+    assert _download_tool("hf-hub:someone/m3vit-demo") == 0
+    assert capsys.readouterr().out.strip() == str(snap)

@@ -4,6 +4,7 @@
   python tools/download.py --list                                          # every weight tag and its source
   python tools/download.py m3vit_small_patch16_224.augreg_in21k_ft_in1k     # a zoo tag: its dense timm ViT
   python tools/download.py vit_small_patch16_224.augreg_in21k_ft_in1k      # any timm weight tag
+  python tools/download.py hf-hub:ORG/NAME                                  # a model saved by save_pretrained
   python tools/download.py --url https://host/m3vit.safetensors --sha256 <64 hex>
 
 Hub files go into the Hugging Face cache (HF_HUB_CACHE, or $VISION_MOE_CACHE/hf), where
@@ -56,6 +57,12 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(str(e))
     try:
+        if args.name and args.name.startswith("hf-hub:"):  # config.json and the weights, as create_model reads them
+            repo = args.name.removeprefix("hf-hub:")
+            for f in ("config.json", "model.safetensors"):
+                path = fetch_weights(WeightsEntry(hf_hub_id=repo, filename=f), progress=True, name=args.name)
+            print(path.parent)
+            return 0
         src = WeightsEntry(url=args.url, sha256=args.sha256, filename=args.filename) if args.url else args.name
         print(fetch_weights(src, progress=True))
     except (ValueError, OSError, ConnectionError) as e:
