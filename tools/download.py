@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Download pretrained weights into the cache, checked by sha256, and print the local path.
 
-  python tools/download.py vit_small_patch16_224.augreg_in21k_ft_in1k      # a timm dense ViT to upcycle
+  python tools/download.py --list                                          # every weight tag and its source
+  python tools/download.py m3vit_small_patch16_224.augreg_in21k_ft_in1k     # a zoo tag: its dense timm ViT
+  python tools/download.py vit_small_patch16_224.augreg_in21k_ft_in1k      # any timm weight tag
+  python tools/download.py hf-hub:ORG/NAME                                  # a model saved by save_pretrained
   python tools/download.py --url https://host/m3vit.safetensors --sha256 <64 hex>
-  python tools/download.py --list
 
-The cache is ~/.cache/vision_moe (or $VISION_MOE_CACHE); VISION_MOE_OFFLINE=1 uses only what is in it. Then upcycle
-or load: ``vision_moe.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
+Hub files go into the Hugging Face cache (HF_HUB_CACHE, or $VISION_MOE_CACHE/hf), where
+``vision_moe.create_model(TAG, pretrained=True)`` finds them, also offline (HF_HUB_OFFLINE=1 or VISION_MOE_OFFLINE=1).
+--url downloads go to ~/.cache/vision_moe (or $VISION_MOE_CACHE).
 """
 
 import sys
@@ -30,8 +33,24 @@ def build_parser():
         "--sha256", help="expected sha256 of the file (with --url; 64 hex digits, either case; default: not checked)"
     )
     ap.add_argument("--filename", help="file name in the cache (with --url; default: the URL's last part)")
-    ap.add_argument("--list", action="store_true", help="list vision-moe's registered weights and exit")
+    ap.add_argument("--list", action="store_true", help="list every weight tag, its source and licence, and exit")
     return ap
+
+
+def _list() -> None:
+    import timm
+
+    from vision_moe.models.moe_vit import ZOO
+
+    rows = [("tag", "source", "licence", "exact at init")]
+    for tag, z in ZOO.items():
+        cfg = timm.models.get_pretrained_cfg(tag)
+        rows.append((tag, f"{cfg.hf_hub_id} (dense, upcycled on load)", cfg.license or "-", "yes" if z.exact else "no"))
+    for name, entry in sorted(WEIGHTS.items()):
+        rows.append((name, entry.url or entry.hf_hub_id, entry.license or "-", "-"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, width)) + "  " + r[3])
 
 
 def main(argv=None) -> int:
@@ -39,11 +58,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         if args.name or args.url:
-            ap.error("--list lists the registered weights; give it alone, without a name or --url")
-        for name, entry in sorted(WEIGHTS.items()):
-            print(name, entry.url or entry.hf_hub_id)
-        if not WEIGHTS:
-            print("(no vision-moe weights published yet; any timm weight tag can be fetched for upcycling)")
+            ap.error("--list lists the weight tags; give it alone, without a name or --url")
+        _list()
         return 0
     if not args.name and not args.url:
         ap.error(f"expected a weights NAME (e.g. {EXAMPLE}), --url URL or --list")
@@ -58,6 +74,12 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(str(e))
     try:
+        if args.name and args.name.startswith("hf-hub:"):  # config.json and the weights, as create_model reads them
+            repo = args.name.removeprefix("hf-hub:")
+            for f in ("config.json", "model.safetensors"):
+                path = fetch_weights(WeightsEntry(hf_hub_id=repo, filename=f), progress=True, name=args.name)
+            print(path.parent)
+            return 0
         src = WeightsEntry(url=args.url, sha256=args.sha256, filename=args.filename) if args.url else args.name
         print(fetch_weights(src, progress=True))
     except (ValueError, OSError, ConnectionError) as e:

@@ -53,6 +53,7 @@ class ModelConfig:
     det_scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     cls_pool: str = "token"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model overrides (depth, patch_size...)
+    pretrained: bool = False  # start from the weight tag's pretrained weights (backbone: arch.tag), upcycled
 
 
 @dataclass
@@ -248,10 +249,23 @@ def _validate(cfg: Config, src: str) -> Config:
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise _err(src, "data.max_bad_fraction", "must be in [0, 1]", cfg.data.max_bad_fraction)
     _check_ranges(cfg, src)
-    from ._factory import list_models
+    from ._factory import list_models, list_pretrained
 
-    if cfg.model.backbone not in list_models():
-        raise _err(src, "model.backbone", f"unknown backbone; expected one of {list_models()}", cfg.model.backbone)
+    if cfg.model.backbone not in list_models() + list_pretrained():
+        raise _err(
+            src,
+            "model.backbone",
+            f"unknown backbone; expected one of {list_models()} or a weight tag (tools/download.py --list)",
+            cfg.model.backbone,
+        )
+    if cfg.model.pretrained and "." not in cfg.model.backbone:
+        raise _err(
+            src,
+            "model.pretrained",
+            "needs a weight tag as model.backbone (e.g. m3vit_small_patch16_224.augreg_in21k_ft_in1k): the tag fixes "
+            "the architecture, so a resumed or reloaded run builds the same one",
+            cfg.model.pretrained,
+        )
     _check_backbone(cfg, src)
     return cfg
 

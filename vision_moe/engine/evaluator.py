@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..tasks import get_task, stack_key
+from .routing import add_expert_loads
 
 __all__ = ["build_metric", "update_metric", "evaluate_task", "task_dataset", "heldout_loader"]
 
@@ -113,8 +114,12 @@ def evaluate_task(
     device: torch.device,
     max_batches: int = 0,
     amp_ctx=None,
+    routing: dict | None = None,
 ) -> dict[str, float]:
     """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``.
+
+    ``routing``: a dict that receives the task's assignments per expert of each MoE layer on these images
+    (:func:`vision_moe.engine.routing.add_expert_loads`), for the routing heatmaps.
 
     When the MoE layers have a capacity limit, ``moe_dropped_fraction`` (assignments dropped over all MoE layers
     and images) is added.
@@ -145,6 +150,8 @@ def evaluate_task(
             else:
                 result = model(images.to(device), task)
             update_metric(task, metric, result, targets)
+            if routing is not None:
+                add_expert_loads(routing, task, result.get("aux") or ())
             for a in result.get("aux") or ():
                 if a.keep is not None:
                     assigned += a.keep.numel()

@@ -36,6 +36,7 @@ class Reporter:
         self._load_layout = False  # the custom-scalars layout of the expert-load charts, written once
         self.history: list[dict] = []
         self.bar = self.writer = None
+        self._warned_heatmaps = False
         self.t0 = time.perf_counter()
         if not enabled:
             return
@@ -109,6 +110,19 @@ class Reporter:
         """A line per checkpoint when there is no progress bar (logs, CI), so a long run is never silent."""
         if self.enabled and self.bar is None and path is not None:
             self.message(f"{self.status(step)}: checkpoint {path}")
+
+    def routing_heatmaps(self, step: int, counts: dict, layers: list[str]) -> None:
+        """Each MoE layer's task x expert heatmap of the evaluation's assignments to TensorBoard (needs matplotlib)."""
+        if self.writer is None or not counts or not layers:
+            return
+        try:
+            from .routing import RoutingStats, log_heatmaps
+
+            log_heatmaps(self.writer, step, RoutingStats(layers, counts, {}))
+        except ImportError as e:  # matplotlib is in the [train] extra
+            if not self._warned_heatmaps:
+                _logger.warning("no routing heatmaps in TensorBoard: %s", e)
+                self._warned_heatmaps = True
 
     def evaluation(self, step: int, metrics: dict[str, dict[str, float]], extra: dict | None = None) -> None:
         if not self.enabled:

@@ -108,7 +108,8 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
     }
 
 
-def build_model_from_config(mc: dict[str, Any]) -> MultiTaskModel:
+def build_model_from_config(mc: dict[str, Any], pretrained: bool = False) -> MultiTaskModel:
+    """The model ``config.json`` describes; ``pretrained``: its backbone from its weight tag's weights."""
     m = mc["model"]
     return build_multitask_model(
         m["backbone"],
@@ -117,6 +118,7 @@ def build_model_from_config(mc: dict[str, Any]) -> MultiTaskModel:
         head=m["head"],
         head_kwargs=m["head_kwargs"],
         **m["backbone_kwargs"],
+        **({"pretrained": True} if pretrained else {}),
     )
 
 
@@ -229,7 +231,8 @@ class Trainer:
         self.num_classes = self._num_classes()
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model_from_config(self.model_cfg).to(self.device)
+        # a fresh run may start from pretrained weights; a resumed one takes every weight from its checkpoint
+        self.model = build_model_from_config(self.model_cfg, cfg.model.pretrained and not resume).to(self.device)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         if cfg.train.channels_last:  # weights (and the optimizer's moments, made like them) stay NHWC on resume
             self.model.to(memory_format=torch.channels_last)
@@ -367,8 +370,9 @@ class Trainer:
                 self._val[task] = (heldout_loader(self.cfg, ds), ds)
         return self._val
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        """Metrics of every task on its held-out split (rank 0 computes; other ranks wait)."""
+    def evaluate(self, routing: dict | None = None) -> dict[str, dict[str, float]]:
+        """Metrics of every task on its held-out split (rank 0 computes; other ranks wait). ``routing`` receives each
+        task's assignments per expert (see :func:`evaluate_task`)."""
         results: dict[str, dict[str, float]] = {}
         if self.main:
             for task, (loader, ds) in self._val_loaders().items():
@@ -381,9 +385,19 @@ class Trainer:
                     self.device,
                     self.cfg.train.eval_max_batches,
                     self.amp_ctx,
+                    routing,
                 )
         dist_utils.barrier()
         return results
+
+    def _moe_layer_names(self) -> list[str]:
+        return [n for n, _ in self.model.backbone.moe_layers()]
+
+    def _evaluate_and_report(self, rep: Reporter) -> None:
+        """Evaluate, report the metrics, and send the routing heatmaps of the held-out images to TensorBoard."""
+        routing: dict = {}
+        rep.evaluation(self.step, self.evaluate(routing))
+        rep.routing_heatmaps(self.step, routing, self._moe_layer_names())
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, dict[str, float]]:
@@ -438,16 +452,18 @@ class Trainer:
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < total:
                     rep.checkpoint(self.step, self.save())
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
-                    rep.evaluation(self.step, self.evaluate())
+                    self._evaluate_and_report(rep)
             # the finished run is written before anything can fail: checkpoint, metrics, then the bad-sample limit
             ckpt = self.save()
-            metrics = self.evaluate()
+            routing: dict = {}
+            metrics = self.evaluate(routing)
             wall = time.perf_counter() - t0
             rep.evaluation(
                 self.step,
                 metrics,
                 {"train_seconds": round(wall, 1), "bad_samples": self.bad.count, "samples_seen": self.bad.seen},
             )
+            rep.routing_heatmaps(self.step, routing, self._moe_layer_names())
             if self.bad.count:
                 rep.message(
                     f"{self.bad.count} of {self.bad.seen} samples were unreadable and skipped "

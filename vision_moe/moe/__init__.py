@@ -22,6 +22,7 @@ from .losses import (
     task_expert_probs,
 )
 from .router import MultiGateRouter, RouterOutput, TaskEmbeddingRouter, TopKGate, create_router
+from .upcycle import lead_logit, upcycle_attention, upcycle_mlp
 
 __all__ = [
     "DISPATCHERS",
@@ -49,4 +50,7 @@ __all__ = [
     "TaskEmbeddingRouter",
     "TopKGate",
     "create_router",
+    "lead_logit",
+    "upcycle_attention",
+    "upcycle_mlp",
 ]

@@ -225,6 +225,8 @@ def extract(
         at = blk.attn
         if not hasattr(at, "qkv") or at.num_heads != heads:
             raise UnsupportedModelError(f"unsupported layer: attention of block {i} ({type(at).__name__})")
+        if at.head_dim * heads != dim:
+            raise UnsupportedModelError(f"unsupported layer: attention of block {i} has heads x head_dim != {dim}")
         if not isinstance(at.q_norm, nn.Identity) or not isinstance(at.k_norm, nn.Identity):
             raise UnsupportedModelError(f"unsupported layer: qk_norm in block {i}")
         if not isinstance(getattr(at, "norm", nn.Identity()), nn.Identity):
