@@ -305,7 +305,9 @@ def fetch_weights(
     # Its errors name neither the file nor the cache (and span several lines): each becomes one line that does.
     try:
         local_only = offline is not None or unreachable is not None
-        path = hf_hub_download(repo, fname, revision=revision or None, cache_dir=str(folder), local_files_only=local_only)
+        path = hf_hub_download(
+            repo, fname, revision=revision or None, cache_dir=str(folder), local_files_only=local_only
+        )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # not cached, and the network failed or is off
         if offline:
             raise FileNotFoundError(
