@@ -13,7 +13,7 @@ in odd layers with 16 experts of hidden 384, top-2, one gate per task (two tasks
   biases (16, 384) / (16, 192), ``lL_w_gate_T_task{t}`` (16, 192) (the gate transposed);
 - ``image`` (3, 128, 256) pixels in [0, 1) and the reference output ``l11_x_post_moe`` (129, 192).
 
-What its C++ does with them (read in its source, and reported the same by running its C++ unmodified): the patch kernel has
+What its C++ does with them (read in its source; running it unmodified agrees): the patch kernel has
 no class-token parameter (token 0 is ``pos_embed[0]``), so the class token is folded into ``pos_embed[0]``; the
 pixels reach it as ``ap_ufixed<8,0>`` with no normalisation, so mean/std are folded into the patch embedding; the
 testbench converts float to fixed by plain assignment (``ap_fixed``'s default truncation, and wrap-around on
