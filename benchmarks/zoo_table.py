@@ -31,7 +31,10 @@ def costs(tag: str) -> tuple[float, float]:
     return sum(p.numel() for p in model.parameters()) / 1e6, fc.get_total_flops() / 1e9
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.set_num_threads(1)
     seen: dict[str, tuple[float, float]] = {}
     print("| tag (load: `vision_moe.create_model(TAG, pretrained=True)`) | dense source (timm, Hugging Face Hub) "

@@ -275,7 +275,7 @@ def test_download_tool_usage(capsys):
             "URL or --list",
         ),
         (["x.y", "--url", "http://h/f"], "download.py: error: give a weights name or --url, not both"),
-        (["--list", "x.y"], "download.py: error: --list lists the registered weights; give it alone"),
+        (["--list", "x.y"], "download.py: error: --list lists the weight tags; give it alone"),
     ]:
         with pytest.raises(SystemExit) as e:
             mod.main(args)

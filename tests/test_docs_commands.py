@@ -197,6 +197,8 @@ def parse_only(cmd: Command) -> argparse.Namespace:
         if cmd.inline:  # prose names the flags it talks about; the flags must exist, the rest may be left out
             for action in self._actions:
                 action.required = False
+            for group in self._mutually_exclusive_groups:
+                group.required = False
         raise _Parsed(real_parse(self, args, namespace))
 
     if script is not None:
