@@ -37,13 +37,14 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "expor
 # run exactly as written (command text as in the docs, whitespace collapsed); keep this list cheap
 RUN = {
     "vision-moe models",
+    "python tools/export.py --help",
 }
 # run exactly as written with --runslow
 RUN_SLOW = {
     "vision-moe demo",  # 224 px, batch 2, three tasks: 119 s on the shared 2-core machine (contended)
     # 70 s on the shared 2-core machine (contended); writes out/ in the scratch folder
-    "python tools/export.py --model m3vit_tiny_patch16_224 --set depth=2 --img-size 32 48 --all-tasks --multitask "
-    "--out out/",
+    'python tools/export.py --model m3vit_tiny_patch16_224 --set depth=2 --tasks-def \'{"semseg": 5, "depth": null}\' '
+    "--head linear --img-size 32 48 --all-tasks --multitask --out out/",
 }
 # programs that are not this repository's: why each is not run here
 EXTERNAL = {
