@@ -72,10 +72,16 @@ def quantize_int8(
     batch: int = 1,
     op_types: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose"),
     runtime: str = "tensorrt",
+    *,
+    weight_levels: int | None = None,
+    unsigned_weights: bool = False,
 ) -> dict[str, Any]:
     """Static INT8 quantisation with ONNX Runtime's quantiser: QDQ, per-channel symmetric int8 weights (7-bit for
     ``runtime="onnxruntime"``, see the module docstring), MinMax calibration on ``calib_images``. Returns the
     :func:`saturation_check` of the written file (also stored in its metadata).
+
+    ``weight_levels`` (127 or 64) and ``unsigned_weights`` (uint8 weights: ONNX Runtime's U8U8 kernels, which
+    widen to 16 bits and cannot saturate) override the runtime's choice; ``benchmarks/bench_int8.py`` compares them.
 
     Left in float in both: the routers (expert choices as in fp32 and as in training, like the FP16 variant),
     MatMuls of two activations (attention's QK^T and AV: quantising them makes ONNX Runtime fuse the softmax
@@ -89,6 +95,9 @@ def quantize_int8(
 
     if runtime not in INT8_RUNTIMES:
         raise ValueError(f"unknown INT8 runtime {runtime!r}; expected one of {list(INT8_RUNTIMES)}")
+    levels = WEIGHT_LEVELS[runtime] if weight_levels is None else weight_levels
+    if levels not in (64, 127):
+        raise ValueError(f"weight_levels must be 127 (8 bits) or 64 (7 bits), got {levels}")
     src, dst = Path(src), Path(dst)
     pre = dst.with_suffix(".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_optimization=True, skip_onnx_shape=False, skip_symbolic_shape=True)
@@ -103,9 +112,9 @@ def quantize_int8(
             _Reader(calib_images, batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            reduce_range=WEIGHT_LEVELS[runtime] < 127,  # weights only: -64..64 (activations keep 8 bits)
+            reduce_range=levels < 127,  # weights only: -64..64 (activations keep 8 bits)
             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
             op_types_to_quantize=list(op_types),
             nodes_to_exclude=excluded,
             calibrate_method=CalibrationMethod.MinMax,
@@ -115,17 +124,17 @@ def quantize_int8(
         pre.unlink(missing_ok=True)
     q = onnx.load(str(dst))
     check = saturation_check(q)
-    if check["max_weight_level"] > WEIGHT_LEVELS[runtime]:
+    if not unsigned_weights and check["max_weight_level"] > levels:
         dst.unlink(missing_ok=True)
         raise RuntimeError(
-            f"{dst.name}: a quantised weight reached level {check['max_weight_level']}, past the "
-            f"{WEIGHT_LEVELS[runtime]} asked of the quantiser"
+            f"{dst.name}: a quantised weight reached level {check['max_weight_level']}, past the {levels} asked of "
+            "the quantiser"
         )
     onnx.helper.set_model_props(
         q,
         {
             META_PREFIX + "int8_runtime": runtime,
-            META_PREFIX + "int8_weight_levels": str(WEIGHT_LEVELS[runtime]),
+            META_PREFIX + "int8_weight_levels": "uint8" if unsigned_weights else str(levels),
             META_PREFIX + "u8s8_saturation_free": str(check["saturation_free"]).lower(),
         },
     )
