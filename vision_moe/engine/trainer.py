@@ -4,11 +4,12 @@ losses from the returned aux records, AMP, clipping, atomic checkpoints, exact r
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -481,11 +482,14 @@ def evaluate_checkpoint(
     max_batches: int | None = None,
     device: str = "auto",
     capacity_factor: float | None = None,
+    backbone_fn: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them.
 
     ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
-    capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``."""
+    capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``.
+    ``backbone_fn``: evaluate the model with its backbone replaced by ``backbone_fn(backbone)`` (e.g. a fixed-point
+    model of it) under the same heads; adds ``agreement_<metric>`` against the checkpoint's own model."""
     from ..config import config_from_dict
     from ..data import SkipBadSamples, collate_multitask
 
@@ -517,5 +521,12 @@ def evaluate_checkpoint(
                 num_workers=cfg.data.num_workers,
             )
             mb = cfg.train.eval_max_batches if max_batches is None else max_batches
-            return evaluate_task(model, task, loader, ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev))
+            reference = None
+            if backbone_fn is not None:
+                reference, model = model, copy.copy(model)
+                model._modules = dict(model._modules)  # the reference keeps its own backbone
+                model.backbone = backbone_fn(reference.backbone)
+            return evaluate_task(
+                model, task, loader, ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev), reference=reference
+            )
     raise ValueError(f"no dataset in the checkpoint's config labels task {task!r}")
