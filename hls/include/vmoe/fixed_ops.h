@@ -10,6 +10,23 @@ namespace vmoe {
 
 typedef ap_int<64> wide_t;
 
+// Pipelined-loop iteration counters, C-simulation only: every II=1 loop that takes time in hardware adds one per
+// iteration to its kind, so the testbench can report, per layer, the counts the performance model
+// (vision_moe/deploy/hls/perf.py) predicts from the same parameters. Compiled out under Vitis HLS.
+enum { CNT_MAC, CNT_OUT, CNT_LOAD, CNT_ATTN, CNT_VEC, CNT_ROUTE, CNT_KINDS };
+#if defined(__SYNTHESIS__)
+#define VMOE_COUNT(kind)
+#else
+struct counters_t {
+    long long n[CNT_KINDS];
+};
+inline counters_t &counters() {
+    static counters_t c = {{0}};
+    return c;
+}
+#define VMOE_COUNT(kind) (vmoe::counters().n[vmoe::kind]++)
+#endif
+
 template <int W, int I, ap_q_mode Q, ap_o_mode O, int N>
 inline wide_t raw(const ap_fixed<W, I, Q, O, N> &x) {
     ap_int<W> r;
@@ -22,6 +39,11 @@ inline wide_t raw(const ap_ufixed<W, I, Q, O, N> &x) {
     ap_uint<W> r;
     r.range(W - 1, 0) = x.range(W - 1, 0);
     return wide_t(r);
+}
+
+template <int W>
+inline wide_t raw(const ap_int<W> &x) {
+    return wide_t(x);
 }
 
 // The type T holding raw bits v (the low T::width bits: what an assignment that wraps keeps).

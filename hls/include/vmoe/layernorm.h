@@ -1,4 +1,6 @@
-// LayerNorm over the embedding dim: exact sum, mean = sum * (1/C), deviations, variance, 1/sqrt by table.
+// LayerNorm over the embedding dim, VEC_PAR channels per cycle: exact sum, mean = sum * (1/C), deviations,
+// variance, 1/sqrt by table. Three passes of ceil(C / VEC_PAR) cycles per row. The partial sums of the lanes are
+// exact (wide fixed point), so the lane split does not change the result.
 #ifndef VMOE_LAYERNORM_H
 #define VMOE_LAYERNORM_H
 
@@ -10,30 +12,56 @@ inline void layernorm(const act_t *x, act_t *y, int rows, int dim, const bias_t 
     const inv_t inv_dim = from_raw<inv_t>(wide_t(INV_DIM_RAW));
     const var_t eps = from_raw<var_t>(wide_t(LN_EPS_RAW));
     act_t d[EMBED_DIM];
+#pragma HLS ARRAY_PARTITION variable = d cyclic factor = VEC_PAR
 ln_rows:
     for (int r = 0; r < rows; r++) {
 #pragma HLS LOOP_TRIPCOUNT max = NUM_TOKENS
         const act_t *xr = x + r * dim;
         sum_t s = 0;
-        for (int c = 0; c < dim; c++) {
+    ln_sum:
+        for (int c0 = 0; c0 < dim; c0 += VEC_PAR) {
 #pragma HLS PIPELINE II = 1
-            s += xr[c];
+            VMOE_COUNT(CNT_VEC);
+            sum_t part = 0;
+            for (int p = 0; p < VEC_PAR; p++) {
+#pragma HLS UNROLL
+                if (c0 + p < dim) part += xr[c0 + p];
+            }
+            s += part;
         }
         act_t mean = s * inv_dim;
         sqsum_t vs = 0;
-        for (int c = 0; c < dim; c++) {
+    ln_var:
+        for (int c0 = 0; c0 < dim; c0 += VEC_PAR) {
 #pragma HLS PIPELINE II = 1
-            d[c] = xr[c] - mean;
-            sq_t sq = d[c] * d[c];
-            vs += sq;
+            VMOE_COUNT(CNT_VEC);
+            sqsum_t part = 0;
+            for (int p = 0; p < VEC_PAR; p++) {
+#pragma HLS UNROLL
+                const int c = c0 + p;
+                if (c < dim) {
+                    d[c] = xr[c] - mean;
+                    sq_t sq = d[c] * d[c];
+                    part += sq;
+                }
+            }
+            vs += part;
         }
         var_t var = vs * inv_dim;
         var = var + eps;
         rstd_t rs = vrsqrt(var);
-        for (int c = 0; c < dim; c++) {
+    ln_out:
+        for (int c0 = 0; c0 < dim; c0 += VEC_PAR) {
 #pragma HLS PIPELINE II = 1
-            act_t n = d[c] * rs;
-            y[r * dim + c] = n * gamma[c] + beta[c];
+            VMOE_COUNT(CNT_VEC);
+            for (int p = 0; p < VEC_PAR; p++) {
+#pragma HLS UNROLL
+                const int c = c0 + p;
+                if (c < dim) {
+                    act_t n = d[c] * rs;
+                    y[r * dim + c] = n * gamma[c] + beta[c];
+                }
+            }
         }
     }
 }
