@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-images",
         type=int,
         default=3,
-        help="images for the fixed-point vs float report: built-in photographs (output error); with --checkpoint "
-        "also the first held-out images scored by the task heads (rounded up to whole evaluation batches; 0 skips; "
-        "default: 3)",
+        help="images for the fixed-point vs float report: up to 5 built-in photographs (output error); with "
+        "--checkpoint also the first held-out images scored by the task heads (rounded up to whole evaluation "
+        "batches); 0 skips both (default: 3)",
     )
     p.add_argument(
         "--eval-weight8",
@@ -165,21 +165,10 @@ def build(args: argparse.Namespace):
 def hls_config(args: argparse.Namespace):
     """HLSConfig from the flags (and the preset's values for the flags not given)."""
     from vision_moe.deploy.hls import HLSConfig, parse_fx
-    from vision_moe.deploy.hls.config import PRESETS
+    from vision_moe.deploy.hls.config import PARALLELISM, PRESETS
 
     base = dict(PRESETS[args.preset].hls) if args.preset else {}
-    given = dict(
-        board=args.board,
-        clock_mhz=args.clock_mhz,
-        platform=args.platform,
-        tile=args.tile,
-        par_in=args.par_in,
-        out_par=args.out_par,
-        attn_rows=args.attn_rows,
-        attn_lanes=args.attn_lanes,
-        vec_par=args.vec_par,
-        axi_bits=args.axi_bits,
-    )
+    given = {k: getattr(args, k) for k in ("board", "clock_mhz", "platform", *PARALLELISM)}
     base.update({k: v for k, v in given.items() if v is not None})
     return HLSConfig(
         act=parse_fx(args.act_type),

@@ -39,21 +39,13 @@ attn_block:
     attn_head:
         for (int h = 0; h < q_heads; h++) {
             const int hk = h % kv_heads;
-        attn_q:
-            for (int d0 = 0; d0 < D; d0 += ATTN_LANES) {  // the block's query rows
-#pragma HLS PIPELINE II = 1
-                VMOE_COUNT(CNT_ATTN);
-                for (int ln = 0; ln < ATTN_LANES; ln++) {
+            par_for<ATTN_LANES, CNT_ATTN>(D, [&](int d) {  // the block's query rows
+                for (int r = 0; r < ATTN_ROWS; r++) {
 #pragma HLS UNROLL
-                    const int d = d0 + ln;
-                    if (d >= D) continue;
-                    for (int r = 0; r < ATTN_ROWS; r++) {
-#pragma HLS UNROLL
-                        qr[r][d] = (i0 + r < ntok) ? q[(i0 + r) * ldq + h * D + d] : act_t(0);
-                        o[r][d] = 0;
-                    }
+                    qr[r][d] = (i0 + r < ntok) ? q[(i0 + r) * ldq + h * D + d] : act_t(0);
+                    o[r][d] = 0;
                 }
-            }
+            });
             for (int r = 0; r < ATTN_ROWS; r++) {
 #pragma HLS UNROLL
                 sacc[r] = 0;
@@ -65,30 +57,22 @@ attn_block:
         attn_key:
             for (int j = 0; j <= ntok; j++) {  // scores of key j, output update with key j - 1
 #pragma HLS LOOP_TRIPCOUNT max = NUM_TOKENS + 1
-            attn_lane:
-                for (int d0 = 0; d0 < D; d0 += ATTN_LANES) {
-#pragma HLS PIPELINE II = 1
-                    VMOE_COUNT(CNT_ATTN);
-                    for (int ln = 0; ln < ATTN_LANES; ln++) {
+                par_for<ATTN_LANES, CNT_ATTN>(D, [&](int d) {
+                    if (j < ntok) {
+                        const act_t kd = k[j * ldkv + hk * D + d];
+                        for (int r = 0; r < ATTN_ROWS; r++) {
 #pragma HLS UNROLL
-                        const int d = d0 + ln;
-                        if (d >= D) continue;
-                        if (j < ntok) {
-                            const act_t kd = k[j * ldkv + hk * D + d];
-                            for (int r = 0; r < ATTN_ROWS; r++) {
-#pragma HLS UNROLL
-                                sacc[r] += qr[r][d] * kd;
-                            }
-                        }
-                        if (j > 0) {
-                            const act_t vd = v[(j - 1) * ldkv + hk * D + d];
-                            for (int r = 0; r < ATTN_ROWS; r++) {
-#pragma HLS UNROLL
-                                o[r][d] = o[r][d] * alpha[r] + pw[r] * vd;
-                            }
+                            sacc[r] += qr[r][d] * kd;
                         }
                     }
-                }
+                    if (j > 0) {
+                        const act_t vd = v[(j - 1) * ldkv + hk * D + d];
+                        for (int r = 0; r < ATTN_ROWS; r++) {
+#pragma HLS UNROLL
+                            o[r][d] = o[r][d] * alpha[r] + pw[r] * vd;
+                        }
+                    }
+                });
                 if (j < ntok) {
                     for (int r = 0; r < ATTN_ROWS; r++) {  // online softmax state after key j
 #pragma HLS UNROLL
@@ -115,20 +99,12 @@ attn_block:
 #pragma HLS UNROLL
                 inv[r] = vrecip(l[r]);
             }
-        attn_out:
-            for (int d0 = 0; d0 < D; d0 += ATTN_LANES) {
-#pragma HLS PIPELINE II = 1
-                VMOE_COUNT(CNT_ATTN);
-                for (int ln = 0; ln < ATTN_LANES; ln++) {
+            par_for<ATTN_LANES, CNT_ATTN>(D, [&](int d) {
+                for (int r = 0; r < ATTN_ROWS; r++) {
 #pragma HLS UNROLL
-                    const int d = d0 + ln;
-                    if (d >= D) continue;
-                    for (int r = 0; r < ATTN_ROWS; r++) {
-#pragma HLS UNROLL
-                        if (i0 + r < ntok) out[(i0 + r) * ldo + h * D + d] = o[r][d] * inv[r];
-                    }
+                    if (i0 + r < ntok) out[(i0 + r) * ldo + h * D + d] = o[r][d] * inv[r];
                 }
-            }
+            });
         }
     }
 }

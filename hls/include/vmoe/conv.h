@@ -16,34 +16,13 @@ namespace vmoe {
 // Pixels (3, H, W) -> normalised (H, W, 3): x = v * a + b per channel (v = raw byte / 256). Not folded into the
 // first conv: its zero padding is in normalised units.
 inline void stem_input(const pixel_t *img, act_t *fm) {
-stem_norm:
-    for (int i0 = 0; i0 < IMG_H * IMG_W; i0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_VEC);
-        for (int q = 0; q < VEC_PAR; q++) {
+    par_for<VEC_PAR, CNT_VEC>(IMG_H * IMG_W, [&](int i) {
+        for (int c = 0; c < 3; c++) {
 #pragma HLS UNROLL
-            const int i = i0 + q;
-            if (i >= IMG_H * IMG_W) continue;
-            for (int c = 0; c < 3; c++) {
-#pragma HLS UNROLL
-                wide_t t = raw(img[c * IMG_H * IMG_W + i]) * wide_t(STEM_A_RAW[c]) + (wide_t(STEM_B_RAW[c]) << F_P);
-                fm[i * 3 + c] = from_raw<act_t>(t >> F_P);
-            }
+            wide_t t = raw(img[c * IMG_H * IMG_W + i]) * wide_t(STEM_A_RAW[c]) + (wide_t(STEM_B_RAW[c]) << F_P);
+            fm[i * 3 + c] = from_raw<act_t>(t >> F_P);
         }
-    }
-}
-
-// One row of the input feature map into line-buffer slot (row mod 3).
-inline void lb_fill(act_t lb[3][STEM_MAX_W * STEM_MAX_C], const act_t *in, int row, int n) {
-lb_row:
-    for (int i0 = 0; i0 < n; i0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_VEC);
-        for (int q = 0; q < VEC_PAR; q++) {
-#pragma HLS UNROLL
-            if (i0 + q < n) lb[row % 3][i0 + q] = in[row * n + i0 + q];
-        }
-    }
+    });
 }
 
 // in (H, W, C_in) -> out rows of (H_out, W_out, C_out) with row stride ldo (C_out, or the token stride).
@@ -77,24 +56,17 @@ conv_tiles:
     conv_rows:
         for (int oy = 0; oy < cd.ho; oy++) {
             const int last = oy * cd.stride + 1 < cd.h ? oy * cd.stride + 1 : cd.h - 1;
-            for (int iy = loaded + 1; iy <= last; iy++) lb_fill(lb, in, iy, rowlen);
+            for (int iy = loaded + 1; iy <= last; iy++)  // one input row into line-buffer slot (row mod 3)
+                par_for<VEC_PAR, CNT_VEC>(rowlen, [&](int i) { lb[iy % 3][i] = in[iy * rowlen + i]; });
             if (last > loaded) loaded = last;
-        im2col:
-            for (int ox = 0; ox < cd.wo; ox++)
-                for (int kk = 0; kk < 9; kk++) {
-                    const int iy = oy * cd.stride - 1 + kk / 3, ix = ox * cd.stride - 1 + kk % 3;
-                    const bool inside = iy >= 0 && iy < cd.h && ix >= 0 && ix < cd.w;
-                    for (int c0 = 0; c0 < cd.cin; c0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-                        VMOE_COUNT(CNT_VEC);
-                        for (int q = 0; q < VEC_PAR; q++) {
-#pragma HLS UNROLL
-                            const int c = c0 + q;
-                            if (c < cd.cin)
-                                cols[ox * K + kk * cd.cin + c] = inside ? lb[iy % 3][ix * cd.cin + c] : act_t(0);
-                        }
-                    }
-                }
+            // the output row's im2col rows (ox, ky, kx, c), zeros outside the image: one flattened loop
+            const int span = 9 * cd.cin, oy0 = oy * cd.stride - 1;
+            par_for<VEC_PAR, CNT_VEC>(cd.wo * span, [&](int e) {
+                const int ox = e / span, kk = (e % span) / cd.cin, c = e % cd.cin;
+                const int iy = oy0 + kk / 3, ix = ox * cd.stride - 1 + kk % 3;
+                const bool inside = iy >= 0 && iy < cd.h && ix >= 0 && ix < cd.w;
+                cols[e] = inside ? lb[iy % 3][ix * cd.cin + c] : act_t(0);
+            });
             compute_tile<act_t, acc_t>(cols, K, cd.wo, K, cd.cout, wt, bt, st, o0, valid, out + oy * cd.wo * ldo, ldo,
                                        flags, 0, 0, 0);
         }

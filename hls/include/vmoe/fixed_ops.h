@@ -16,6 +16,7 @@ typedef ap_int<64> wide_t;
 enum { CNT_MAC, CNT_OUT, CNT_LOAD, CNT_ATTN, CNT_VEC, CNT_ROUTE, CNT_KINDS };
 #if defined(__SYNTHESIS__)
 #define VMOE_COUNT(kind)
+#define VMOE_COUNT_K(k)
 #else
 struct counters_t {
     long long n[CNT_KINDS];
@@ -25,7 +26,23 @@ inline counters_t &counters() {
     return c;
 }
 #define VMOE_COUNT(kind) (vmoe::counters().n[vmoe::kind]++)
+#define VMOE_COUNT_K(k) (vmoe::counters().n[k]++)
 #endif
+
+// for i in [0, n): body(i), P at a time: one pipelined iteration per P values (P lanes of hardware), counted as
+// KIND. The element-wise, copy and burst loops of the kernels are all of this form.
+template <int P, int KIND, class F>
+inline void par_for(int n, F body) {
+par_for_loop:
+    for (int i0 = 0; i0 < n; i0 += P) {
+#pragma HLS PIPELINE II = 1
+        VMOE_COUNT_K(KIND);
+        for (int p = 0; p < P; p++) {
+#pragma HLS UNROLL
+            if (i0 + p < n) body(i0 + p);
+        }
+    }
+}
 
 template <int W, int I, ap_q_mode Q, ap_o_mode O, int N>
 inline wide_t raw(const ap_fixed<W, I, Q, O, N> &x) {

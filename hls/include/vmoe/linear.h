@@ -45,50 +45,12 @@ enum {
 // DRAM -> on-chip buffers.
 inline void load_tile(const weight_t *w16, const w8_t *w8, const bias_t *b, const scale_t *sc, int wo, int o0, int K,
                       int valid, bool is8, weight_t *wt, bias_t *bt, scale_t *st) {
-    const int n = K * TILE;
-    if (is8) {
-    load_w8:
-        for (int i0 = 0; i0 < n; i0 += LOAD8_PAR) {
-#pragma HLS PIPELINE II = 1
-#pragma HLS LOOP_TRIPCOUNT max = MAX_K * TILE / LOAD8_PAR
-            VMOE_COUNT(CNT_LOAD);
-            for (int p = 0; p < LOAD8_PAR; p++) {
-#pragma HLS UNROLL
-                if (i0 + p < n) wt[i0 + p] = from_raw<weight_t>(raw(w8[wo + i0 + p]));
-            }
-        }
-    } else {
-    load_w16:
-        for (int i0 = 0; i0 < n; i0 += LOAD16_PAR) {
-#pragma HLS PIPELINE II = 1
-#pragma HLS LOOP_TRIPCOUNT max = MAX_K * TILE / LOAD16_PAR
-            VMOE_COUNT(CNT_LOAD);
-            for (int p = 0; p < LOAD16_PAR; p++) {
-#pragma HLS UNROLL
-                if (i0 + p < n) wt[i0 + p] = w16[wo + i0 + p];
-            }
-        }
-    }
-load_bias:
-    for (int j0 = 0; j0 < valid; j0 += LOAD16_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_LOAD);
-        for (int p = 0; p < LOAD16_PAR; p++) {
-#pragma HLS UNROLL
-            if (j0 + p < valid) bt[j0 + p] = b[o0 + j0 + p];
-        }
-    }
-    if (is8) {
-    load_scale:
-        for (int j0 = 0; j0 < valid; j0 += LOAD32_PAR) {
-#pragma HLS PIPELINE II = 1
-            VMOE_COUNT(CNT_LOAD);
-            for (int p = 0; p < LOAD32_PAR; p++) {
-#pragma HLS UNROLL
-                if (j0 + p < valid) st[j0 + p] = sc[o0 + j0 + p];
-            }
-        }
-    }
+    if (is8)
+        par_for<LOAD8_PAR, CNT_LOAD>(K * TILE, [&](int i) { wt[i] = from_raw<weight_t>(raw(w8[wo + i])); });
+    else
+        par_for<LOAD16_PAR, CNT_LOAD>(K * TILE, [&](int i) { wt[i] = w16[wo + i]; });
+    par_for<LOAD16_PAR, CNT_LOAD>(valid, [&](int j) { bt[j] = b[o0 + j]; });
+    if (is8) par_for<LOAD32_PAR, CNT_LOAD>(valid, [&](int j) { st[j] = sc[o0 + j]; });
 }
 
 // act_t(acc * scale + bias) for 8-bit weights: acc holds sum x * q exactly (q as the raw of a weight_t), so
@@ -234,28 +196,12 @@ void linear_layer(const TIn *x, int ldx, int rows, int K, int O, const wref &L, 
 
 // Element-wise y[i] += a[i] over n values, VEC_PAR per cycle (the MoE residual).
 inline void vec_add(act_t *y, const act_t *a, int n) {
-vec_add_loop:
-    for (int i0 = 0; i0 < n; i0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_VEC);
-        for (int p = 0; p < VEC_PAR; p++) {
-#pragma HLS UNROLL
-            if (i0 + p < n) y[i0 + p] = y[i0 + p] + a[i0 + p];
-        }
-    }
+    par_for<VEC_PAR, CNT_VEC>(n, [&](int i) { y[i] = y[i] + a[i]; });
 }
 
 // y[i] = 0 over n values, VEC_PAR per cycle.
 inline void vec_zero(act_t *y, int n) {
-vec_zero_loop:
-    for (int i0 = 0; i0 < n; i0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_VEC);
-        for (int p = 0; p < VEC_PAR; p++) {
-#pragma HLS UNROLL
-            if (i0 + p < n) y[i0 + p] = 0;
-        }
-    }
+    par_for<VEC_PAR, CNT_VEC>(n, [&](int i) { y[i] = 0; });
 }
 
 }  // namespace vmoe

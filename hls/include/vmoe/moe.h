@@ -130,47 +130,14 @@ inline void load_expert(const moe_desc &md, int e, int part, const weight_t *wts
                         const scale_t *scales, const bias_t *bias, weight_t *wdst, bias_t *bdst, scale_t *sdst) {
     const int w0 = part == 2 ? md.w1_size : 0, w1 = part == 1 ? md.w1_size : md.w_size;
     const int b0 = part == 2 ? md.hidden : 0, b1 = part == 1 ? md.hidden : md.b_size;
+    const int w = md.w[e], b = md.b[e], sc = md.s[e];
     if (md.is8) {
-    load_e8:
-        for (int i0 = w0; i0 < w1; i0 += LOAD8_PAR) {
-#pragma HLS PIPELINE II = 1
-#pragma HLS LOOP_TRIPCOUNT max = MAX_EXPERT_W / LOAD8_PAR
-            VMOE_COUNT(CNT_LOAD);
-            for (int p = 0; p < LOAD8_PAR; p++) {
-#pragma HLS UNROLL
-                if (i0 + p < w1) wdst[i0 + p] = from_raw<weight_t>(raw(wts8[md.w[e] + i0 + p]));
-            }
-        }
-    load_es:
-        for (int i0 = b0; i0 < b1; i0 += LOAD32_PAR) {
-#pragma HLS PIPELINE II = 1
-            VMOE_COUNT(CNT_LOAD);
-            for (int p = 0; p < LOAD32_PAR; p++) {
-#pragma HLS UNROLL
-                if (i0 + p < b1) sdst[i0 + p] = scales[md.s[e] + i0 + p];
-            }
-        }
+        par_for<LOAD8_PAR, CNT_LOAD>(w1 - w0, [&](int i) { wdst[w0 + i] = from_raw<weight_t>(raw(wts8[w + w0 + i])); });
+        par_for<LOAD32_PAR, CNT_LOAD>(b1 - b0, [&](int i) { sdst[b0 + i] = scales[sc + b0 + i]; });
     } else {
-    load_e16:
-        for (int i0 = w0; i0 < w1; i0 += LOAD16_PAR) {
-#pragma HLS PIPELINE II = 1
-#pragma HLS LOOP_TRIPCOUNT max = MAX_EXPERT_W / LOAD16_PAR
-            VMOE_COUNT(CNT_LOAD);
-            for (int p = 0; p < LOAD16_PAR; p++) {
-#pragma HLS UNROLL
-                if (i0 + p < w1) wdst[i0 + p] = wts[md.w[e] + i0 + p];
-            }
-        }
+        par_for<LOAD16_PAR, CNT_LOAD>(w1 - w0, [&](int i) { wdst[w0 + i] = wts[w + w0 + i]; });
     }
-load_eb:
-    for (int i0 = b0; i0 < b1; i0 += LOAD16_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_LOAD);
-        for (int p = 0; p < LOAD16_PAR; p++) {
-#pragma HLS UNROLL
-            if (i0 + p < b1) bdst[i0 + p] = bias[md.b[e] + i0 + p];
-        }
-    }
+    par_for<LOAD16_PAR, CNT_LOAD>(b1 - b0, [&](int i) { bdst[b0 + i] = bias[b + b0 + i]; });
 }
 
 static weight_t ebuf_a[MAX_EXPERT_W], ebuf_b[MAX_EXPERT_W];

@@ -16,18 +16,11 @@ patch_gather:
     for (int py = 0; py < GRID_H; py++)
         for (int px = 0; px < GRID_W; px++)
             for (int c = 0; c < 3; c++)
-                for (int ky = 0; ky < PATCH; ky++)
-                    for (int kx0 = 0; kx0 < PATCH; kx0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-                        VMOE_COUNT(CNT_VEC);
-                        for (int q = 0; q < VEC_PAR; q++) {
-#pragma HLS UNROLL
-                            const int kx = kx0 + q;
-                            if (kx < PATCH)
-                                patches[(py * GRID_W + px) * PATCH_K + (c * PATCH + ky) * PATCH + kx] =
-                                    img[(c * IMG_H + py * PATCH + ky) * IMG_W + px * PATCH + kx];
-                        }
-                    }
+                for (int ky = 0; ky < PATCH; ky++) {
+                    pixel_t *dst = patches + (py * GRID_W + px) * PATCH_K + (c * PATCH + ky) * PATCH;
+                    const pixel_t *src = img + (c * IMG_H + py * PATCH + ky) * IMG_W + px * PATCH;
+                    par_for<VEC_PAR, CNT_VEC>(PATCH, [&](int kx) { dst[kx] = src[kx]; });
+                }
     linear_layer<pixel_t, acc_px_t>(patches, PATCH_K, NUM_PATCHES, PATCH_K, EMBED_DIM, L, wts, wts8, scales, bias,
                                     x + EMBED_DIM, EMBED_DIM, 0);
 }
@@ -35,38 +28,14 @@ patch_gather:
 
 // Row 0: class token + its position embedding; rows 1..: the patch tokens + their position embeddings.
 inline void add_position(act_t *x, const bias_t *cls_pos, const bias_t *pos) {
-cls_row:
-    for (int c0 = 0; c0 < EMBED_DIM; c0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_VEC);
-        for (int q = 0; q < VEC_PAR; q++) {
-#pragma HLS UNROLL
-            if (c0 + q < EMBED_DIM) x[c0 + q] = cls_pos[c0 + q];
-        }
-    }
-pos_add:
-    for (int i0 = 0; i0 < NUM_PATCHES * EMBED_DIM; i0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_VEC);
-        for (int q = 0; q < VEC_PAR; q++) {
-#pragma HLS UNROLL
-            if (i0 + q < NUM_PATCHES * EMBED_DIM) x[EMBED_DIM + i0 + q] = x[EMBED_DIM + i0 + q] + pos[i0 + q];
-        }
-    }
+    par_for<VEC_PAR, CNT_VEC>(EMBED_DIM, [&](int c) { x[c] = cls_pos[c]; });
+    act_t *t = x + EMBED_DIM;
+    par_for<VEC_PAR, CNT_VEC>(NUM_PATCHES * EMBED_DIM, [&](int i) { t[i] = t[i] + pos[i]; });
 }
 
 // Mod-Squad: x += the task's embedding of this block, on every token.
 inline void add_task_embed(act_t *x, const bias_t *te) {
-task_embed_add:
-    for (int i0 = 0; i0 < NUM_TOKENS * EMBED_DIM; i0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-        VMOE_COUNT(CNT_VEC);
-        for (int q = 0; q < VEC_PAR; q++) {
-#pragma HLS UNROLL
-            const int i = i0 + q;
-            if (i < NUM_TOKENS * EMBED_DIM) x[i] = x[i] + te[i % EMBED_DIM];
-        }
-    }
+    par_for<VEC_PAR, CNT_VEC>(NUM_TOKENS * EMBED_DIM, [&](int i) { x[i] = x[i] + te[i % EMBED_DIM]; });
 }
 
 }  // namespace vmoe

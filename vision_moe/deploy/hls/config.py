@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["FxType", "HLSConfig", "BOARDS", "Board", "parse_fx", "WEIGHT8_CHOICES", "PRESETS", "Preset"]
+__all__ = ["FxType", "HLSConfig", "BOARDS", "Board", "parse_fx", "WEIGHT8_CHOICES", "PARALLELISM", "PRESETS", "Preset"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ BOARDS: dict[str, Board] = {
 
 
 WEIGHT8_CHOICES = ("none", "experts", "all")
+# the parallelism factors: HLSConfig fields, written into parameters.h, read by the performance model
+PARALLELISM = ("tile", "par_in", "out_par", "attn_rows", "attn_lanes", "vec_par", "axi_bits")
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import HLSConfig
+from .config import PARALLELISM, HLSConfig
 from .fixed import to_float
 from .ir import ModelSpec, UnsupportedModelError, extract
 from .perf import EDGE_MOE_PUBLISHED, PerfReport, estimate
@@ -724,15 +724,7 @@ def export_hls(
             act=str(cfg.act), weight=str(cfg.weight), bias=str(cfg.bias), pixel=str(cfg.pixel), scale=str(cfg.scale)
         ),
         weight8=cfg.weight8,
-        parallelism=dict(
-            tile=spec.tile,
-            par_in=cfg.par_in,
-            out_par=cfg.out_par,
-            attn_rows=cfg.attn_rows,
-            attn_lanes=cfg.attn_lanes,
-            vec_par=cfg.vec_par,
-            axi_bits=cfg.axi,
-        ),
+        parallelism={k: getattr(cfg, k) for k in PARALLELISM} | dict(tile=spec.tile, axi_bits=cfg.axi),
         layers=names,
         layer_sizes=sizes,
         experts={f"blocks.{x.index}.{m.kind}": m.expert_ids for x in spec.blocks for m in x.moes},

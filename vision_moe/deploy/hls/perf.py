@@ -199,6 +199,20 @@ class _Cost:
         )
 
 
+def _pingpong(works: list[_Cost], loads: list[_Cost], kind: str) -> _Cost:
+    """Work items that each need one load, the next one's load concurrent with the current work (explicit
+    ping-pong buffers): the first load is exposed, then max(work i, load i + 1) per item. No loads: the sum."""
+    total = _Cost()
+    cyc = loads[0].cycles if loads else 0
+    for i, work in enumerate(works):
+        cyc += max(work.cycles, loads[i + 1].cycles if i + 1 < len(loads) else 0)
+        total.add(work)
+    for ld in loads:
+        total.add(ld)
+    total.parts = Counter({kind: cyc})
+    return total
+
+
 class _Design:
     """The loop counts of hls/include/vmoe for one model and configuration."""
 
@@ -233,23 +247,12 @@ class _Design:
 
     def linear(self, rows: int, k: int, o: int, is8: bool, kind: str, onchip: bool = False) -> _Cost:
         """linear_unit: tiles loaded once (or on chip), the next load concurrent with the current compute."""
-        total = _Cost()
         if rows <= 0:
-            return total
+            return _Cost()
         t = self.t
-        tiles = _cdiv(o, t)
-        valids = [min(t, o - i * t) for i in range(tiles)]
-        comps = [self.compute_tile(rows, k, v) for v in valids]
+        valids = [min(t, o - i * t) for i in range(_cdiv(o, t))]
         loads = [] if onchip else [self.load_tile(k, v, is8) for v in valids]
-        cyc = loads[0].cycles if loads else 0
-        for i, comp in enumerate(comps):
-            nxt = loads[i + 1].cycles if i + 1 < len(loads) else 0
-            cyc += max(comp.cycles, nxt)
-            total.add(comp)
-        for ld in loads:
-            total.add(ld)
-        total.parts = Counter({kind: cyc})
-        return total
+        return _pingpong([self.compute_tile(rows, k, v) for v in valids], loads, kind)
 
     def layernorm(self, rows: int) -> _Cost:
         c = _Cost()
@@ -291,21 +294,15 @@ class _Design:
         dim, h = self.sp.dim, m.hidden
         is8 = self.cfg.is8("expert")
         active = [q for q in queue if q > 0]
-        total, cyc = _Cost(), 0
-        loads = [self.load_expert(m, part, is8) for _ in active]
-        for i, rows in enumerate(active):
+        works = []
+        for rows in active:
             comp = _Cost()
             if part in (0, 1):
                 comp.add(self.linear(rows, dim, h, is8, "moe_experts", onchip=True))
             if part in (0, 2):
                 comp.add(self.linear(rows, h, dim, is8, "moe_experts", onchip=True))
-            nxt = loads[i + 1].cycles if i + 1 < len(loads) else 0
-            cyc += (loads[0].cycles if i == 0 else 0) + max(comp.cycles, nxt)
-            total.add(comp)
-        for ld in loads:
-            total.add(ld)
-        total.parts = Counter({"moe_experts": cyc})
-        return total
+            works.append(comp)
+        return _pingpong(works, [self.load_expert(m, part, is8) for _ in active], "moe_experts")
 
     def conv(self, cs: ConvSpec) -> _Cost:
         """A stem stage: per weight tile, the line buffer refilled, im2col and compute per output row."""
@@ -314,25 +311,17 @@ class _Design:
         tiles = _cdiv(cs.c_out, t)
         (h, w), (ho, wo) = cs.in_size, cs.out_size
         vp = self.cfg.vec_par
-        total, cyc = _Cost(), 0
-        loads = [self.load_tile(k, min(t, cs.c_out - i * t), False) for i in range(tiles)]
+        works = []
         for i in range(tiles):
             work = _Cost()
             valid = min(t, cs.c_out - i * t)
-            work.counts["vec"] = h * _cdiv(w * cs.c_in, vp) + ho * wo * 9 * _cdiv(cs.c_in, vp)
+            work.counts["vec"] = h * _cdiv(w * cs.c_in, vp) + ho * _cdiv(wo * 9 * cs.c_in, vp)
             work.parts["embed"] = work.counts["vec"] + (h + ho) * VEC_FILL
             for _ in range(ho):
-                comp = self.compute_tile(wo, k, valid)
-                work.counts.update(comp.counts)
-                work.parts["embed"] += comp.cycles
-                work.macs += comp.macs
-            nxt = loads[i + 1].cycles if i + 1 < tiles else 0
-            cyc += (loads[0].cycles if i == 0 else 0) + max(work.cycles, nxt)
-            total.add(work)
-        for ld in loads:
-            total.add(ld)
-        total.parts = Counter({"embed": cyc})
-        return total
+                work.add(self.compute_tile(wo, k, valid))
+            works.append(work)
+        loads = [self.load_tile(k, min(t, cs.c_out - i * t), False) for i in range(tiles)]
+        return _pingpong(works, loads, "embed")
 
 
 def estimate(spec: ModelSpec, cfg: HLSConfig, queues: list[list[int]] | None = None) -> PerfReport:

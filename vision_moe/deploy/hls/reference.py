@@ -348,6 +348,12 @@ class _Ref:
         ).reshape(ho * wo, 9 * ch)
         return self.linear(cols, self.fa, lin, name, relu=relu).reshape(ho, wo, -1)
 
+    def _accumulate(self, y: np.ndarray, tok: np.ndarray, ye: np.ndarray, weight: np.ndarray, name: str) -> None:
+        """y[tok] += act_t(weight * ye): an expert's outputs scaled by the gate weight while they are summed."""
+        c = self.cfg
+        contrib = cast(mul_shift(ye, weight[:, None], 0), 2 * self.fa, c.act, self.log, name + ".weighted")
+        y[tok] = wrap(y[tok] + contrib, c.act, self.log, name + ".combine")
+
     def moe_mlp(self, x, h, qmoe: QMoE, ti: int, pre: str, out: dict, queues: list, routes: list) -> np.ndarray:
         c, fa, log = self.cfg, self.fa, self.log
         m = qmoe.spec
@@ -363,8 +369,7 @@ class _Ref:
                 continue
             hid = self.linear(h[tok], fa, f1, pre + f"experts[{m.expert_ids[e]}].fc1", gelu=True)
             ye = self.linear(hid, fa, f2, pre + f"experts[{m.expert_ids[e]}].fc2")
-            contrib = cast(mul_shift(ye, w[tok, slot][:, None], 0), 2 * fa, c.act, log, pre + "moe.weighted")
-            y[tok] = wrap(y[tok] + contrib, c.act, log, pre + "moe.combine")
+            self._accumulate(y, tok, ye, w[tok, slot], pre + "moe")
         queues.append(q_sizes)
         routes.append(idx)
         return wrap(x + y, c.act, log, pre + "moe.residual")
@@ -402,8 +407,7 @@ class _Ref:
             cols = (slot * inner)[:, None] + np.arange(inner)[None, :]
             a = np.take_along_axis(att[tok], cols, axis=1)
             ye = self.linear(a, fa, fo, pre + f"attn.experts[{m.expert_ids[e]}].o")
-            contrib = cast(mul_shift(ye, w[tok, slot][:, None], 0), 2 * fa, c.act, log, pre + "attn.weighted")
-            y[tok] = wrap(y[tok] + contrib, c.act, log, pre + "attn.combine")
+            self._accumulate(y, tok, ye, w[tok, slot], pre + "attn")
         queues.append(q_sizes)
         routes.append(idx)
         return wrap(x + y, c.act, log, pre + "attn.residual")
