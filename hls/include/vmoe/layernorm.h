@@ -1,6 +1,6 @@
 // LayerNorm over the embedding dim, VEC_PAR channels per cycle: exact sum, mean = sum * (1/C), deviations,
-// variance, 1/sqrt by table. Three passes of ceil(C / VEC_PAR) cycles per row. The partial sums of the lanes are
-// exact (wide fixed point), so the lane split does not change the result.
+// variance, 1/sqrt by table. Three passes of ceil(C / VEC_PAR) cycles per row. The sums are exact (wide fixed
+// point), so the lane split does not change the result.
 #ifndef VMOE_LAYERNORM_H
 #define VMOE_LAYERNORM_H
 
@@ -17,52 +17,22 @@ ln_rows:
     for (int r = 0; r < rows; r++) {
 #pragma HLS LOOP_TRIPCOUNT max = NUM_TOKENS
         const act_t *xr = x + r * dim;
-        sum_t s = 0;
-    ln_sum:
-        for (int c0 = 0; c0 < dim; c0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-            VMOE_COUNT(CNT_VEC);
-            sum_t part = 0;
-            for (int p = 0; p < VEC_PAR; p++) {
-#pragma HLS UNROLL
-                if (c0 + p < dim) part += xr[c0 + p];
-            }
-            s += part;
-        }
+        sum_t s = 0;  // exact: the lanes' order does not matter
+        par_for<VEC_PAR, CNT_VEC>(dim, [&](int c) { s += xr[c]; });
         act_t mean = s * inv_dim;
         sqsum_t vs = 0;
-    ln_var:
-        for (int c0 = 0; c0 < dim; c0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-            VMOE_COUNT(CNT_VEC);
-            sqsum_t part = 0;
-            for (int p = 0; p < VEC_PAR; p++) {
-#pragma HLS UNROLL
-                const int c = c0 + p;
-                if (c < dim) {
-                    d[c] = xr[c] - mean;
-                    sq_t sq = d[c] * d[c];
-                    part += sq;
-                }
-            }
-            vs += part;
-        }
+        par_for<VEC_PAR, CNT_VEC>(dim, [&](int c) {
+            d[c] = xr[c] - mean;
+            sq_t sq = d[c] * d[c];
+            vs += sq;
+        });
         var_t var = vs * inv_dim;
         var = var + eps;
         rstd_t rs = vrsqrt(var);
-    ln_out:
-        for (int c0 = 0; c0 < dim; c0 += VEC_PAR) {
-#pragma HLS PIPELINE II = 1
-            VMOE_COUNT(CNT_VEC);
-            for (int p = 0; p < VEC_PAR; p++) {
-#pragma HLS UNROLL
-                const int c = c0 + p;
-                if (c < dim) {
-                    act_t n = d[c] * rs;
-                    y[r * dim + c] = n * gamma[c] + beta[c];
-                }
-            }
-        }
+        par_for<VEC_PAR, CNT_VEC>(dim, [&](int c) {
+            act_t n = d[c] * rs;
+            y[r * dim + c] = n * gamma[c] + beta[c];
+        });
     }
 }
 

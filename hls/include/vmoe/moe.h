@@ -4,10 +4,10 @@
 // (explicit ping-pong buffers). The expert outputs are multiplied by the gate score while they are accumulated.
 //
 // MLP experts (M3ViT, Mod-Squad): fc1 -> GELU -> fc2 on the expert's queue.
-// Attention experts (Mod-Squad): each (token, slot) gets its expert's query projection (moe_attn_queries), the
+// Attention experts (Mod-Squad): each (token, slot) gets its expert's query projection (expert_pass 1), the
 // attention over the shared keys/values runs on all slots at once (attention.h), then the expert's output
-// projection of each slot is weighted by the gate score and summed (moe_attn_outputs). The query and the output
-// halves of an expert are loaded in the two passes, so each weight is still read once per layer.
+// projection of each slot is weighted by the gate score and summed (moe_residual, pass 2). The query and the
+// output halves of an expert are loaded in the two passes, so each weight is still read once per layer.
 #ifndef VMOE_MOE_H
 #define VMOE_MOE_H
 
@@ -187,28 +187,13 @@ expert_loop:
     }
 }
 
-// x += MoE-MLP(h); the queues come from moe_route.
-inline void moe_mlp(const act_t *h, act_t *x, const moe_desc &md, const weight_t *wts, const w8_t *wts8,
-                    const scale_t *scales, const bias_t *bias) {
+// x += the experts' gate-weighted outputs of one pass (0: MLP experts on h; 2: attention output projections of
+// each slot's attention output); the queues come from moe_route.
+inline void moe_residual(int pass, const act_t *in, act_t *x, const moe_desc &md, const weight_t *wts,
+                         const w8_t *wts8, const scale_t *scales, const bias_t *bias) {
     static act_t y[NUM_TOKENS * EMBED_DIM];
     vec_zero(y, NUM_TOKENS * EMBED_DIM);
-    expert_pass(md, 0, h, y, wts, wts8, scales, bias);
-    vec_add(x, y, NUM_TOKENS * EMBED_DIM);
-}
-
-// q[t][slot * inner + .] = query projection of h[t] by the expert of (t, slot).
-inline void moe_attn_queries(const act_t *h, act_t *q, const moe_desc &md, const weight_t *wts, const w8_t *wts8,
-                             const scale_t *scales, const bias_t *bias) {
-    expert_pass(md, 1, h, q, wts, wts8, scales, bias);
-}
-
-// x += sum over slots of gate weight x output projection of the slot's attention output (att, one slot per inner
-// columns).
-inline void moe_attn_outputs(const act_t *att, act_t *x, const moe_desc &md, const weight_t *wts, const w8_t *wts8,
-                             const scale_t *scales, const bias_t *bias) {
-    static act_t y[NUM_TOKENS * EMBED_DIM];
-    vec_zero(y, NUM_TOKENS * EMBED_DIM);
-    expert_pass(md, 2, att, y, wts, wts8, scales, bias);
+    expert_pass(md, pass, in, y, wts, wts8, scales, bias);
     vec_add(x, y, NUM_TOKENS * EMBED_DIM);
 }
 

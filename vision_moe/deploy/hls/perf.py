@@ -436,7 +436,7 @@ def _bram_ours(spec: ModelSpec, cfg: HLSConfig) -> dict[str, int]:
     }
     if spec.moe_layers:
         out["expert buffers (2 x one expert)"] = 2 * _bram(s["MAX_EXPERT_W"] // (t * cfg.par_in), ww * t * cfg.par_in)
-        out["expert hidden, MoE sums (N x H, 2 x N x C)"] = _bram(n * s["EXPERT_HIDDEN"] // f, aw * f) + 2 * _bram(
+        out["expert hidden, MoE sum (N x H, N x C)"] = _bram(n * s["EXPERT_HIDDEN"] // f, aw * f) + _bram(
             n * c // f, aw * f
         )
         out["routing queues"] = _bram(spec.num_experts * n, 32 + 32 + aw)
