@@ -32,6 +32,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--eval-images: expected an integer >= 0, got {args.eval_images}")
     if args.checkpoint and args.set:
         raise ValueError("--set cannot change a checkpoint's architecture; its config.json defines the model")
+    if args.seed is not None and args.checkpoint:
+        raise ValueError("--seed seeds the random weights of --model / --preset; a checkpoint brings its own")
     if args.eval_weight8 and not args.checkpoint:
         raise ValueError("--eval-weight8 scores held-out images with a checkpoint's heads: it needs --checkpoint")
 
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print this design beside Edge-MoE's on the exported configuration (default: on with --preset "
         "edge-moe, off otherwise)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of --model / --preset random weights (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of --model / --preset random weights (default: 0)")
     p.add_argument("--csim", action="store_true", help="compile with g++ and run the C-simulation (default: off)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (default: off)")
     return p
@@ -152,7 +154,7 @@ def build(args: argparse.Namespace):
         return getattr(model, "backbone", model), args.checkpoint, mean, std, cfg
     import vision_moe
 
-    torch.manual_seed(args.seed)  # the same command writes the same files
+    torch.manual_seed(0 if args.seed is None else args.seed)  # the same command writes the same files
     if args.preset:
         pr = PRESETS[args.preset]
         return vision_moe.create_model(pr.model, **dict(pr.model_kwargs, **overrides)), args.preset, None, None, None
@@ -206,7 +208,8 @@ def _heldout_report(args, proj, tasks) -> list[str]:
         fl = by["float"]
         for name, m in by.items():
             if name != "float":
-                cost = ", ".join(f"{k} {m[k] - fl[k]:+.4f}" for k in fl if k in m and not k.startswith("agreement_"))
+                diff = {k: round(m[k] - fl[k], 4) + 0.0 for k in fl if k in m and not k.startswith("agreement_")}
+                cost = ", ".join(f"{k} {v:+.4f}" for k, v in diff.items())
                 lines.append(f"  {t:<15} {'cost of ' + name:<30} {cost}")
     return lines
 
