@@ -137,7 +137,8 @@ class _Layout:
     blocks: list[dict]
     moes: list[dict]  # in execution order (spec.moe_layers)
 
-    def footprint(self, cfg: HLSConfig) -> int:
+    @property
+    def footprint(self) -> int:
         """Bytes of the four blobs."""
         return self.w16.size * 2 + self.w8.size + self.scales.size * 4 + self.biases.size * 2
 
@@ -231,7 +232,7 @@ def _layout(qm: QuantModel) -> _Layout:
 
 def footprint_bytes(qm: QuantModel) -> int:
     """Bytes of the weight, scale and bias blobs of a quantised model."""
-    return _layout(qm).footprint(qm.cfg)
+    return _layout(qm).footprint
 
 
 # ---------------------------------------------------------------------------------------------- C++ text
@@ -710,7 +711,7 @@ def export_hls(
             for i, (n, v) in enumerate(r.layers.items()):
                 v.astype("<i4").tofile(tb / t / f"layer{i:03d}.bin")
                 f.write(f"{i} {n} {v.size}\n")
-    proj = HLSProject(out, cfg.top, spec, qm, names, refs, lay.footprint(cfg), footprint_full, perf, acc, comparison)
+    proj = HLSProject(out, cfg.top, spec, qm, names, refs, lay.footprint, footprint_full, perf, acc, comparison)
     b = cfg.board_info
     meta = dict(
         model=name,

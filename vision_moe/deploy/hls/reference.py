@@ -355,7 +355,8 @@ class _Ref:
         y[tok] = wrap(y[tok] + contrib, c.act, self.log, name + ".combine")
 
     def moe_mlp(self, x, h, qmoe: QMoE, ti: int, pre: str, out: dict, queues: list, routes: list) -> np.ndarray:
-        c, fa, log = self.cfg, self.fa, self.log
+        """x + the gate-weighted sum of the chosen MLP experts on h (expert by expert, tokens in order)."""
+        fa = self.fa
         m = qmoe.spec
         glin, mask = qmoe.gates[ti]
         z = out[pre + "gate"] = self.linear(h, fa, glin, pre + "gate")
@@ -372,14 +373,14 @@ class _Ref:
             self._accumulate(y, tok, ye, w[tok, slot], pre + "moe")
         queues.append(q_sizes)
         routes.append(idx)
-        return wrap(x + y, c.act, log, pre + "moe.residual")
+        return wrap(x + y, self.cfg.act, self.log, pre + "moe.residual")
 
     def moe_attention(
         self, x, h, kvlin: QLinear, qmoe: QMoE, eh: int, ti: int, pre: str, out: dict, queues: list, routes: list
     ) -> np.ndarray:
         """Mod-Squad: per-expert query projection of each (token, slot), attention over the shared keys/values,
         per-expert output projection, gate-weighted sum over the slots."""
-        c, fa, log = self.cfg, self.fa, self.log
+        fa = self.fa
         m = qmoe.spec
         inner, k = m.hidden, m.top_k
         glin, mask = qmoe.gates[ti]
@@ -410,7 +411,7 @@ class _Ref:
             self._accumulate(y, tok, ye, w[tok, slot], pre + "attn")
         queues.append(q_sizes)
         routes.append(idx)
-        return wrap(x + y, c.act, log, pre + "attn.residual")
+        return wrap(x + y, self.cfg.act, self.log, pre + "attn.residual")
 
 
 def run_reference(qm: QuantModel, pixels: np.ndarray, task: str | None = None) -> RefResult:
