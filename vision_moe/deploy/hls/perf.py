@@ -598,4 +598,13 @@ def compare_table(ours: PerfReport, edge: PerfReport, extra: PerfReport | None =
     lines.append(f"{'DSP48E2 (estimate)':<{w}}" + "".join(f"{r.dsp_total:>22,}" for _, r in cols))
     lines.append(f"{'BRAM18K (estimate)':<{w}}" + "".join(f"{r.bram18k:>22,}" for _, r in cols))
     lines.append(f"{'weight bytes per frame':<{w}}" + "".join(f"{r.weight_bytes:>22,}" for _, r in cols))
+    lines += [
+        "assumptions (no synthesis was run; see vision_moe/deploy/hls/perf.py and docs/hls.md):",
+        f"  both: pipelined loops at II=1, {AXI_LATENCY} cycles of AXI latency per burst, pipeline fills per tile /",
+        "  row / token, the same routing (tokens per expert); Edge-MoE's 256-bit beats, this design's AXI_BITS;",
+        "  Edge-MoE: each weight load overlaps the operation before it (its ping/pong order allows it), its",
+        "  activations stream from DRAM 8 per cycle, its hls_math cores count 0 DSP (both in its favour);",
+        "  this generator: the next tile's / expert's load overlaps the current compute (explicit ping-pong), its",
+        f"  attention needs {SOFTMAX_LATENCY} cycles between keys at least; DSP: 2 per 32x16 multiplier, 4 per 32x32.",
+    ]
     return "\n".join(lines)
