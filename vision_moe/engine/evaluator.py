@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..tasks import get_task, stack_key
 from .routing import add_expert_loads
 
-__all__ = ["build_metric", "update_metric", "evaluate_task", "task_dataset", "heldout_loader"]
+__all__ = ["build_metric", "update_metric", "evaluate_task", "agreement_targets", "task_dataset", "heldout_loader"]
 
 _logger = logging.getLogger(__name__)
 
@@ -93,6 +93,18 @@ def heldout_loader(cfg: Any, dataset: Any, limit: int = 0, batch_size: int | Non
     )
 
 
+def agreement_targets(task: str, result: dict) -> list[dict] | None:
+    """A reference model's predictions as targets (argmax class, argmax mask), so :func:`update_metric` scores
+    another model's agreement with it; None for tasks without such a reading (detection, regression)."""
+    kind = get_task(task).kind
+    out = result["out"]
+    if kind == "classification":
+        return [{"class_label": int(v)} for v in out.float().argmax(1).cpu()]
+    if task in ("semseg", "human_parts"):
+        return [{task: m} for m in out.argmax(1).cpu()]
+    return None
+
+
 def _images_drawn(loader, batches: int) -> int | None:
     """Samples the loader's first ``batches`` batches were drawn with (before unreadable ones were dropped), or
     None for a loader that cannot tell (no ``batch_size`` or an unsized dataset)."""
@@ -115,11 +127,15 @@ def evaluate_task(
     max_batches: int = 0,
     amp_ctx=None,
     routing: dict | None = None,
+    reference: nn.Module | None = None,
 ) -> dict[str, float]:
     """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``.
 
     ``routing``: a dict that receives the task's assignments per expert of each MoE layer on these images
     (:func:`vision_moe.engine.routing.add_expert_loads`), for the routing heatmaps.
+    ``reference``: another model of the same task (e.g. the float model of a fixed-point one); its predictions
+    are scored as targets too, giving ``agreement_<metric>`` (top-1 agreement, mIoU between the two masks) for
+    classification and segmentation tasks.
 
     When the MoE layers have a capacity limit, ``moe_dropped_fraction`` (assignments dropped over all MoE layers
     and images) is added.
@@ -134,6 +150,9 @@ def evaluate_task(
     was = model.training
     model.eval()
     metric = build_metric(task, dataset, num_classes)
+    agree = build_metric(task, dataset, num_classes) if reference is not None else None
+    if reference is not None:
+        reference.eval()
     assigned = dropped = 0
     seen = batches = 0
     try:
@@ -152,11 +171,19 @@ def evaluate_task(
             update_metric(task, metric, result, targets)
             if routing is not None:
                 add_expert_loads(routing, task, result.get("aux") or ())
+            if agree is not None:
+                ref_targets = agreement_targets(task, reference(images.to(device), task))
+                if ref_targets is None:
+                    agree = None
+                else:
+                    update_metric(task, agree, result, ref_targets)
             for a in result.get("aux") or ():
                 if a.keep is not None:
                     assigned += a.keep.numel()
                     dropped += int((~a.keep).sum())
         out = {k: float(v) for k, v in metric.compute().items() if isinstance(v, (int, float))}
+        if agree is not None:
+            out.update({f"agreement_{k}": float(v) for k, v in agree.compute().items() if isinstance(v, (int, float))})
         if assigned:
             out["moe_dropped_fraction"] = dropped / assigned
         total = _images_drawn(loader, batches)

@@ -4,11 +4,12 @@ losses from the returned aux records, AMP, clipping, atomic checkpoints, exact r
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -528,13 +529,16 @@ def evaluate_checkpoint(
     capacity_factor: float | None = None,
     data_root: str | Path | None = None,
     progress: bool = False,
+    backbone_fn: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them.
 
     ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
     capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``.
     ``data_root``: where the task's dataset is now (default: the root stored in the checkpoint); for the built-in
-    data, the folder holding it or its parent. ``progress``: a tqdm bar if the built-in data has to be generated."""
+    data, the folder holding it or its parent. ``progress``: a tqdm bar if the built-in data has to be generated.
+    ``backbone_fn``: evaluate the model with its backbone replaced by ``backbone_fn(backbone)`` (e.g. a fixed-point
+    model of it) under the same heads; adds ``agreement_<metric>`` against the checkpoint's own model."""
     from ..config import config_from_dict
 
     dev = resolve_device(device)
@@ -559,6 +563,19 @@ def evaluate_checkpoint(
     root = _eval_data_root(checkpoint, i, dcfg, cfg, data_root)
     ds = task_dataset(cfg, task, "val", root=root, progress=progress)
     mb = cfg.train.eval_max_batches if max_batches is None else max_batches
+    reference = None
+    if backbone_fn is not None:
+        reference, model = model, copy.copy(model)
+        model._modules = dict(model._modules)  # the reference keeps its own backbone
+        model.backbone = backbone_fn(reference.backbone)
     return evaluate_task(
-        model, task, heldout_loader(cfg, ds), ds, mc["model"]["tasks"][task], dev, mb, _amp_ctx(cfg, dev)
+        model,
+        task,
+        heldout_loader(cfg, ds),
+        ds,
+        mc["model"]["tasks"][task],
+        dev,
+        mb,
+        _amp_ctx(cfg, dev),
+        reference=reference,
     )
