@@ -4,7 +4,6 @@ alternating A/B timing with per-pair ratios."""
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -18,28 +17,11 @@ def set_threads(n: int) -> None:
 
 
 def machine_info() -> dict:
-    import torch
+    """The machine line: CPU model and its relevant x86 flags (AVX2 / AVX-512 / VNNI / AMX), PyTorch's CPU kernel
+    level, ONNX Runtime's INT8 kernel path, cores, threads, versions (:func:`vision_moe.machine.machine_info`)."""
+    from vision_moe.machine import machine_info as info
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = dict(
-        cpu=cpu,
-        cores=os.cpu_count(),
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        python=platform.python_version(),
-    )
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return info
+    return info()
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:

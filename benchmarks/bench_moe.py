@@ -1,4 +1,4 @@
-"""MoE layer and model benchmark (issue: core). Run: ``python benchmarks/bench_moe.py [--threads 1]``.
+"""MoE layer and model benchmark. Run: ``python benchmarks/bench_moe.py [--threads 1]``.
 
 1. MoE MLP layer forward+backward at the M³ViT-S shape (dim 384, 16 experts, top-4, expert hidden 384,
    batch 8 x 197 tokens) against a dense MLP of hidden 1536 (same active FLOPs) and the naive

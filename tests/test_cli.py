@@ -16,27 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_prints_usage_and_equivalence(capsys):
-    assert main(["demo", "--img-size", "32", "--tasks", "a,b", "--batch", "1"]) == 0
+    assert main(["demo", "--img-size", "32", "48", "--tasks", "semseg,depth", "--batch", "1"]) == 0
     out = capsys.readouterr().out
-    assert "task 'a'" in out and "task 'b'" in out
+    assert "task 'semseg'" in out and "task 'depth'" in out
     assert out.count("specialised model equal: True") == 2
     assert "blocks.11.mlp" in out
 
 
-def test_models_lists_registry(capsys):
-    assert main(["models", "m3vit*"]) == 0
-    assert capsys.readouterr().out.split() == [
-        "m3vit_base_patch16_224",
-        "m3vit_small_patch16_224",
-        "m3vit_tiny_patch16_224",
-    ]
-
-
-def test_baseline_on_small_builtin_data(tmp_path, capsys):
-    args = ["baseline", "--root", str(tmp_path), "--num-train", "40", "--num-val", "12", "--img-size", "32"]
+def test_demo_of_a_dense_model_says_it_has_no_experts(capsys):
+    args = ["demo", "--model", "vit_mtl_tiny_patch16_224", "--img-size", "32", "32", "--tasks", "depth", "--batch", "1"]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "linear probe on raw pixels, held-out top-1" in out and "(chance 0.200)" in out
+    assert "(none: vit_mtl_tiny_patch16_224 has no MoE layers; every token goes through the same MLP)" in (
+        capsys.readouterr().out
+    )
 
 
 # ---------------------------------------------------------------------------------------------- tools/eval.py
@@ -149,6 +141,25 @@ def test_eval_bad_flags_give_one_line_errors(coco_checkpoint, capsys, flags, nee
     _one_line_error(capsys, *needles)
 
 
+def test_eval_capacity_on_a_model_without_moe_is_refused(coco_checkpoint, tmp_path, capsys):
+    """A capacity would change nothing on a dense model: refused (by the model, so export refuses it alike)."""
+    cfg = json.loads((coco_checkpoint / "config.json").read_text())
+    cfg["model"].update(
+        backbone="vit_mtl_tiny_patch16_224", backbone_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    )
+    cfg["experiment"]["model"].update(
+        backbone=cfg["model"]["backbone"], backbone_kwargs=cfg["model"]["backbone_kwargs"]
+    )
+    from vision_moe.engine.trainer import build_model_from_config
+
+    dense = save_checkpoint(tmp_path / "dense", build_model_from_config(cfg), cfg)
+    args = ["--checkpoint", str(dense), "--task", "detection", "--capacity-factor", "1.0"]
+    assert _eval_tool()(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --capacity-factor 1.0: this model has no MoE layers, so there is no expert capacity to set"
+    )
+
+
 def _broken_checkpoint(coco_checkpoint, tmp_path, content: bytes) -> Path:
     ck = tmp_path / "ck"
     ck.mkdir(parents=True)
@@ -187,3 +198,87 @@ def test_eval_needs_the_experiment_section(coco_checkpoint, tmp_path, capsys):
         read_config(
             _broken_checkpoint(coco_checkpoint, tmp_path / "b", b'{"experiment": [1]}'), require=("experiment",)
         )
+
+
+# ------------------------------------------------------------------------------------- help, defaults, --version
+def _parsers():
+    """Every parser of tools/train.py, eval.py, download.py and the vision-moe command (its subcommands too)."""
+    import argparse
+
+    from vision_moe.cli import build_parser
+
+    out = {"vision-moe": build_parser()}
+    for name in ("train", "eval", "download", "export"):
+        spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        out[f"tools/{name}.py"] = mod.build_parser()
+    for action in out["vision-moe"]._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out.update({f"vision-moe {k}": v for k, v in action.choices.items()})
+    return out
+
+
+def test_every_flag_has_help_with_its_default():
+    import argparse
+
+    parsers = _parsers()
+    assert len(parsers) == 8
+    for where, parser in parsers.items():
+        formatter = parser._get_formatter()
+        # one of a required group (--checkpoint | --model) is as required as a required flag
+        in_required_group = {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help, f"{where} {name}: no help text"
+            takes_value = action.nargs != 0 and not action.required and action not in in_required_group
+            text = formatter._expand_help(action)
+            assert not takes_value or "(default" in text or "default:" in text, f"{where} {name}: no default: {text}"
+
+
+@pytest.mark.parametrize(
+    "where", ["vision-moe", "tools/train.py", "tools/eval.py", "tools/download.py", "tools/export.py"]
+)
+def test_version(where, capsys):
+    from vision_moe import __version__
+
+    with pytest.raises(SystemExit) as e:
+        _parsers()[where].parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vision-moe {__version__}"
+
+
+def test_no_help_or_message_refers_to_the_projects_issues():
+    """String literals (help, messages, docstrings) of the library, tools, benchmarks and the Jetson kit."""
+    import re
+    import tokenize
+
+    files = [p for d in ("vision_moe", "tools", "benchmarks", "export") for p in sorted((ROOT / d).rglob("*.py"))]
+    assert len(files) > 40
+    found = []
+    for f in files:
+        with open(f, "rb") as fh:
+            for tok in tokenize.tokenize(fh.readline):
+                if tok.type == tokenize.STRING and re.search(r"\bissues?\b", tok.string, flags=re.I):
+                    found.append(f"{f.relative_to(ROOT)}:{tok.start[0]}")
+    assert not found
+
+
+def test_download_tool_usage(capsys):
+    spec = importlib.util.spec_from_file_location("download_tool", ROOT / "tools" / "download.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for args, message in [
+        (
+            [],
+            "download.py: error: expected a weights NAME (e.g. vit_small_patch16_224.augreg_in21k_ft_in1k), --url "
+            "URL or --list",
+        ),
+        (["x.y", "--url", "http://h/f"], "download.py: error: give a weights name or --url, not both"),
+        (["--list", "x.y"], "download.py: error: --list lists the weight tags; give it alone"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            mod.main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[0].startswith("usage: download.py") and err[-1].startswith(message), err

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vision_moe.config import ConfigError, config_from_dict, load_config
+from vision_moe.config import ConfigError, config_from_dict, load_config, yaml_load
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -114,3 +114,40 @@ def test_unreadable_config_files_are_named(tmp_path):
     bad.write_text("tasks: {semseg: {}}\nmodel: {img_size: [1, 2}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:2:\d+: invalid YAML: expected ',' or ']', but got '}'$"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("text", ["2e-4", "5E-4", "+.5e-3", "1.0e3", "1.5e+2", "3.0e-2"])
+def test_exponent_numbers_are_numbers_in_files_and_in_set(tmp_path, text):
+    """YAML 1.1 (PyYAML) reads 2e-4 as a string; configs read it as YAML 1.2 and Python do: a float."""
+    p = _write(tmp_path, BASE + f"optim: {{lr: {text}}}\n")
+    assert load_config(p).optim.lr == float(text)
+    assert load_config(QS, [f"optim.lr={text}"]).optim.lr == float(text)
+    assert yaml_load(f"-{text.lstrip('+')}") == -float(text)
+
+
+def test_documented_exponent_overrides_load():
+    """docs/training.md's `--set optim.lr=2e-4`; a config file's `lr: 5e-4`; other scalars keep their types."""
+    cfg = load_config(QS, ["optim.lr=2e-4", "train.steps=500"])
+    assert cfg.optim.lr == 2e-4 and cfg.train.steps == 500
+    for raw, want in [("5e-4", 5e-4), ("5", 5), ("1.0", 1.0), ("1e", "1e"), ("e5", "e5"), ("2e-4x", "2e-4x")]:
+        value = yaml_load(raw)
+        assert value == want and type(value) is type(want), (raw, value)
+    with pytest.raises(ConfigError, match=r"train.steps: expected an integer \(got 1000.0\)"):
+        load_config(QS, ["train.steps=1e3"])
+
+
+@pytest.mark.parametrize(
+    "overrides, stride",
+    [
+        (["model.img_size=60"], 8),  # the quickstart's convolutional stem (strides 1-2-1-2-1-2)
+        (["model.img_size=60", "model.backbone_kwargs={patch_size: 16, depth: 2}"], 16),  # plain patch embedding
+    ],
+)
+def test_img_size_must_be_a_multiple_of_the_patch_size(overrides, stride):
+    """Refused at load, with the real token stride (the stem's HybridEmbed alone would infer 60 // 8 = 7)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(QS, overrides)
+    assert str(e.value) == (
+        f"{QS}: model.img_size: must be a multiple of m3vit_tiny_patch16_224's patch size {stride} (got 60)"
+    )
+    assert load_config(QS, ["model.img_size=56"]).model.img_size == 56

@@ -10,9 +10,13 @@ from vision_moe.cli import main
     [
         (["demo", "--tasks", "semseg,semseg"], "vision-moe demo: error: --tasks 'semseg,semseg': expected distinct"),
         (["demo", "--tasks", ","], "vision-moe demo: error: --tasks ',': expected distinct"),
-        (["demo", "--img-size", "30"], "vision-moe demo: error: --img-size 30: expected a multiple of"),
+        (["demo", "--img-size", "30", "32"], "vision-moe demo: error: --img-size 30 32: expected multiples of"),
+        (["demo", "--img-size", "32"], "argument --img-size: expected 2 arguments"),  # H W, as in the export tools
+        (["demo", "--tasks", "foo"], "vision-moe demo: error: --tasks 'foo': unknown task 'foo'; expected names from"),
+        (["models", "nothing*"], "vision-moe models: error: no model matches 'nothing*'; the models are ["),
+        (["baseline", "--img-size", "32", "64"], "error: --img-size 32 64: the built-in data is square; expected two"),
         (["demo", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
-        (["baseline", "--img-size", "16"], "argument --img-size: must be >= 32, got 16"),
+        (["baseline", "--img-size", "16", "16"], "argument --img-size: must be >= 32, got 16"),
         (["baseline", "--num-train", "x"], "argument --num-train: expected an integer, got 'x'"),
     ],
 )
@@ -35,6 +39,6 @@ def test_baseline_root_that_is_a_file(tmp_path, capsys):
 
 
 def test_demo_runs(capsys):
-    assert main(["demo", "--img-size", "32", "--tasks", "a,b", "--batch", "1"]) == 0
+    assert main(["demo", "--img-size", "32", "32", "--tasks", "semseg,depth", "--batch", "1"]) == 0
     out = capsys.readouterr().out
-    assert "task 'a'" in out and "task 'b'" in out and "specialised model equal: True" in out
+    assert "task 'semseg'" in out and "task 'depth'" in out and "specialised model equal: True" in out

@@ -107,8 +107,69 @@ def test_cache_reused_and_offline_mode(server, monkeypatch):
 
 
 def test_unreachable_server_is_a_clear_error(server, monkeypatch):
-    with pytest.raises(ConnectionError, match="cannot download http://127.0.0.1:9/x.bin"):
+    """Loopback port 9 refuses: one line at once, naming the host, the file and how to work offline."""
+    with pytest.raises(ConnectionError) as e:
         hub.download_url("http://127.0.0.1:9/x.bin")
+    assert str(e.value) == (
+        f"cannot connect to 127.0.0.1:9 (Connection refused) and http://127.0.0.1:9/x.bin is not in the cache "
+        f"{hub.cache_dir()}; to work offline, run 'python tools/download.py --url http://127.0.0.1:9/x.bin' where "
+        "there is network access, copy that cache folder here (VISION_MOE_CACHE names it) and set VISION_MOE_OFFLINE=1"
+    )
+    assert not list(hub.cache_dir().iterdir())  # no .part file left
+
+
+def _no_resolver(monkeypatch, calls: list) -> None:
+    """No network: the name resolver fails as it does on a machine without DNS. huggingface_hub may only read its
+    cache (a network call would retry for half a minute)."""
+    import socket
+
+    import huggingface_hub
+
+    def getaddrinfo(host, *args, **kwargs):
+        calls.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    real = huggingface_hub.hf_hub_download
+
+    def cache_only(*args, local_files_only=False, **kwargs):
+        assert local_files_only, "the network was tried although it is unreachable"
+        return real(*args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+
+
+def test_no_network_says_so_at_once_and_how_to_work_offline(tmp_path, monkeypatch, capsys):
+    import time
+
+    calls = []
+    _online_cache(monkeypatch, tmp_path / "cache")
+    _no_resolver(monkeypatch, calls)
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    want = (
+        "cannot connect to huggingface.co:443 (Name or service not known) and "
+        f"timm/{name}/model.safetensors is not in the cache {tmp_path / 'cache' / 'hf'}; to work offline, run "
+        f"'python tools/download.py {name}' where there is network access, copy that cache folder here "
+        "(VISION_MOE_CACHE names it) and set VISION_MOE_OFFLINE=1"
+    )
+    t0 = time.perf_counter()
+    _assert_fetch_fails(name, ConnectionError, want, capsys)
+    assert time.perf_counter() - t0 < 5 and calls == ["huggingface.co", "huggingface.co"]
+
+
+def test_no_network_still_serves_the_cached_copy(tmp_path, monkeypatch):
+    """A file in huggingface_hub's cache layout is returned without touching the network."""
+    _online_cache(monkeypatch, tmp_path / "cache")
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    repo = tmp_path / "cache" / "hf" / f"models--timm--{name}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model.safetensors").write_bytes(b"cached weights")
+    _no_resolver(monkeypatch, calls := [])
+    path = hub.fetch_weights(name)
+    assert path.read_bytes() == b"cached weights" and calls == ["huggingface.co"]
 
 
 def test_registry_and_resolution():
@@ -224,6 +285,7 @@ def test_hf_download_failure_names_the_url(tmp_path, monkeypatch, capsys):
             raise LocalEntryNotFoundError("An error happened ... check your connection and try again.") from cause
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
+    monkeypatch.setattr(hub, "_check_reachable", lambda *a, **k: None)  # reachable, then the download fails
     want = (
         f"cannot download {url} (ConnectError: [Errno -2] Name or service not known) "
         f"and it is not in the cache {tmp_path / 'cache' / 'hf'}"

@@ -1,17 +1,23 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on its held-out split: ``python tools/eval.py --checkpoint DIR [--task semseg]``.
+"""Evaluate a checkpoint on its held-out split(s) and print the metrics the trainer reported for it, as JSON.
 
-Prints the same metrics the trainer reported for that checkpoint, as JSON: one entry per task (every task of the
-checkpoint unless ``--task`` names one); for restoration tasks also ``mean``, over all their held-out images.
+  python tools/eval.py --checkpoint runs/x/checkpoints/step_0001200                 # every task of the checkpoint
+  python tools/eval.py --checkpoint CKPT --task semseg --data-root /data/copy_of_the_dataset
+
+One entry per task (every task of the checkpoint unless --task names one); for restoration tasks also ``mean``, over
+all their held-out images. The dataset is found where the checkpoint says training read it (an absolute path) or
+at --data-root; built-in data that is not there is generated again (deterministic: the same images), with a
+progress bar.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
+from vision_moe.cli import tool_parser
 from vision_moe.engine import CheckpointError
 from vision_moe.engine.trainer import evaluate_checkpoint_tasks, resolve_device
 from vision_moe.metrics import restoration_summary
@@ -19,8 +25,8 @@ from vision_moe.moe.dispatch import resolve_capacity
 from vision_moe.tasks import is_restoration
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    p = tool_parser(__doc__, prog=Path(__file__).name)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (with model.safetensors + config.json)")
     p.add_argument("--task", default=None, help="task to evaluate (default: every task of the checkpoint)")
     p.add_argument(
@@ -34,10 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         "--capacity-factor",
         type=float,
         default=None,
-        help="evaluate with this per-image expert capacity (what a capacity-bounded export runs); "
-        "also prints the fraction of dropped expert assignments",
+        help="evaluate with this per-image expert capacity (what a capacity-bounded export runs) and print the "
+        "fraction of dropped expert assignments (default: the checkpoint's own, dropless unless trained with one)",
     )
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="where the task's dataset is now, for a checkpoint trained elsewhere; for the built-in data its folder "
+        "or the parent folder (default: the root stored in the checkpoint)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         # the command-line values first: nothing is loaded for a run that cannot start
@@ -50,9 +66,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--capacity-factor{str(e).removeprefix('capacity_factor')}") from None
         resolve_device(args.device, "--device")
         tasks = None if args.task is None else [args.task]
-        metrics = evaluate_checkpoint_tasks(args.checkpoint, tasks, args.max_batches, args.device, args.capacity_factor)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        metrics = evaluate_checkpoint_tasks(
+            args.checkpoint,
+            tasks,
+            args.max_batches,
+            args.device,
+            args.capacity_factor,
+            data_root=args.data_root,
+            progress=True,
+        )
+    except (CheckpointError, ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if msg.startswith("capacity_factor="):  # the model's own check (no MoE layers), under the flag's name
+            msg = f"--capacity-factor {msg.removeprefix('capacity_factor=')}"
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     if all(is_restoration(t) for t in metrics):
         metrics["mean"] = restoration_summary(metrics)

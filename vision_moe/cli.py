@@ -3,25 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
 import torch
 
-from . import create_model, list_models
+from . import __version__, create_model, list_models
+
+__all__ = ["main", "tool_parser", "HelpFormatter"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (examples keep their lines); an option that takes a value shows its default,
+    unless the default is None or empty (the help then says in words what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        empty = action.default in (None, "", [], (), argparse.SUPPRESS)
+        if action.nargs != 0 and not action.required and not empty and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if isinstance(action.default, list | tuple) and action.default:  # "--img-size 224 224", as it is typed
+            action = copy.copy(action)
+            action.default = " ".join(map(str, action.default))
+        return super()._expand_help(action)
+
+
+def tool_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of a vision-moe command (tools/*.py and ``vision-moe``): ``doc`` as the description,
+    each option's default in its help, and ``--version``."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"vision-moe {__version__}")
+    return p
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Build an M³ViT, route one batch per task, print each task's expert usage per MoE layer."""
+    from .tasks import TASKS
+
     torch.manual_seed(args.seed)
     tasks = [t.strip() for t in args.tasks.split(",")]
     if not all(tasks) or len(set(tasks)) != len(tasks):
         raise ValueError(f"--tasks {args.tasks!r}: expected distinct comma-separated task names, e.g. semseg,depth")
-    model = create_model(args.model, tasks=tasks, img_size=args.img_size, num_classes=0).eval()
-    patch = model.patch_embed.patch_size[0]
-    if args.img_size % patch:
-        raise ValueError(f"--img-size {args.img_size}: expected a multiple of {args.model}'s patch size {patch}")
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks {args.tasks!r}: unknown task {unknown[0]!r}; expected names from {sorted(TASKS)}")
+    h, w = args.img_size
+    model = create_model(args.model, tasks=tasks, img_size=(h, w), num_classes=0).eval()
+    stride = model.feature_info[-1]["reduction"]  # the patch size, or a convolutional stem's total stride
+    if h % stride or w % stride:
+        raise ValueError(f"--img-size {h} {w}: expected multiples of {args.model}'s patch size {stride}")
+    x = torch.randn(args.batch, 3, h, w)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n_params / 1e6:.1f} M parameters, MoE blocks {list(model.moe_block_idx)}, tasks {tasks}")
     with torch.no_grad():
@@ -35,6 +70,8 @@ def _demo(args: argparse.Namespace) -> int:
             for (name, _), a in zip(model.moe_layers(), aux):
                 share = a.expert_load.float() / a.expert_load.sum()
                 print(f"  {name:<18}" + " ".join(f"{v:4.2f}" for v in share.tolist()))
+            if not model.moe_layers():
+                print(f"  (none: {args.model} has no MoE layers; every token goes through the same MLP)")
     return 0
 
 
@@ -42,8 +79,11 @@ def _baseline(args: argparse.Namespace) -> int:
     """Linear classifier on raw pixels of the built-in data: the floor the quickstart must clear."""
     from .data.builtin import linear_probe_baseline, prepare_builtin
 
+    h, w = args.img_size
+    if h != w:
+        raise ValueError(f"--img-size {h} {w}: the built-in data is square; expected two equal sizes, e.g. 64 64")
     root = prepare_builtin(
-        args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val, img_size=args.img_size
+        args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val, img_size=h, progress=True
     )
     r = linear_probe_baseline(root)
     print(
@@ -54,7 +94,10 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no model matches {args.pattern!r}; the models are {list_models()}")
+    for name in names:
         print(name)
     return 0
 
@@ -72,28 +115,50 @@ def _at_least(lo: int):
     return parse
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "Small vision-moe commands that need no data; tools/*.py train, evaluate, export and download.",
+        prog="vision-moe",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = dict(formatter_class=HelpFormatter)
+    demo = sub.add_parser("demo", help=_demo.__doc__, description=_demo.__doc__, **fmt)
+    demo.add_argument(
+        "--model", default="m3vit_tiny_patch16_224", choices=list_models(family="vit"), help="registered model"
+    )
+    demo.add_argument("--tasks", default="semseg,depth,normals", help="comma-separated task names, one router each")
+    demo.add_argument(
+        "--img-size", type=_at_least(1), nargs=2, default=[224, 224], metavar=("H", "W"), help="input height, width"
+    )
+    demo.add_argument("--batch", type=_at_least(1), default=2, help="images per task")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the random images")
+    demo.set_defaults(fn=_demo)
+    base = sub.add_parser("baseline", help=_baseline.__doc__, description=_baseline.__doc__, **fmt)
+    base.add_argument(
+        "--root", default="data_cache/builtin", help="folder of the built-in data, generated on first use"
+    )
+    base.add_argument("--seed", type=int, default=0, help="built-in data seed")
+    base.add_argument("--num-train", type=_at_least(1), default=4000, help="training images")
+    base.add_argument("--num-val", type=_at_least(1), default=300, help="held-out images")
+    base.add_argument(
+        "--img-size",
+        type=_at_least(32),
+        nargs=2,
+        default=[64, 64],
+        metavar=("H", "W"),
+        help="image size; the built-in data is square",
+    )
+    base.set_defaults(fn=_baseline)
+    models_doc = "List the registered models (every one is also a timm model)."
+    models = sub.add_parser("models", help=models_doc, description=models_doc, **fmt)
+    models.add_argument("pattern", nargs="?", default="*", help="glob over the model names")
+    models.set_defaults(fn=_models)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Bad arguments end with one ``error:`` line (exit 2); ``VISION_MOE_DEBUG=1`` shows the traceback instead."""
-    parser = argparse.ArgumentParser(prog="vision-moe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help=_demo.__doc__)
-    demo.add_argument("--model", default="m3vit_tiny_patch16_224", choices=list_models(family="vit"))
-    demo.add_argument("--tasks", default="semseg,depth,normals")
-    demo.add_argument("--img-size", type=_at_least(1), default=224)
-    demo.add_argument("--batch", type=_at_least(1), default=2)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(fn=_demo)
-    base = sub.add_parser("baseline", help=_baseline.__doc__)
-    base.add_argument("--root", default="data_cache/builtin")
-    base.add_argument("--seed", type=int, default=0)
-    base.add_argument("--num-train", type=_at_least(1), default=4000)
-    base.add_argument("--num-val", type=_at_least(1), default=300)
-    base.add_argument("--img-size", type=_at_least(32), default=64)
-    base.set_defaults(fn=_baseline)
-    models = sub.add_parser("models", help="list the registered models")
-    models.add_argument("pattern", nargs="?", default="*")
-    models.set_defaults(fn=_models)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, OSError) as e:  # bad input: the messages name the value / file

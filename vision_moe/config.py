@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "MoELossConfig",
     "load_config",
+    "yaml_load",
     "config_from_dict",
     "config_to_dict",
 ]
@@ -56,6 +58,7 @@ class ModelConfig:
     det_scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     cls_pool: str = "token"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model overrides (depth, patch_size...)
+    pretrained: bool = False  # start from the weight tag's pretrained weights (backbone: arch.tag), upcycled
 
 
 @dataclass
@@ -251,8 +254,6 @@ def _build(cls: type, data: dict, prefix: str, src: str) -> Any:
 
 
 def _generic_key(key: str) -> str:
-    import re
-
     return re.sub(r"\[\d+\]", "", key)
 
 
@@ -273,10 +274,23 @@ def _validate(cfg: Config, src: str) -> Config:
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise _err(src, "data.max_bad_fraction", "must be in [0, 1]", cfg.data.max_bad_fraction)
     _check_ranges(cfg, src)
-    from ._factory import list_models
+    from ._factory import list_models, list_pretrained
 
-    if cfg.model.backbone not in list_models():
-        raise _err(src, "model.backbone", f"unknown backbone; expected one of {list_models()}", cfg.model.backbone)
+    if cfg.model.backbone not in list_models() + list_pretrained():
+        raise _err(
+            src,
+            "model.backbone",
+            f"unknown backbone; expected one of {list_models()} or a weight tag (tools/download.py --list)",
+            cfg.model.backbone,
+        )
+    if cfg.model.pretrained and "." not in cfg.model.backbone:
+        raise _err(
+            src,
+            "model.pretrained",
+            "needs a weight tag as model.backbone (e.g. m3vit_small_patch16_224.augreg_in21k_ft_in1k): the tag fixes "
+            "the architecture, so a resumed or reloaded run builds the same one",
+            cfg.model.pretrained,
+        )
     _check_restoration(cfg, src)
     _check_backbone(cfg, src)
     return cfg
@@ -427,12 +441,18 @@ def _check_backbone(cfg: Config, src: str) -> None:
         kw["num_classes"] = 0
     try:
         with torch.device("meta"):
-            create_model(cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, **kw)
+            m = create_model(cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, **kw)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _err(
             src, "model.backbone_kwargs", f"{cfg.model.backbone} cannot be built with these: {msg}", kw
         ) from None
+    # timm's feature_info 'reduction' is the token stride: the patch size, or the product of a convolutional stem's
+    # strides (the stem's HybridEmbed infers its ratio from img_size itself, so a non-multiple gets a wrong one)
+    stride = (getattr(m, "feature_info", None) or [{}])[-1].get("reduction")
+    size = cfg.model.img_size
+    if stride and size % stride:
+        raise _err(src, "model.img_size", f"must be a multiple of {cfg.model.backbone}'s patch size {stride}", size)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -448,9 +468,27 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: PyYAML implements YAML 1.1, where a float needs a dot and a
+    signed exponent, so ``2e-4``, ``5e-4`` or ``1.0e3`` would be strings and ``optim.lr: 5e-4`` a type error.
+    The extra resolver only matches exponent forms; every other scalar resolves as before."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML as every config file and ``--set`` value is parsed (safe, with YAML 1.2 exponent floats)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -476,7 +514,7 @@ def _apply_set(data: dict, item: str, src: str) -> None:
         raise ConfigError(f"{src}: --set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_load(raw)
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")

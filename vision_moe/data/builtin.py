@@ -24,9 +24,11 @@ object keeps at least half of its pixels visible). Labels, all read back through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -264,18 +266,54 @@ def _render_range(out: Path, split: str, seed: int, start: int, stop: int, img_s
     return images, annotations, cls_lines
 
 
-def _write_split(out: Path, split: str, seed: int, num: int, img_size: int, workers: int = 1) -> None:
+_CHUNK = 100  # images per rendering job: the unit of progress and of parallel work
+
+
+class _Progress:
+    """Images written so far: a tqdm bar, or (``bar=False``) a log line at most every ``every`` seconds."""
+
+    def __init__(self, total: int, desc: str, bar: bool, every: float = 10.0) -> None:
+        self.total, self.done, self.every = total, 0, every
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.perf_counter() - self.last >= self.every and self.done < self.total:
+            self.last = time.perf_counter()
+            _logger.info("built-in data: %d of %d images (%.0f s)", self.done, self.total, self.last - self.t0)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_split(
+    out: Path, split: str, seed: int, num: int, img_size: int, workers: int = 1, progress: _Progress | None = None
+) -> None:
     d = out / split
     for sub in ("images", "semseg", "saliency", "edges", "depth", "normals"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers, num // 25))  # tiny splits: not worth a process
-    bounds = np.linspace(0, num, workers + 1).astype(int)
-    jobs = [(out, split, seed, int(a), int(b), img_size) for a, b in zip(bounds[:-1], bounds[1:])]
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
-            parts = list(ex.map(_render_range, *zip(*jobs)))
-    else:
-        parts = [_render_range(*j) for j in jobs]
+    bounds = list(range(0, num, _CHUNK)) + [num]
+    jobs = [(out, split, seed, a, b, img_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            ex = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
+            results = ex.map(_render_range, *zip(*jobs))
+        else:
+            results = (_render_range(*j) for j in jobs)
+        parts = []
+        for job, part in zip(jobs, results):  # in order, as each chunk is written
+            parts.append(part)
+            if progress is not None:
+                progress.update(job[4] - job[3])
     images = [x for p in parts for x in p[0]]
     annotations = [dict(id=k + 1, **a) for k, a in enumerate(a for p in parts for a in p[1])]
     cls_lines = [x for p in parts for x in p[2]]
@@ -288,6 +326,21 @@ def _write_split(out: Path, split: str, seed: int, num: int, img_size: int, work
         f.writelines(cls_lines)
 
 
+def builtin_dir(root: str | Path, seed: int = 0, num_train: int = 2000, num_val: int = 300, img_size: int = 64) -> Path:
+    """The folder :func:`prepare_builtin` uses for these arguments: ``root/<name from the arguments>``, or
+    ``root`` itself when it is that folder (a dataset root may name the parent or the data folder)."""
+    root = Path(root)
+    name = f"builtin_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
+    if root.name == name:
+        return root
+    if (root / "manifest.json").is_file():
+        raise ValueError(
+            f"{root}: built-in data made with other arguments; expected its parent folder or the folder {name} "
+            f"(seed {seed}, {num_train} + {num_val} images, {img_size} px)"
+        )
+    return root / name
+
+
 def prepare_builtin(
     root: str | Path,
     seed: int = 0,
@@ -296,27 +349,35 @@ def prepare_builtin(
     img_size: int = 64,
     verify: bool = True,
     workers: int = 1,
+    progress: bool = False,
 ) -> Path:
-    """Generate the built-in data under ``root/<name-from-arguments>`` (or reuse it) and return that folder.
+    """Generate the built-in data under ``root/<name-from-arguments>`` (or reuse it) and return that folder
+    (:func:`builtin_dir`).
 
     Deterministic in the arguments. A folder is reused when its ``manifest.json`` holds the same arguments and,
     with ``verify``, the same content hash (so a damaged copy is regenerated). Written to a temporary folder
     and renamed into place, so concurrent callers (DDP ranks) never see a half-written copy. ``workers``
     processes render in parallel (forked; default 1, the safe choice inside a training process); the bytes do
-    not depend on it.
+    not depend on it. Generating is logged (INFO) when it starts and ends; ``progress`` shows a tqdm bar,
+    otherwise a log line reports the count every 10 s.
     """
     if img_size < 32:
         raise ValueError(f"prepare_builtin: img_size={img_size}; expected >= 32 (objects are 8 px to img_size/2)")
     params = dict(version=_VERSION, seed=seed, num_train=num_train, num_val=num_val, img_size=img_size)
-    out = Path(root) / f"builtin_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
+    out = builtin_dir(root, seed, num_train, num_val, img_size)
 
     def write(tmp: Path) -> dict:
-        _write_split(tmp, "train", seed, num_train, img_size, workers)
-        _write_split(tmp, "val", seed, num_val, img_size, workers)
+        bar = _Progress(num_train + num_val, "built-in data", progress)
+        try:
+            _write_split(tmp, "train", seed, num_train, img_size, workers, bar)
+            _write_split(tmp, "val", seed, num_val, img_size, workers, bar)
+        finally:
+            bar.close()
         (tmp / "classes.txt").write_text("".join(f"{n}\n" for n in SHAPE_CLASSES))
         return dict(classes=list(SHAPE_CLASSES))
 
-    return cached_folder(out, params, write, verify)
+    what = f"the built-in data ({num_train} + {num_val} images, {img_size} px)"
+    return cached_folder(out, params, write, verify, what=what)
 
 
 # ----------------------------------------------------------------------------------------------- reading

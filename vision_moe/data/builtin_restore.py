@@ -277,7 +277,6 @@ def prepare_builtin_restore(
     out = Path(root) / f"builtin_restore_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
 
     def write(tmp: Path) -> dict:
-        _logger.info("generating the built-in restoration data (%d + %d crops per degradation)", num_train, num_val)
         _write_split(tmp, "train", seed, num_train, img_size, _pyramids(TRAIN_PHOTOS))
         baseline = _write_split(tmp, "val", seed, num_val, img_size, _pyramids(HELD_OUT_PHOTOS), baseline=True)
         return dict(
@@ -286,7 +285,8 @@ def prepare_builtin_restore(
             val_input_baseline=baseline,
         )
 
-    return cached_folder(out, params, write, verify)
+    what = f"the built-in restoration data ({num_train} + {num_val} crops per degradation, {img_size} px)"
+    return cached_folder(out, params, write, verify, what=what)
 
 
 class BuiltinRestoration(RestorationPairs):

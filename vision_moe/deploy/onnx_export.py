@@ -19,6 +19,9 @@ import torch.nn as nn
 
 __all__ = [
     "MIN_OPSET",
+    "MIN_EXPORTER_OPSET",
+    "file_opset",
+    "check_opset",
     "EXPORTERS",
     "FORBIDDEN_OPS",
     "ExportError",
@@ -37,6 +40,9 @@ _logger = logging.getLogger(__name__)
 # LayerNormalization (every ViT block) is an ONNX op from opset 17; below it the exporters decompose it into
 # ReduceMean/Pow/Sqrt chains that TensorRT cannot fuse into its LayerNorm kernel and that lose fp16 accuracy.
 MIN_OPSET = 17
+# the dynamo exporter has no implementations below opset 18: asked for 17 it exports 18 and tries a down-conversion
+# that fails on these models (printing a traceback) and leaves the file at 18, so it is refused instead
+MIN_EXPORTER_OPSET = {"torchscript": MIN_OPSET, "dynamo": 18}
 MAX_OPSET = {"torchscript": 20, "dynamo": 23}
 EXPORTERS = ("torchscript", "dynamo")
 # Ops whose output shape depends on data, or that scatter by data: not allowed in a static-shape edge graph.
@@ -77,11 +83,16 @@ class _Outputs(nn.Module):
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _check_opset(opset: int, exporter: str) -> None:
+def check_opset(opset: int, exporter: str) -> None:
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {list(EXPORTERS)}")
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
+    if opset < MIN_EXPORTER_OPSET[exporter]:
+        raise ValueError(
+            f"opset {opset}: the {exporter} exporter writes opset {MIN_EXPORTER_OPSET[exporter]} or newer "
+            f"(use opset {MIN_EXPORTER_OPSET[exporter]}, or the torchscript exporter for opset {MIN_OPSET})"
+        )
     if opset > MAX_OPSET[exporter]:
         raise ValueError(f"opset {opset} is too new for the {exporter} exporter (max {MAX_OPSET[exporter]})")
 
@@ -102,7 +113,7 @@ def export_onnx(
     With ``dynamic_batch`` the first dimension of every input named in ``input_names`` whose example has a batch
     axis (rank >= 2) and of every output is the symbol ``batch``.
     """
-    _check_opset(opset, exporter)
+    check_opset(opset, exporter)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Outputs(module).eval()
@@ -128,22 +139,33 @@ def export_onnx(
             if dynamic_batch:
                 b = torch.export.Dim("batch", min=1, max=1024)
                 shapes = tuple({0: b} if n in batched else None for n in input_names)
-            prog = torch.onnx.export(
-                wrapped,
-                inputs,
-                dynamo=True,
-                opset_version=opset,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_shapes=shapes,
-                optimize=True,
-                verbose=False,
-            )
+            quiet = logging.getLogger("torch.onnx")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)  # its progress lines ("Obtain model graph ...") are not ours to print
+            try:
+                prog = torch.onnx.export(
+                    wrapped,
+                    inputs,
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=list(input_names),
+                    output_names=list(output_names),
+                    dynamic_shapes=shapes,
+                    optimize=True,
+                    verbose=False,
+                )
+            finally:
+                quiet.setLevel(level)
             prog.save(str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     wrapped.module.eval()
     return model
+
+
+def file_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset the file declares (what TensorRT's parser and the report go by)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -183,16 +205,28 @@ def simplify_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     return slim
 
 
-def ort_session(model: onnx.ModelProto | str | Path, threads: int = 1):
-    """A CPU ONNX Runtime session with a fixed thread count."""
+def session_options(threads: int = 1):
+    """ONNX Runtime session options with a fixed thread count (one inter-op thread) and quiet logging."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    return so
+
+
+def ort_session(model: onnx.ModelProto | str | Path, threads: int = 1):
+    """A CPU ONNX Runtime session with a fixed thread count. An INT8 file of this project whose integer GEMMs
+    can saturate on this CPU is run all the same, with one warning (:func:`.quantize.warn_if_saturating`)."""
+    import onnxruntime as ort
+
+    from .quantize import warn_if_saturating
+
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
+    warn_if_saturating(sess, "the graph" if isinstance(model, onnx.ModelProto) else Path(model).name)
+    return sess
 
 
 def run_onnx(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -11,7 +11,11 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import platform
+import shutil
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,12 +26,17 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ..machine import machine_info
 from ..models.moe_vit import token_stride
 from .multitask_graph import TaskIndexedModel
 from .onnx_export import (
+    EXPORTERS,
+    MIN_EXPORTER_OPSET,
+    check_opset,
     check_static_graph,
     compare_outputs,
     export_onnx,
+    file_opset,
     graph_io,
     op_counts,
     ort_session,
@@ -40,6 +49,14 @@ from .trt_ops import TRT_VERSIONS, check_tensorrt_support
 __all__ = ["ExportConfig", "export_model", "task_module", "task_kind", "PRECISIONS", "FORMATS"]
 
 _logger = logging.getLogger(__name__)
+# one line per finished stage (export, simplify, parity, variants, evaluation), for tools to show as progress
+_stages = logging.getLogger("vision_moe.deploy.stages")
+
+
+def _mib(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FORMATS = ("onnx", "engine")
@@ -53,8 +70,12 @@ MULTITASK_ENGINE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}
 @dataclass
 class ExportConfig:
     """What to export. ``img_size`` (H, W) defaults to the model's; ``batch`` is the static batch (or the example
-    batch with ``dynamic_batch``). ``calib_data``: a folder of images from the task's dataset (INT8 calibration and
-    held-out evaluation); None uses scikit-image's bundled photographs."""
+    batch with ``dynamic_batch``).
+
+    Data for INT8 / FP16: ``experiment`` (a training :class:`~vision_moe.config.Config`, e.g. a checkpoint's own)
+    gives labelled data: calibration on its training split, the metric drop on its held-out split through the
+    evaluator. ``calib_data``, a folder of images, replaces the calibration images. With neither, calibration uses
+    scikit-image's bundled photographs and the "drop" is agreement with the FP32 graph (the report says which)."""
 
     out_dir: str
     tasks: Sequence[str] | None = None
@@ -63,9 +84,10 @@ class ExportConfig:
     batch: int = 1
     dynamic_batch: bool = False
     img_size: tuple[int, int] | None = None
-    opset: int = 17
+    opset: int | None = None  # None: the exporter's lowest (torchscript 17, dynamo 18)
     exporter: str = "torchscript"
     calib_data: str | None = None
+    experiment: Any = None  # a training Config: labelled data for calibration (train split) and drops (val split)
     calib_images: int = 16
     eval_images: int = 16
     int8_runtime: str = "tensorrt"  # 'tensorrt' (symmetric int8 activations) | 'onnxruntime' (uint8, x86 CPUs)
@@ -76,6 +98,7 @@ class ExportConfig:
     parity_images: int = 4
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    overwrite: bool = False  # replace a non-empty out_dir (its old files are removed once the export succeeded)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -98,9 +121,21 @@ class ExportConfig:
             if v < least:
                 why = " (the batch size: INT8 runs whole batches)" if least > 1 else ""
                 raise ValueError(f"{name} must be >= {least}{why}, got {v}")
+        if self.exporter not in EXPORTERS:
+            raise ValueError(f"unknown exporter {self.exporter!r}; expected one of {list(EXPORTERS)}")
+        if self.opset is None:
+            self.opset = MIN_EXPORTER_OPSET[self.exporter]
+        check_opset(self.opset, self.exporter)
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"out_dir {str(out)!r} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+            raise ValueError(
+                f"out_dir {str(out)!r} is not empty; choose a new folder, or overwrite (--overwrite) to replace "
+                "its contents with this export's"
+            )
+        if self.experiment is not None and not hasattr(self.experiment, "data"):
+            raise ValueError(f"experiment must be a training Config (vision_moe.config), got {type(self.experiment)}")
         if self.capacity_factor is not None:  # the MoE layers' own check: a finite number > 0
             from ..moe.dispatch import resolve_capacity
 
@@ -132,6 +167,17 @@ def _check_task(model: nn.Module, task: str) -> None:
     tasks = list(model.tasks)
     if task not in tasks:
         raise ValueError(f"unknown task {task!r}; this model has tasks {tasks}")
+    if not (hasattr(model, "heads") and hasattr(model, "backbone")):
+        from ..tasks import TASKS
+
+        # a bare MoE ViT is an image classifier whose routers are per task: exporting its task 'semseg' would
+        # write a classifier named semseg.onnx
+        if task in TASKS and TASKS[task].kind != "classification":
+            raise ValueError(
+                f"task {task!r}: this model has no task heads (an image classifier with one router per task), so "
+                f"its {task!r} graph would be a classifier; build it with heads (tools/export.py --tasks-def "
+                f"'{{\"{task}\": N}}') or give its routing tasks names that are not dense tasks"
+            )
 
 
 class _DetectionDecoded(nn.Module):
@@ -145,13 +191,17 @@ class _DetectionDecoded(nn.Module):
         super().__init__()
         self.model, self.image_size = model, tuple(image_size)
         self.register_buffer("points", model.anchors(self.image_size).float())  # (A, 4)
+        self.num_points, self.num_classes = int(self.points.shape[0]), int(model.head.num_classes)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return decode_detections(self.model(images), self.points, self.image_size)
+        boxes, scores = decode_detections(self.model(images), self.points, self.image_size)
+        # reshapes to Python-int sizes: with a dynamic batch the exporter could not infer A through the per-level
+        # concatenation (the output would be declared (batch, ?, 4)); with constants every dim but batch is fixed
+        return boxes.reshape(-1, self.num_points, 4), scores.reshape(-1, self.num_points, self.num_classes)
 
 
 def _has_capacity(backbone: nn.Module) -> bool:
-    layers = [m for _, m in backbone.moe_layers()] if hasattr(backbone, "moe_layers") else []
+    layers = _moe_layers(backbone)
     return any(m.capacity is not None or m.capacity_factor is not None for m in layers)
 
 
@@ -308,7 +358,7 @@ def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -
         path=path.name,
         sha256=_sha256(path),
         bytes=path.stat().st_size,
-        opset=cfg.opset,
+        opset=file_opset(slim),
         exporter=cfg.exporter,
         nodes_before_slim=raw_ops,
         nodes=len(slim.graph.node),
@@ -317,6 +367,39 @@ def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -
         tensorrt=trt,
     )
     return slim, info
+
+
+def _variant_data(cfg: ExportConfig, tasks: list[str], hw: tuple[int, int]) -> dict[str, Any]:
+    """Calibration images per task (INT8) and, without labelled data, the unlabelled images the variants are
+    compared on; each with a description of where it came from."""
+    from ..engine.evaluator import task_dataset
+    from .evaluate import calibration_images
+
+    data: dict[str, Any] = {"calib": {}, "unreadable": []}
+    if cfg.experiment is not None:
+        for t in tasks:  # fail now, before any file, on a task the experiment's data does not label
+            task_dataset(cfg.experiment, t, "val", img_size=hw)
+    if cfg.precision != "int8":
+        return data
+    if cfg.calib_data is not None or cfg.experiment is None:
+        unreadable: list[str] = []
+        calib = sample_images(cfg.calib_images, hw, cfg.mean, cfg.std, cfg.calib_data, skipped=unreadable)
+        where = f"the folder {cfg.calib_data}" if cfg.calib_data else "scikit-image's bundled photographs"
+        data["calib"] = {t: (calib, f"{len(calib)} images of {where}") for t in tasks}
+        data["unreadable"] = unreadable
+        if cfg.experiment is None:  # the images after the calibration ones (and the unreadable files among them)
+            data["held"] = sample_images(
+                cfg.eval_images, hw, cfg.mean, cfg.std, cfg.calib_data, cfg.calib_images + len(unreadable), unreadable
+            )
+            data["held_source"] = f"{where}, after the calibration ones"
+        return data
+    cache: dict[int, tuple[np.ndarray, str]] = {}
+    for t in tasks:
+        key = id(next(d for d in cfg.experiment.data.datasets if t in (d.tasks or cfg.experiment.tasks)))
+        if key not in cache:
+            cache[key] = calibration_images(cfg.experiment, t, cfg.calib_images, hw)
+        data["calib"][t] = cache[key]
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -337,28 +420,57 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
         raise ValueError(f"image size {hw} is not a multiple of the patch size {tuple(p)}")
     n_par = max(cfg.parity_images, cfg.batch) // cfg.batch * cfg.batch
     images = sample_images(n_par, hw, cfg.mean, cfg.std)
-    data: dict[str, Any] = {}
-    if cfg.precision == "int8":  # read before anything is written: data that cannot be used leaves no folder behind
-        unreadable: list[str] = []
-        data["calib"] = sample_images(cfg.calib_images, hw, cfg.mean, cfg.std, cfg.calib_data, skipped=unreadable)
-        # the held-out images follow the calibration ones (and the unreadable files among them)
-        data["held"] = sample_images(
-            cfg.eval_images, hw, cfg.mean, cfg.std, cfg.calib_data, cfg.calib_images + len(unreadable), unreadable
+    data = _variant_data(cfg, tasks, hw)  # read before anything is written: unusable data leaves no folder behind
+    if cfg.capacity_factor is not None and not _moe_layers(bb):
+        raise ValueError(
+            f"capacity_factor {cfg.capacity_factor:g}: this model has no MoE layers (an expert capacity does nothing)"
         )
-        data["unreadable"] = unreadable
     out = Path(cfg.out_dir)
-    new_dirs = [d for d in (out, *out.parents) if not d.exists()]  # what a failed export removes again if empty
+    new_dirs = [d for d in out.parents if not d.exists()]  # what a failed export removes again if empty
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # everything is written to a sibling folder first and moved into place once the export has succeeded:
+        # a failed or interrupted export leaves out_dir as it was (and no half-written file anywhere)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
         raise ValueError(f"out_dir {str(out)!r}: cannot create the folder ({e.strerror or e})") from None
     try:
-        return _export(model, cfg, model_info, tasks, hw, out, images, data)
+        report = _export(model, cfg, model_info, tasks, hw, stage, images, data)
+        _publish(stage, out)
+        return report
     except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
         for d in new_dirs:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
         raise
+
+
+def _moe_layers(backbone: nn.Module) -> list:
+    return [m for _, m in backbone.moe_layers()] if hasattr(backbone, "moe_layers") else []
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished export ``stage`` to ``out``, replacing what ``out`` held (validated: empty, or
+    ``overwrite``)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)
+
+
+def _engine(cfg: ExportConfig, onnx_path: Path, engine_path: Path, precision: str, hw: tuple[int, int]) -> dict:
+    """``build_engine.sh`` (the exact trtexec lines the device runs) for every export; with ``fmt="engine"`` the
+    engine is also built here when TensorRT and a GPU are present."""
+    from .tensorrt_build import build_or_script, write_build_script
+
+    if cfg.fmt == "engine":
+        return build_or_script(onnx_path, engine_path, precision, hw, cfg.batch, cfg.dynamic_batch)
+    script = write_build_script(onnx_path, engine_path, precision, hw, cfg.batch, cfg.dynamic_batch)
+    return dict(built=False, reason="format onnx: build on the device", precision=precision, script=script.name)
 
 
 def _export(
@@ -371,12 +483,12 @@ def _export(
     images: np.ndarray,
     data: dict[str, Any],
 ) -> dict[str, Any]:
-    from .quantize import convert_fp16, evaluate_drop, quantize_int8
-    from .tensorrt_build import build_or_script
+    from .evaluate import compare_graphs
+    from .quantize import convert_fp16, quantize_int8
 
     report: dict[str, Any] = dict(
         model=model_info or {},
-        config={k: v for k, v in asdict(cfg).items() if k != "out_dir"},
+        config={k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "experiment")},
         input=dict(
             name="images",
             shape=["batch" if cfg.dynamic_batch else cfg.batch, 3, *hw],
@@ -387,9 +499,11 @@ def _export(
             preprocess="fit inside (H, W) keeping aspect (bilinear), pad bottom/right with 0, (x/255 - mean) / std",
         ),
         versions=_versions(),
+        machine=machine_info(),
         tasks={},
     )
     for task in tasks:
+        t0 = time.perf_counter()
         module, names, meta = task_module(model, task, hw, cfg.dispatcher, cfg.capacity_factor)
         path = out / f"{task}.onnx"
         example = torch.from_numpy(images[: cfg.batch])
@@ -404,12 +518,24 @@ def _export(
             dynamic_batch=cfg.dynamic_batch,
         )
         proto, info = _finish_graph(proto, path, cfg)
+        _stages.info(
+            "%s: exported %s (%s, opset %d; %d nodes, %d before onnxslim) in %.1f s",
+            task,
+            path.name,
+            _mib(path),
+            info["opset"],
+            info["nodes"],
+            info["nodes_before_slim"],
+            time.perf_counter() - t0,
+        )
         sess = ort_session(proto)
         entry: dict[str, Any] = dict(meta, fp32=info)
         routing = _routing_info(module, images)
         if routing is not None:
             entry["routing"] = routing
         entry["fp32"]["parity"] = _parity(sess, module, images, names, FP32_RTOL, cfg.batch)
+        worst = max(v["rel"] for v in entry["fp32"]["parity"]["outputs"].values())
+        _stages.info("%s: ONNX Runtime = PyTorch to %.1e relative on %d images", task, worst, len(images))
         if cfg.dynamic_batch:  # a second batch size through the same graph
             b2 = 1 if cfg.batch > 1 else min(3, len(images))
             entry["fp32"]["parity_batch_" + str(b2)] = _parity(
@@ -417,6 +543,7 @@ def _export(
             )
         if cfg.precision == "fp16":
             p16 = out / f"{task}.fp16.onnx"
+            t1 = time.perf_counter()
             convert_fp16(path, p16)
             entry["fp16"] = dict(
                 path=p16.name,
@@ -425,49 +552,80 @@ def _export(
                 "for strongly-typed TensorRT (TensorRT 11); TensorRT 10 builds the fp32 graph with "
                 "the FP16 builder flag instead",
                 parity=_parity(ort_session(p16), module, images, names, FP16_RTOL, cfg.batch),
+                **(
+                    {
+                        "evaluation": compare_graphs(
+                            path, p16, task, meta, "onnxruntime", cfg.experiment, None, cfg.eval_images
+                        )
+                    }
+                    if cfg.experiment is not None
+                    else {}
+                ),
                 tensorrt={v: check_tensorrt_support(onnx.load(str(p16)), v).as_dict() for v in cfg.trt_versions},
             )
+            _stages.info("%s: FP16 %s (%s) checked in %.1f s", task, p16.name, _mib(p16), time.perf_counter() - t1)
         if cfg.precision == "int8":
             trt = cfg.int8_runtime == "tensorrt"
             p8 = out / (f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
-            quantize_int8(path, p8, data["calib"], cfg.batch, runtime=cfg.int8_runtime)
+            calib, calib_source = data["calib"][task]
+            t1 = time.perf_counter()
+            saturation = quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
+            _stages.info(
+                "%s: INT8 %s (%s) calibrated on %s in %.1f s; evaluating",
+                task,
+                p8.name,
+                _mib(p8),
+                calib_source,
+                time.perf_counter() - t1,
+            )
             entry["int8"] = dict(
                 path=p8.name,
                 sha256=_sha256(p8),
-                calibration_images=cfg.calib_images,
-                calibration_source=cfg.calib_data or "skimage.data photographs",
-                # files of calibration_source that could not be decoded: skipped, the next readable ones used
-                unreadable_images=len(data["unreadable"]),
-                unreadable_examples=data["unreadable"][:5],
                 runtime=cfg.int8_runtime,
-                format="QDQ, per-channel symmetric int8 weights, "
-                + ("symmetric int8 activations" if trt else "asymmetric uint8 activations (ONNX Runtime CPU)"),
+                format="QDQ, per-channel symmetric "
+                + (
+                    "int8 weights, symmetric int8 activations"
+                    if trt
+                    else "7-bit weights (-64..64), asymmetric uint8 "
+                    "activations (ONNX Runtime on x86: saturation-free with and without VNNI)"
+                ),
+                calibration=dict(
+                    source=calib_source,
+                    images=len(calib),
+                    # files of --calib-data that could not be decoded: skipped, the next readable ones used
+                    unreadable_images=len(data["unreadable"]),
+                    unreadable_examples=data["unreadable"][:5],
+                ),
+                saturation=saturation,
                 tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions}
                 if trt
                 else "not for TensorRT (uint8 activations); export with int8_runtime='tensorrt' for TensorRT",
-                evaluation=evaluate_drop(
-                    path, p8, data["held"], meta, cfg.batch, cfg.calib_data, task, hw, cfg.mean, cfg.std
+                evaluation=compare_graphs(
+                    path,
+                    p8,
+                    task,
+                    meta,
+                    "reference" if trt else "onnxruntime",
+                    cfg.experiment,
+                    data.get("held"),
+                    cfg.eval_images,
+                    data.get("held_source", ""),
                 ),
             )
-        if cfg.fmt == "engine":
-            src = {"fp32": path, "fp16": out / f"{task}.onnx", "int8": out / f"{task}.int8.onnx"}[cfg.precision]
-            entry["engine"] = build_or_script(
-                src, out / f"{task}.{cfg.precision}.engine", cfg.precision, hw, cfg.batch, cfg.dynamic_batch
-            )
+        # the INT8 file for ONNX Runtime (uint8 activations) is no TensorRT input: its engine is built with FP16
+        prec = "fp16" if cfg.precision == "int8" and cfg.int8_runtime != "tensorrt" else cfg.precision
+        src = out / f"{task}.int8.onnx" if prec == "int8" else path
+        entry["engine"] = _engine(cfg, src, out / f"{task}.{prec}.engine", prec, hw)
         report["tasks"][task] = entry
-        _logger.info("exported %s: %s", task, path)
+        if "int8" in entry:
+            ev = entry["int8"]["evaluation"]
+            _stages.info(
+                "%s: INT8 %s: drop %.2f (%d images)", task, ev["metric"].split(" (")[0], ev["drop"], ev["images"]
+            )
     if cfg.multitask:
         report["multitask"] = _export_multitask(model, tasks, images, out, cfg)
-        if cfg.fmt == "engine":
-            prec = MULTITASK_ENGINE_PRECISION[cfg.precision]
-            report["multitask"]["engine"] = build_or_script(
-                out / "multitask.onnx",
-                out / f"multitask.{prec}.engine",
-                prec,
-                hw,
-                cfg.batch,
-                cfg.dynamic_batch,
-            )
+        prec = MULTITASK_ENGINE_PRECISION[cfg.precision]
+        report["multitask"]["engine"] = _engine(cfg, out / "multitask.onnx", out / f"multitask.{prec}.engine", prec, hw)
     (out / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
@@ -495,6 +653,7 @@ def _export_multitask(
         dynamic_batch=cfg.dynamic_batch,
     )
     proto, info = _finish_graph(proto, path, cfg)
+    _stages.info("multitask: exported %s (%s, %d nodes); checking every task", path.name, _mib(path), info["nodes"])
     sess = ort_session(proto)
     has_task = "task" in {i.name for i in sess.get_inputs()}
     if not has_task:  # nothing depends on the task (dense twin with one shared head): the exporter drops the input

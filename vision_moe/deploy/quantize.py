@@ -1,8 +1,20 @@
-"""INT8 (ONNX Runtime static quantisation, QDQ) and FP16 variants of an exported graph, and their metric drop.
+"""INT8 (ONNX Runtime static quantisation, QDQ) and FP16 variants of an exported graph.
 
-QDQ with symmetric int8 (zero points 0, per-channel weights) is what TensorRT 10 and 11 consume as explicit
-quantisation, so no TensorRT calibration cache is involved. ONNX Runtime runs that file on a CPU too, but its fast
-x86 integer kernels want uint8 activations: ``runtime="onnxruntime"`` writes that variant.
+Two INT8 files, both QDQ with per-channel symmetric int8 weights:
+
+- ``runtime="tensorrt"``: symmetric int8 activations (zero points 0), what TensorRT 10 and 11 take as explicit
+  quantisation (no calibration cache). TensorRT accumulates int8 x int8 in 32 bits, so its accuracy is that of
+  the QDQ arithmetic itself: on a host without TensorRT the pipeline estimates it by running the file in ONNX
+  Runtime with graph optimisations off (:func:`qdq_reference_session`: QuantizeLinear / DequantizeLinear and float
+  operators, no integer kernels).
+- ``runtime="onnxruntime"``: asymmetric uint8 activations x int8 weights, the pair ONNX Runtime's x86 integer
+  GEMMs are built for. Without VNNI those kernels (``vpmaddubsw``) add each two neighbouring u8 x s8 products into
+  a saturating int16 (ONNX Runtime's quantisation docs, "When and why do I need to try U8U8?"); 8-bit weights
+  saturate there, which cost 6-12 points of top-1 / mIoU / AP50 on an AVX2 CPU while a VNNI CPU lost none. This
+  file therefore quantises weights to 7 bits (ONNX Runtime's ``reduce_range``, levels -64..64), so that no two
+  products can leave int16 whatever the CPU: 255 * (64 + 64) = 32640 <= 32767. :func:`saturation_check` proves it
+  from the file's own weights and is recorded in the file's metadata; :func:`warn_if_saturating` reads it when a
+  session is made.
 """
 
 from __future__ import annotations
@@ -14,11 +26,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
-from .onnx_export import ort_session
-
-__all__ = ["quantize_int8", "convert_fp16", "evaluate_drop", "heldout_images", "INT8_RUNTIMES"]
+__all__ = [
+    "quantize_int8",
+    "convert_fp16",
+    "saturation_check",
+    "qdq_reference_session",
+    "warn_if_saturating",
+    "INT8_RUNTIMES",
+    "WEIGHT_LEVELS",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +58,11 @@ class _Reader:
 
 
 INT8_RUNTIMES = ("tensorrt", "onnxruntime")
+# weight levels per runtime: symmetric int8 (-127..127) for TensorRT (32-bit accumulation), 7 bits (-64..64) for
+# ONNX Runtime on x86, where anything wider can saturate the 16-bit pair sums of CPUs without VNNI
+WEIGHT_LEVELS = {"tensorrt": 127, "onnxruntime": 64}
+INT16_MAX = 32767
+META_PREFIX = "vision_moe."
 
 
 def quantize_int8(
@@ -50,14 +72,16 @@ def quantize_int8(
     batch: int = 1,
     op_types: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose"),
     runtime: str = "tensorrt",
-) -> Path:
-    """Static INT8 quantisation with ONNX Runtime's quantiser: QDQ, per-channel symmetric int8 weights, MinMax
-    calibration on ``calib_images``. ``runtime`` picks the activation type:
+    *,
+    weight_levels: int | None = None,
+    unsigned_weights: bool = False,
+) -> dict[str, Any]:
+    """Static INT8 quantisation with ONNX Runtime's quantiser: QDQ, per-channel symmetric int8 weights (7-bit for
+    ``runtime="onnxruntime"``, see the module docstring), MinMax calibration on ``calib_images``. Returns the
+    :func:`saturation_check` of the written file (also stored in its metadata).
 
-    - ``"tensorrt"``: symmetric int8 activations (zero point 0), the only kind TensorRT's explicit quantisation
-      takes; ONNX Runtime's CPU kernels have no fast signed x signed path on x86, so on a CPU this file is slow.
-    - ``"onnxruntime"``: asymmetric uint8 activations x int8 weights, the pair ONNX Runtime's x86 integer GEMMs
-      (AVX2 / AVX-512 VNNI) are built for. Not for TensorRT.
+    ``weight_levels`` (127 or 64) and ``unsigned_weights`` (uint8 weights: ONNX Runtime's U8U8 kernels, which
+    widen to 16 bits and cannot saturate) override the runtime's choice; ``benchmarks/bench_int8.py`` compares them.
 
     Left in float in both: the routers (expert choices as in fp32 and as in training, like the FP16 variant),
     MatMuls of two activations (attention's QK^T and AV: quantising them makes ONNX Runtime fuse the softmax
@@ -71,6 +95,9 @@ def quantize_int8(
 
     if runtime not in INT8_RUNTIMES:
         raise ValueError(f"unknown INT8 runtime {runtime!r}; expected one of {list(INT8_RUNTIMES)}")
+    levels = WEIGHT_LEVELS[runtime] if weight_levels is None else weight_levels
+    if levels not in (64, 127):
+        raise ValueError(f"weight_levels must be 127 (8 bits) or 64 (7 bits), got {levels}")
     src, dst = Path(src), Path(dst)
     pre = dst.with_suffix(".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_optimization=True, skip_onnx_shape=False, skip_symbolic_shape=True)
@@ -85,8 +112,9 @@ def quantize_int8(
             _Reader(calib_images, batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=levels < 127,  # weights only: -64..64 (activations keep 8 bits)
             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
             op_types_to_quantize=list(op_types),
             nodes_to_exclude=excluded,
             calibrate_method=CalibrationMethod.MinMax,
@@ -95,10 +123,109 @@ def quantize_int8(
     finally:
         pre.unlink(missing_ok=True)
     q = onnx.load(str(dst))
+    check = saturation_check(q)
+    if not unsigned_weights and check["max_weight_level"] > levels:
+        dst.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{dst.name}: a quantised weight reached level {check['max_weight_level']}, past the {levels} asked of "
+            "the quantiser"
+        )
+    onnx.helper.set_model_props(
+        q,
+        {
+            META_PREFIX + "int8_runtime": runtime,
+            META_PREFIX + "int8_weight_levels": "uint8" if unsigned_weights else str(levels),
+            META_PREFIX + "u8s8_saturation_free": str(check["saturation_free"]).lower(),
+        },
+    )
     onnx.checker.check_model(q, full_check=True)
+    onnx.save(q, str(dst))
     if stacked:
         _logger.info("%s: %d MatMuls on stacked (E, in, out) expert weights left in float", dst.name, len(stacked))
-    return dst
+    return check
+
+
+def _initializer_consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            out.setdefault(x, []).append(n)
+    return out
+
+
+def saturation_check(model: onnx.ModelProto, activation_max: int = 255) -> dict[str, Any]:
+    """Can any integer GEMM of this QDQ file leave int16 in ONNX Runtime's x86 kernels without VNNI?
+
+    Those kernels (``vpmaddubsw``) multiply uint8 activations (signed int8 ones are shifted to uint8 first) by int8
+    weights and add two products of neighbouring reduction indices into a saturating int16. Which two neighbour
+    depends on how the kernel packs the weights, so this checks the worst pair of any two weights of an output
+    channel: ``activation_max * (w_a + w_b)`` for its two largest positive and its two most negative weights.
+    A file passes when no channel of any weight can reach past [-32768, 32767] for any activation values.
+    Computed from the quantised weights alone: the same answer on every machine.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers = _initializer_consumers(model)
+    layers: list[dict[str, Any]] = []
+    max_level = 0
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
+        w = inits.get(dq.input[0])
+        if w is None or w.data_type != onnx.TensorProto.INT8:
+            continue
+        users = [u for u in consumers.get(dq.output[0], []) if u.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose")]
+        if not users:
+            continue
+        q = onnx.numpy_helper.to_array(w).astype(np.int64)
+        max_level = max(max_level, int(np.abs(q).max(initial=0)))
+        u = users[0]
+        axis = {"MatMul": q.ndim - 1, "Conv": 0, "ConvTranspose": 1 if q.ndim > 1 else 0}.get(u.op_type)
+        if u.op_type == "Gemm":
+            trans_b = next((a.i for a in u.attribute if a.name == "transB"), 0)
+            axis = 0 if trans_b else q.ndim - 1
+        chans = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)  # (out channels, reduction)
+        pos = np.sort(np.clip(chans, 0, None), axis=1)[:, -2:].sum(1) * activation_max
+        neg = np.sort(np.clip(chans, None, 0), axis=1)[:, :2].sum(1) * activation_max
+        risky = int(((pos > INT16_MAX) | (neg < -INT16_MAX - 1)).sum())
+        if risky:
+            layers.append(dict(node=u.name, weight=w.name, channels=int(chans.shape[0]), channels_at_risk=risky))
+    return dict(
+        saturation_free=not layers,
+        max_weight_level=max_level,
+        bound=f"{activation_max} x (two largest same-sign int8 weights of a channel) within int16",
+        layers_at_risk=layers,
+    )
+
+
+def qdq_reference_session(path: str | Path, threads: int = 1):
+    """ONNX Runtime with graph optimisations off: QuantizeLinear / DequantizeLinear and the float operators run
+    as written, with no fused integer kernels. That is the QDQ arithmetic TensorRT implements with 32-bit integer
+    accumulation, up to float rounding, on any CPU: how the TensorRT file's accuracy is estimated on a host."""
+    import onnxruntime as ort
+
+    from .onnx_export import session_options
+
+    so = session_options(threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def warn_if_saturating(session, name: str) -> bool:
+    """Log one warning when ``session`` holds an INT8 file of this project whose u8 x s8 GEMMs can saturate
+    (8-bit weights) and this CPU runs them with the saturating kernels (x86 without VNNI). True if it warned."""
+    from ..machine import int8_kernels
+
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get(META_PREFIX + "u8s8_saturation_free") != "false":
+        return False
+    kernels = int8_kernels()
+    if not kernels["saturates"]:
+        return False
+    _logger.warning(
+        "%s: its 8-bit weights can saturate ONNX Runtime's integer GEMMs on this CPU (%s), which costs accuracy; "
+        "for ONNX Runtime on a CPU export with --int8-runtime onnxruntime (7-bit weights, saturation-free)",
+        name,
+        kernels["path"],
+    )
+    return True
 
 
 def stacked_weight_nodes(model: onnx.ModelProto) -> list[str]:
@@ -136,123 +263,3 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(dst))
     return Path(dst)
-
-
-def _is_builtin(root: str | Path | None) -> bool:
-    return root is not None and (Path(root) / "manifest.json").is_file() and (Path(root) / "val").is_dir()
-
-
-def heldout_images(
-    calib_data: str | Path | None, task: str, n: int, hw: tuple[int, int], mean, std, offset: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Held-out images (and class labels when the data has them): a built-in dataset's ``val`` split, else the
-    images after the calibration ones."""
-    from .prepost import preprocess, sample_images
-
-    if _is_builtin(calib_data) and task == "classification":
-        from ..data.builtin import BuiltinDataset
-
-        ds = BuiltinDataset(calib_data, split="val", tasks=["classification"])
-        raws = [ds.load_raw(i) for i in range(min(n, len(ds)))]
-        return preprocess([r["image"] for r in raws], hw, mean, std), np.array([r["class_label"] for r in raws])
-    return sample_images(n, hw, mean, std, calib_data, offset=offset), None
-
-
-def _builtin_val(calib_data: str | Path | None, task: str, n: int, hw: tuple[int, int]):
-    """The built-in dataset's ``val`` split for ``task`` ('semseg' or 'detection') when its images are already
-    ``hw`` (labels then need no resizing): (dataset, raw samples), else None."""
-    if not _is_builtin(calib_data) or task not in ("semseg", "detection"):
-        return None
-    from ..data.builtin import BuiltinDataset
-
-    ds = BuiltinDataset(calib_data, split="val", tasks=[task])
-    raws = [ds.load_raw(i) for i in range(min(n, len(ds)))]
-    if not raws or any(tuple(r["image"].shape[:2]) != tuple(hw) for r in raws):
-        return None
-    return ds, raws
-
-
-def _run(path: Path, images: np.ndarray, batch: int) -> list[np.ndarray]:
-    sess = ort_session(path)
-    outs = [sess.run(None, {"images": images[i : i + batch]}) for i in range(0, len(images) - batch + 1, batch)]
-    return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
-
-
-def evaluate_drop(
-    fp32_path: Path,
-    q_path: Path,
-    images: np.ndarray,
-    meta: dict[str, Any],
-    batch: int,
-    calib_data: str | None,
-    task: str,
-    hw,
-    mean,
-    std,
-) -> dict[str, Any]:
-    """The task metric of the fp32 and quantised graphs on held-out images, and the drop (points).
-
-    On a built-in dataset (its held-out ``val`` split, images already at the export size) the metric is the task's
-    own against the labels: classification top-1, semseg mIoU, detection COCO AP50 (host-side NMS as on the
-    device). Otherwise agreement with fp32 (fp32 = 100): classification top-1 agreement; dense per-pixel argmax
-    agreement (multi-channel) or 100 * (1 - relative L1 error); detection 100 * (1 - relative L1 error) of the
-    decoded scores.
-    """
-    from .prepost import preprocess
-
-    labels = None
-    if _is_builtin(calib_data) and meta["kind"] == "classification":
-        images, labels = heldout_images(calib_data, task, len(images), hw, mean, std, 0)
-    val = _builtin_val(calib_data, task, len(images), hw) if meta["kind"] != "classification" else None
-    if val is not None:
-        images = preprocess([r["image"] for r in val[1]], hw, mean, std)
-    n = len(images) - len(images) % batch
-    images = images[:n]
-    ref, got = _run(fp32_path, images, batch), _run(q_path, images, batch)
-    kind = meta["kind"]
-    if val is not None and kind == "dense":  # semseg mIoU against the held-out masks
-        from ..metrics.dense import SegmentationMetric
-
-        def miou(out: np.ndarray) -> float:
-            m = SegmentationMetric(out.shape[1])
-            m.update(torch.from_numpy(out.argmax(1)), torch.from_numpy(np.stack([r["semseg"] for r in val[1][:n]])))
-            return 100.0 * float(m.compute()["mIoU"])
-
-        f, q, name = miou(ref[0]), miou(got[0]), "mIoU (held-out masks)"
-    elif val is not None and kind == "detection":  # COCO AP50 against the held-out annotations
-        from ..metrics.detection import CocoDetectionMetric
-        from .prepost import detection_postprocess
-
-        ds, raws = val
-
-        def ap50(out: list[np.ndarray]) -> float:
-            dets = detection_postprocess(
-                out[0],
-                out[1],
-                meta["level_counts"],
-                meta["score_thresh"],
-                meta["nms_thresh"],
-                meta["topk_candidates"],
-                meta["detections_per_img"],
-            )
-            m = CocoDetectionMetric(ds.coco, ds.contiguous_to_cat_id)
-            m.update(dets, [{"image_id": r["image_id"]} for r in raws[:n]])
-            return 100.0 * float(m.compute()["AP50"])
-
-        f, q, name = ap50(ref), ap50(got), "COCO AP50 (held-out annotations)"
-    elif kind == "classification":
-        if labels is not None:
-            labels = labels[:n]
-            f = 100.0 * float(np.mean(ref[0].argmax(-1) == labels))
-            q = 100.0 * float(np.mean(got[0].argmax(-1) == labels))
-            name = "top1 accuracy (labels)"
-        else:
-            f, q, name = 100.0, 100.0 * float(np.mean(got[0].argmax(-1) == ref[0].argmax(-1))), "top1 agreement"
-    elif kind == "dense" and ref[0].shape[1] > 1:
-        f, q = 100.0, 100.0 * float(np.mean(got[0].argmax(1) == ref[0].argmax(1)))
-        name = "per-pixel argmax agreement with fp32"
-    else:
-        i = 1 if kind == "detection" else 0
-        err = float(np.mean(np.abs(got[i] - ref[i])) / max(float(np.mean(np.abs(ref[i]))), 1e-12))
-        f, q, name = 100.0, 100.0 * (1.0 - err), "100 x (1 - relative L1 error) vs fp32"
-    return dict(metric=name, images=n, fp32=f, quantized=q, drop=f - q)

@@ -159,9 +159,9 @@ def build_or_script(
     cmd = shlex.join(trtexec_command(onnx_path.name, engine_path.name, precision, hw, batch, dynamic_batch))
     ok, why = tensorrt_available()
     if not ok:
-        _logger.warning("no engine built (%s): run %s on the device", why, script)
-        return dict(built=False, reason=why, trtexec=cmd, script=script.name)
+        _logger.warning("no engine built (%s): run %s (in the export folder) on the device", why, script.name)
+        return dict(built=False, reason=why, precision=precision, trtexec=cmd, script=script.name)
     res = build_engine(
         onnx_path, engine_path, precision, hw, batch, dynamic_batch, timing_cache=onnx_path.parent / "timing.cache"
     )
-    return dict(res, trtexec=cmd, script=script.name)
+    return dict(res, trtexec=cmd, script=script.name)  # res holds built, engine, precision

@@ -26,6 +26,8 @@ __all__ = [
     "load_train_state",
     "latest_checkpoint",
     "read_config",
+    "build_from_config",
+    "is_hub_format",
     "CheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -84,8 +86,16 @@ def save_checkpoint(
 
 
 def _resolve_dir(path: str | Path) -> Path:
+    """The checkpoint folder ``path`` names: the folder itself, or the folder of one of its files (its weights,
+    config.json or training state); any other file is refused, naming it."""
     p = Path(path)
     if p.is_file():
+        if p.name not in (WEIGHTS, CONFIG, STATE) or not (p.parent / CONFIG).is_file():
+            raise CheckpointError(
+                f"{p}: a file, not a checkpoint folder; expected a folder with {CONFIG} and {WEIGHTS} (a training "
+                "checkpoint, e.g. runs/quickstart/checkpoints/step_0002900, or a save_pretrained folder); bare "
+                "weights load with create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
+            )
         p = p.parent
     if not (p / CONFIG).is_file():
         raise CheckpointError(f"{p / CONFIG}: not found; expected a checkpoint folder with {CONFIG} and {WEIGHTS}")
@@ -150,6 +160,27 @@ def build_model(m: dict[str, Any], losses: dict | None = None) -> nn.Module:
     )
 
 
+def is_hub_format(cfg: dict[str, Any]) -> bool:
+    """Whether a config.json was written by :func:`vision_moe.hub.save_pretrained` (timm's Hub layout)."""
+    return "architecture" in cfg and "pretrained_cfg" in cfg
+
+
+def build_from_config(path: str | Path, cfg: dict[str, Any]):
+    """The model a checkpoint's config.json describes (its ``model`` section, see :func:`build_model`), not
+    loaded."""
+    d = Path(path)
+    m = cfg.get("model")
+    if not isinstance(m, dict) or "backbone" not in m or "tasks" not in m:
+        raise CheckpointError(f"{d / CONFIG}: no 'model' section with backbone and tasks")
+    for key in ("tasks", "head_kwargs", "backbone_kwargs"):
+        if not isinstance(m.get(key) or {}, dict):
+            raise CheckpointError(f"{d / CONFIG}: model.{key} must be a JSON object, got {_json_type(m[key])}")
+    try:
+        return build_model(m)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / CONFIG}: cannot build the model ({e})") from None
+
+
 def load_model(path: str | Path, verify: bool = True, require: Sequence[str] = (), why: str = ""):
     """Rebuild the model of a checkpoint folder (or its weights file) (see :func:`build_model`) and load its
     weights.
@@ -169,16 +200,9 @@ def load_model(path: str | Path, verify: bool = True, require: Sequence[str] = (
         sd = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{wpath}: cannot read safetensors ({e})") from None
-    m = cfg.get("model")
-    if not isinstance(m, dict) or "backbone" not in m or "tasks" not in m:
-        raise CheckpointError(f"{d / CONFIG}: no 'model' section with backbone and tasks")
-    for key in ("tasks", "head_kwargs", "backbone_kwargs"):
-        if not isinstance(m.get(key) or {}, dict):
-            raise CheckpointError(f"{d / CONFIG}: model.{key} must be a JSON object, got {_json_type(m[key])}")
-    try:
-        model = build_model(m)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{d / CONFIG}: cannot build the model ({e})") from None
+    model = build_from_config(d, cfg)
+    if is_hub_format(cfg):  # timm's names for the backbone, heads.* for the heads (hub.save_pretrained)
+        sd = {k if k.startswith("heads.") else f"backbone.{k}": v for k, v in sd.items()}
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]

@@ -19,7 +19,6 @@ from ..config import Config, DatasetConfig
 __all__ = [
     "build_dataset",
     "split_by_task",
-    "eval_loader",
     "StepPlan",
     "PlanDataset",
     "collate_plan",
@@ -47,8 +46,11 @@ def _restoration_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool
     return restoration_dataset(ds.format, root, split, tasks, tf, lq_dir=ds.lq_dir, gt_dir=ds.gt_dir)
 
 
-def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None):
-    """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline."""
+def build_dataset(
+    ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None, progress: bool = False
+):
+    """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline. The built-in data is
+    generated on first use (``progress``: with a tqdm bar, see :func:`~vision_moe.data.builtin.prepare_builtin`)."""
     from ..config import RESTORATION_FORMATS
     from ..data.transforms import build_transforms
 
@@ -69,7 +71,12 @@ def build_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks
         from ..data.builtin import BuiltinDataset, prepare_builtin
 
         root = prepare_builtin(
-            root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val, img_size=cfg.model.img_size
+            root,
+            seed=ds.seed,
+            num_train=ds.num_train,
+            num_val=ds.num_val,
+            img_size=cfg.model.img_size,
+            progress=progress,
         )
         return BuiltinDataset(root, split, tasks=tasks, transform=tf)
     from .. import data as D
@@ -106,23 +113,6 @@ def split_by_task(dataset: Any, tasks: Sequence[str], mixed: bool = False) -> li
         if idx:
             out.append((torch.utils.data.Subset(dataset, idx), [t]))
     return out
-
-
-def eval_loader(dataset: Any, cfg: Config) -> torch.utils.data.DataLoader:
-    """The held-out loader of ``dataset``: unreadable samples skipped (and counted by the evaluator), batches of
-    ``data.eval_batch_size``; images of differing sizes (restoration sets) one at a time, never padded together."""
-    from ..data import SkipBadSamples, collate_multitask
-
-    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    uniform = getattr(base, "uniform_size", True)
-    return torch.utils.data.DataLoader(
-        SkipBadSamples(dataset),
-        batch_size=cfg.data.eval_batch_size if uniform else 1,
-        shuffle=False,
-        collate_fn=collate_multitask,
-        num_workers=cfg.data.num_workers,
-        generator=torch.Generator(),
-    )
 
 
 def reseed_sample(dataset: Any, seed: int) -> None:

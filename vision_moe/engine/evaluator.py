@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..tasks import get_task, stack_key
+from .routing import add_expert_loads
 
-__all__ = ["build_metric", "update_metric", "evaluate_task"]
+__all__ = ["build_metric", "update_metric", "evaluate_task", "agreement_targets", "task_dataset", "heldout_loader"]
 
 _logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def build_metric(task: str, dataset: Any, num_classes: int | None, crop_border: 
 def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> None:
     """Feed one batch of model output (``MultiTaskModel.forward``'s dict) and targets to ``metric``."""
     kind = get_task(task).kind
-    out = result["out"]
+    out = result.get("out")  # detection results carry "detections" instead
     if kind == "classification":
         labels = torch.stack([torch.as_tensor(t["class_label"]) for t in targets]).long()
         metric.update(out.float().cpu(), labels)
@@ -54,6 +55,62 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
         metric.update(out.float().cpu(), stack_key(targets, task))
     else:
         raise ValueError(f"no metric adapter for task {task!r}")
+
+
+def task_dataset(
+    cfg: Any, task: str, split: str = "val", img_size: Any = None, root: Any = None, progress: bool = False
+):
+    """The dataset of experiment config ``cfg`` that labels ``task``: its held-out (``split="val"``) or training
+    (``"train"``) split with the evaluation transform (no augmentation). ``img_size`` evaluates at another size
+    than the config's (the data itself, e.g. generated built-in data, stays the config's); ``root`` replaces the
+    dataset's root; ``progress`` shows a bar if built-in data has to be generated."""
+    import dataclasses
+
+    from ..data.transforms import build_transforms
+    from .data import build_dataset
+
+    for dcfg in cfg.data.datasets:
+        tasks = list(dcfg.tasks or cfg.tasks)
+        if task in tasks:
+            if root is not None:
+                dcfg = dataclasses.replace(dcfg, root=str(root))
+            name = dcfg.val_split if split == "val" else dcfg.train_split
+            ds = build_dataset(dcfg, cfg, name, train=False, tasks=tasks, progress=progress)
+            if img_size is not None:
+                ds.transform = build_transforms(False, img_size, cfg.data.mean, cfg.data.std, tasks)
+            return ds
+    raise ValueError(f"no dataset in the config labels task {task!r}")
+
+
+def heldout_loader(cfg: Any, dataset: Any, limit: int = 0, batch_size: int | None = None, workers: int | None = None):
+    """The evaluation DataLoader over ``dataset`` (its first ``limit`` samples when > 0): unreadable samples
+    dropped from their batch (:class:`~vision_moe.data.SkipBadSamples`), targets as a list of dicts; images of
+    differing sizes (restoration sets without ``uniform_size``) one at a time, never padded together."""
+    from ..data import SkipBadSamples, collate_multitask
+
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    uniform = getattr(base, "uniform_size", True)
+    ds = dataset if not limit or limit >= len(dataset) else torch.utils.data.Subset(dataset, range(limit))
+    return torch.utils.data.DataLoader(
+        SkipBadSamples(ds),
+        batch_size=(batch_size or cfg.data.eval_batch_size) if uniform else 1,
+        shuffle=False,
+        collate_fn=collate_multitask,
+        num_workers=cfg.data.num_workers if workers is None else workers,
+        generator=torch.Generator(),
+    )
+
+
+def agreement_targets(task: str, result: dict) -> list[dict] | None:
+    """A reference model's predictions as targets (argmax class, argmax mask), so :func:`update_metric` scores
+    another model's agreement with it; None for tasks without such a reading (detection, regression)."""
+    kind = get_task(task).kind
+    out = result["out"]
+    if kind == "classification":
+        return [{"class_label": int(v)} for v in out.float().argmax(1).cpu()]
+    if task in ("semseg", "human_parts"):
+        return [{task: m} for m in out.argmax(1).cpu()]
+    return None
 
 
 def _images_drawn(loader, batches: int) -> int | None:
@@ -78,8 +135,16 @@ def evaluate_task(
     max_batches: int = 0,
     amp_ctx=None,
     crop_border: int = 0,
+    routing: dict | None = None,
+    reference: nn.Module | None = None,
 ) -> dict[str, float]:
     """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``.
+
+    ``routing``: a dict that receives the task's assignments per expert of each MoE layer on these images
+    (:func:`vision_moe.engine.routing.add_expert_loads`), for the routing heatmaps.
+    ``reference``: another model of the same task (e.g. the float model of a fixed-point one); its predictions
+    are scored as targets too, giving ``agreement_<metric>`` (top-1 agreement, mIoU between the two masks) for
+    classification and segmentation tasks.
 
     When the MoE layers have a capacity limit, ``moe_dropped_fraction`` (assignments dropped over all MoE layers
     and images) is added.
@@ -94,6 +159,9 @@ def evaluate_task(
     was = model.training
     model.eval()
     metric = build_metric(task, dataset, num_classes, crop_border)
+    agree = build_metric(task, dataset, num_classes, crop_border) if reference is not None else None
+    if reference is not None:
+        reference.eval()
     assigned = dropped = 0
     seen = batches = 0
     try:
@@ -110,11 +178,21 @@ def evaluate_task(
             else:
                 result = model(images.to(device), task)
             update_metric(task, metric, result, targets)
+            if routing is not None:
+                add_expert_loads(routing, task, result.get("aux") or ())
+            if agree is not None:
+                ref_targets = agreement_targets(task, reference(images.to(device), task))
+                if ref_targets is None:
+                    agree = None
+                else:
+                    update_metric(task, agree, result, ref_targets)
             for a in result.get("aux") or ():
                 if a.keep is not None:
                     assigned += a.keep.numel()
                     dropped += int((~a.keep).sum())
         out = {k: float(v) for k, v in metric.compute().items() if isinstance(v, (int, float))}
+        if agree is not None:
+            out.update({f"agreement_{k}": float(v) for k, v in agree.compute().items() if isinstance(v, (int, float))})
         if assigned:
             out["moe_dropped_fraction"] = dropped / assigned
         total = _images_drawn(loader, batches)

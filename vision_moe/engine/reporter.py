@@ -64,9 +64,12 @@ class Reporter:
         self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool, tensorboard: bool
     ) -> None:
         self.out_dir, self.enabled = out_dir, enabled
+        self.total, self.start = total_steps, start_step
         self.ema: dict[str, float] = {}
+        self._load_layout = False  # the custom-scalars layout of the expert-load charts, written once
         self.history: list[dict] = []
         self.bar = self.writer = None
+        self._warned_heatmaps = False
         self.t0 = time.perf_counter()
         if not enabled:
             return
@@ -107,12 +110,52 @@ class Reporter:
             self.writer.add_scalar("lr", lr, step)
 
     def expert_load(self, step: int, loads: dict[str, list[list[float]]]) -> None:
-        """``loads[task][layer][expert]`` = fraction of the task's assignments that went to that expert."""
+        """``loads[task][layer][expert]`` = fraction of the task's assignments that went to that expert.
+
+        Tags ``expert_load/<task>/layer<i>/e<j>`` in the run's one event file, and (TensorBoard's Custom Scalars
+        tab) one chart per task and layer with a line per expert. ``add_scalars`` would make one run per
+        (task, layer, expert): 288 runs for M³ViT-S."""
         if self.writer is None:
             return
+        if not self._load_layout:
+            layout = {
+                f"expert_load/{task}": {
+                    f"layer{li}": ["Multiline", [rf"^expert_load/{task}/layer{li}/e\d+$"]] for li in range(len(layers))
+                }
+                for task, layers in loads.items()
+            }
+            self.writer.add_custom_scalars(layout)
+            self._load_layout = True
         for task, layers in loads.items():
             for li, row in enumerate(layers):
-                self.writer.add_scalars(f"expert_load/{task}/layer{li}", {f"e{e}": v for e, v in enumerate(row)}, step)
+                for e, v in enumerate(row):
+                    self.writer.add_scalar(f"expert_load/{task}/layer{li}/e{e}", v, step)
+
+    def status(self, step: int) -> str:
+        """``step 400/2900 (1.8 min, ETA 11.2 min; loss 0.812)``: the progress bar's content as one line."""
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start
+        eta = f", ETA {elapsed / done * (self.total - step) / 60:.1f} min" if 0 < done and step < self.total else ""
+        loss = f"; loss {self.ema['total']:.3f}" if "total" in self.ema else ""
+        return f"step {step}/{self.total} ({elapsed / 60:.1f} min{eta}{loss})"
+
+    def checkpoint(self, step: int, path: Path | None) -> None:
+        """A line per checkpoint when there is no progress bar (logs, CI), so a long run is never silent."""
+        if self.enabled and self.bar is None and path is not None:
+            self.message(f"{self.status(step)}: checkpoint {path}")
+
+    def routing_heatmaps(self, step: int, counts: dict, layers: list[str]) -> None:
+        """Each MoE layer's task x expert heatmap of the evaluation's assignments to TensorBoard (needs matplotlib)."""
+        if self.writer is None or not counts or not layers:
+            return
+        try:
+            from .routing import RoutingStats, log_heatmaps
+
+            log_heatmaps(self.writer, step, RoutingStats(layers, counts, {}))
+        except ImportError as e:  # matplotlib is in the [train] extra
+            if not self._warned_heatmaps:
+                _logger.warning("no routing heatmaps in TensorBoard: %s", e)
+                self._warned_heatmaps = True
 
     def evaluation(self, step: int, metrics: dict[str, dict[str, float]], extra: dict | None = None) -> None:
         if not self.enabled:
@@ -125,8 +168,9 @@ class Reporter:
             for task, m in metrics.items():
                 for k, v in m.items():
                     self.writer.add_scalar(f"metrics/{task}/{k}", v, step)
+        where = f"step {step}" if self.bar is not None else self.status(step)  # no bar: the line says the progress
         self.message(
-            f"step {step}: "
+            f"{where}: "
             + "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()) for t, m in metrics.items())
         )
 

@@ -4,11 +4,12 @@ losses from the returned aux records, AMP, clipping, atomic checkpoints, exact r
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, config_to_dict
+from ..models.multitask import build_multitask_model
 from ..tasks import RestorationLoss, get_task, is_restoration
 from . import distributed as dist_utils
 from .checkpoint import (
@@ -34,10 +36,9 @@ from .data import (
     TooManyBadSamples,
     build_dataset,
     collate_plan,
-    eval_loader,
     split_by_task,
 )
-from .evaluator import evaluate_task
+from .evaluator import evaluate_task, heldout_loader
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
 from .reporter import Reporter, format_restoration_table, format_table
@@ -88,8 +89,12 @@ def _amp_ctx(cfg: Config, device: torch.device):
 
 
 def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, Any]:
-    """What ``config.json`` holds: everything to rebuild the model, plus the experiment config."""
+    """What ``config.json`` holds: everything to rebuild the model, plus the experiment config, whose dataset roots
+    are made absolute (a root relative to where training ran would name another folder from anywhere else)."""
     m = cfg.model
+    experiment = config_to_dict(cfg)
+    for d in experiment["data"]["datasets"]:
+        d["root"] = str(Path(d["root"]).expanduser().absolute())
     if all(is_restoration(t) for t in num_classes):
         model = {
             "kind": "restoration",
@@ -100,7 +105,7 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
             "mean": list(cfg.data.mean),
             "std": list(cfg.data.std),
         }
-        return {"model": model, "experiment": config_to_dict(cfg)}
+        return {"model": model, "experiment": experiment}
     head_kwargs = dict(
         head_channels=m.head_channels,
         head_norm=m.head_norm,
@@ -120,7 +125,7 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
             "mean": list(cfg.data.mean),
             "std": list(cfg.data.std),
         },
-        "experiment": config_to_dict(cfg),
+        "experiment": experiment,
     }
 
 
@@ -131,6 +136,25 @@ def restoration_losses(cfg: Config) -> dict[str, RestorationLoss]:
         for t, tc in cfg.tasks.items()
         if is_restoration(t)
     }
+
+
+def build_model_from_config(
+    mc: dict[str, Any], pretrained: bool = False, losses: dict[str, RestorationLoss] | None = None
+) -> nn.Module:
+    """The model ``config.json`` describes; ``pretrained``: its backbone from its weight tag's weights (multi-task
+    models); ``losses``: a restoration model's per-task losses (see :func:`build_model`)."""
+    m = mc["model"]
+    if m.get("kind") == "restoration":
+        return build_model(m, losses)
+    return build_multitask_model(
+        m["backbone"],
+        m["tasks"],
+        img_size=m["img_size"],
+        head=m["head"],
+        head_kwargs=m["head_kwargs"],
+        **m["backbone_kwargs"],
+        **({"pretrained": True} if pretrained else {}),
+    )
 
 
 class _StepModule(nn.Module):
@@ -229,6 +253,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False) -> None:
         self.cfg, self.out_dir = cfg, Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"{self.out_dir}: is a file; expected a folder for the run (new, or holding a run)")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device, "train.device")
@@ -246,7 +272,10 @@ class Trainer:
                 "expected --resume to continue it, or a new --out folder (or --overwrite to discard it)"
             )
         if self.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a parent is a file, no permission...: one line that names the folder
+                raise OSError(f"{self.out_dir}: cannot create the run folder ({e.strerror or e})") from None
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -259,7 +288,10 @@ class Trainer:
         self.num_classes = self._num_classes()
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(self.model_cfg["model"], restoration_losses(cfg)).to(self.device)
+        # a fresh run may start from pretrained weights; a resumed one takes every weight from its checkpoint
+        self.model = build_model_from_config(
+            self.model_cfg, cfg.model.pretrained and not resume, restoration_losses(cfg)
+        ).to(self.device)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         if cfg.train.channels_last:  # weights (and the optimizer's moments, made like them) stay NHWC on resume
             self.model.to(memory_format=torch.channels_last)
@@ -311,9 +343,11 @@ class Trainer:
         """(dataset, tasks) per step kind: a restoration set gives one per degradation (see split_by_task)."""
         out = []
         self.set_weights = []
+        bar = self.main and self.cfg.train.progress  # generating the built-in data: a bar, else periodic log lines
         for ds in datasets:
             tasks = list(ds.tasks or self.cfg.tasks)
-            built = build_dataset(ds, self.cfg, ds.train_split if train else ds.val_split, train, tasks)
+            split = ds.train_split if train else ds.val_split
+            built = build_dataset(ds, self.cfg, split, train, tasks, progress=bar)
             for pair in split_by_task(built, tasks, mixed=train and self.cfg.data.mixed_batches):
                 out.append(pair)
                 self.set_weights.append(ds.sample_weight)
@@ -398,8 +432,9 @@ class Trainer:
             self._val = val_loaders(self.cfg)
         return self._val
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        """Metrics of every task on its held-out split (rank 0 computes; other ranks wait)."""
+    def evaluate(self, routing: dict | None = None) -> dict[str, dict[str, float]]:
+        """Metrics of every task on its held-out split (rank 0 computes; other ranks wait). ``routing`` receives each
+        task's assignments per expert (see :func:`evaluate_task`)."""
         results: dict[str, dict[str, float]] = {}
         if self.main:
             for task, (loader, ds) in self._val_loaders().items():
@@ -413,9 +448,22 @@ class Trainer:
                     self.cfg.train.eval_max_batches,
                     self.amp_ctx,
                     self.cfg.data.crop_border,
+                    routing=routing,
                 )
         dist_utils.barrier()
         return results
+
+    def _moe_layer_names(self) -> list[str]:
+        """The MoE layers of the routed network (a multi-task model's backbone, a restoration model's net), named
+        as in that network."""
+        inner = self.model.backbone if hasattr(self.model, "backbone") else self.model.net
+        return [n for n, _ in inner.moe_layers()]
+
+    def _evaluate_and_report(self, rep: Reporter) -> None:
+        """Evaluate, report the metrics, and send the routing heatmaps of the held-out images to TensorBoard."""
+        routing: dict = {}
+        rep.evaluation(self.step, self.evaluate(routing))
+        rep.routing_heatmaps(self.step, routing, self._moe_layer_names())
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, dict[str, float]]:
@@ -468,18 +516,20 @@ class Trainer:
                 if log:
                     rep.expert_load(self.step, loads)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < total:
-                    self.save()
+                    rep.checkpoint(self.step, self.save())
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
-                    rep.evaluation(self.step, self.evaluate())
+                    self._evaluate_and_report(rep)
             # the finished run is written before anything can fail: checkpoint, metrics, then the bad-sample limit
             ckpt = self.save()
-            metrics = self.evaluate()
+            routing: dict = {}
+            metrics = self.evaluate(routing)
             wall = time.perf_counter() - t0
             rep.evaluation(
                 self.step,
                 metrics,
                 {"train_seconds": round(wall, 1), "bad_samples": self.bad.count, "samples_seen": self.bad.seen},
             )
+            rep.routing_heatmaps(self.step, routing, self._moe_layer_names())
             if self.bad.count:
                 rep.message(
                     f"{self.bad.count} of {self.bad.seen} samples were unreadable and skipped "
@@ -504,16 +554,24 @@ def table(metrics: dict[str, dict[str, float]]) -> str:
     return format_table(metrics, {t: get_task(t).primary for t in metrics})
 
 
-def val_loaders(cfg: Config, tasks: list[str] | None = None) -> dict[str, tuple[Any, Any]]:
-    """task -> (held-out loader, dataset) for every task of ``cfg`` (or ``tasks``): the first dataset labelling it."""
+def val_loaders(
+    cfg: Config, tasks: list[str] | None = None, roots: dict[int, Path] | None = None, progress: bool = False
+) -> dict[str, tuple[Any, Any]]:
+    """task -> (held-out loader, dataset) for every task of ``cfg`` (or ``tasks``): the first dataset labelling it
+    (a restoration set: the subset of that degradation). ``roots``: dataset index -> where its data is now;
+    ``progress``: a bar if built-in data has to be generated."""
+    import dataclasses
+
     out: dict[str, tuple[Any, Any]] = {}
-    for dcfg in cfg.data.datasets:
+    for i, dcfg in enumerate(cfg.data.datasets):
         ds_tasks = [t for t in (dcfg.tasks or cfg.tasks) if tasks is None or t in tasks]
         if not ds_tasks or all(t in out for t in ds_tasks):
             continue
-        ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=ds_tasks)
+        if roots and i in roots:
+            dcfg = dataclasses.replace(dcfg, root=str(roots[i]))
+        ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=ds_tasks, progress=progress)
         for sub, sub_tasks in split_by_task(ds, ds_tasks):
-            loader = eval_loader(sub, cfg)
+            loader = heldout_loader(cfg, sub)
             for t in sub_tasks:
                 out.setdefault(t, (loader, sub))
     return out
@@ -527,18 +585,57 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, d
         dist_utils.cleanup()
 
 
+def _eval_data_root(checkpoint: str | Path, i: int, dcfg: Any, cfg: Config, data_root: str | Path | None) -> Path:
+    """Where the held-out data of ``cfg.data.datasets[i]`` is: ``data_root`` if given, else the root the checkpoint
+    stored (absolute since roots are stored so; a relative one, from older checkpoints, is taken from the current
+    folder). A missing dataset is an error naming it; missing built-in data is generated (deterministic: the same
+    images), never silently."""
+    from ..data.builtin import builtin_dir
+
+    root = Path(data_root if data_root is not None else dcfg.root).expanduser()
+    given = "--data-root" if data_root is not None else f"data.datasets[{i}].root"
+    if dcfg.format == "builtin_restore":  # generated on first use where it is missing (deterministic)
+        return root
+    if dcfg.format != "builtin":
+        if not root.exists():
+            raise ValueError(
+                f"{checkpoint}: {given} {root}: not found; expected the {dcfg.format} dataset the checkpoint was "
+                "trained on" + ("" if data_root is not None else " (tools/eval.py --data-root names where it is now)")
+            )
+        return root
+    folder = builtin_dir(root, dcfg.seed, dcfg.num_train, dcfg.num_val, cfg.model.img_size)
+    if not (folder / "manifest.json").is_file():
+        _logger.warning(
+            "%s: its built-in data is not in %s (%s); generating it there: %d + %d images, the same as in training%s",
+            checkpoint,
+            folder,
+            given,
+            dcfg.num_train,
+            dcfg.num_val,
+            "" if data_root is not None else " (tools/eval.py --data-root names a copy elsewhere)",
+        )
+    return root
+
+
 def evaluate_checkpoint_tasks(
     checkpoint: str | Path,
     tasks: list[str] | None = None,
     max_batches: int | None = None,
     device: str = "auto",
     capacity_factor: float | None = None,
+    data_root: str | Path | None = None,
+    progress: bool = False,
+    backbone_fn: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of ``tasks`` (default: all of the checkpoint's) on their held-out splits, exactly as the trainer
     computes them: task -> metrics.
 
     ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
-    capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``."""
+    capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``.
+    ``data_root``: where the task's dataset is now (default: the root stored in the checkpoint); for the built-in
+    data, the folder holding it or its parent. ``progress``: a tqdm bar if the built-in data has to be generated.
+    ``backbone_fn``: evaluate the model with its backbone replaced by ``backbone_fn(backbone)`` (e.g. a fixed-point
+    model of it) under the same heads; adds ``agreement_<metric>`` against the checkpoint's own model."""
     from ..config import config_from_dict
 
     dev = resolve_device(device)
@@ -558,14 +655,26 @@ def evaluate_checkpoint_tasks(
     model.to(dev)
     if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers
         model.to(memory_format=torch.channels_last)
-    loaders = val_loaders(cfg, tasks)
-    missing = [t for t in tasks if t not in loaders]
+    datasets = [i for i, d in enumerate(cfg.data.datasets) if any(t in (d.tasks or cfg.tasks) for t in tasks)]
+    missing = [t for t in tasks if not any(t in (d.tasks or cfg.tasks) for d in cfg.data.datasets)]
     if missing:
         raise ValueError(f"no dataset in the checkpoint's config labels task {missing[0]!r}")
+    if data_root is not None and len(datasets) > 1:
+        raise ValueError(
+            f"{checkpoint}: --data-root with tasks {tasks} read from {len(datasets)} datasets; name one task"
+        )
+    roots = {i: _eval_data_root(checkpoint, i, cfg.data.datasets[i], cfg, data_root) for i in datasets}
+    loaders = val_loaders(cfg, tasks, roots=roots, progress=progress)
     mb = cfg.train.eval_max_batches if max_batches is None else max_batches
+    reference = None
+    if backbone_fn is not None:
+        reference, model = model, copy.copy(model)
+        model._modules = dict(model._modules)  # the reference keeps its own backbone
+        model.backbone = backbone_fn(reference.backbone)
+    amp = _amp_ctx(cfg, dev)
     return {
         t: evaluate_task(
-            model, t, *loaders[t], mc["model"]["tasks"][t], dev, mb, _amp_ctx(cfg, dev), cfg.data.crop_border
+            model, t, *loaders[t], mc["model"]["tasks"][t], dev, mb, amp, cfg.data.crop_border, reference=reference
         )
         for t in tasks
     }
@@ -577,6 +686,11 @@ def evaluate_checkpoint(
     max_batches: int | None = None,
     device: str = "auto",
     capacity_factor: float | None = None,
+    data_root: str | Path | None = None,
+    progress: bool = False,
+    backbone_fn: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``task`` for a checkpoint on its held-out split (see :func:`evaluate_checkpoint_tasks`)."""
-    return evaluate_checkpoint_tasks(checkpoint, [task], max_batches, device, capacity_factor)[task]
+    return evaluate_checkpoint_tasks(
+        checkpoint, [task], max_batches, device, capacity_factor, data_root, progress, backbone_fn
+    )[task]

@@ -15,6 +15,7 @@ import logging
 import math
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from timm.models.vision_transformer_hybrid import ConvStem
 
 from ..moe import MoEAttention, MoEAux, MoELayer, MoEMlp
 from ..moe.dispatch import Dispatcher
+from ..moe.upcycle import upcycle_attention, upcycle_mlp
 
 __all__ = [
     "MoEVisionTransformer",
@@ -47,6 +49,9 @@ __all__ = [
     "checkpoint_filter_fn",
     "resolve_block_indices",
     "DEFAULT_TASKS",
+    "ZOO",
+    "ZooTag",
+    "unknown_tag_error",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -162,7 +167,13 @@ class TaskBlock(nn.Module):
         self.norm1 = norm_layer(dim)
         if moe_attn is not None:
             self.attn = MoEAttention(
-                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **moe_attn
+                dim,
+                num_heads,
+                qkv_bias=qkv_bias,
+                head_dim=attn_head_dim,
+                attn_drop=attn_drop,
+                proj_drop=proj_drop,
+                **moe_attn,
             )
         else:
             self.attn = Attention(
@@ -234,6 +245,8 @@ class MoEVisionTransformer(nn.Module):
         dispatcher: ``'sort'`` (default, dropless), ``'dense'``, ``'einsum'``, ``'naive'``.
         capacity_factor: per-expert capacity as a factor of the even share; ``None`` = dropless.
         task_embed_blocks: add a learned per-task embedding to the tokens before each block (Mod-Squad).
+        attn_head_dim: channels per attention head (default ``embed_dim // num_heads``; Mod-Squad's released models
+            use wider heads, so heads x head_dim may differ from embed_dim).
     """
 
     def __init__(
@@ -274,6 +287,7 @@ class MoEVisionTransformer(nn.Module):
         weight_init: str = "",
         stem_channels: Sequence[int] | None = None,
         stem_strides: Sequence[int] | None = None,
+        attn_head_dim: int | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("", "avg", "token"):
@@ -351,6 +365,7 @@ class MoEVisionTransformer(nn.Module):
                     norm_layer=norm_layer,
                     moe_mlp=moe_mlp,
                     moe_attn=moe_attn,
+                    attn_head_dim=attn_head_dim,
                 )
             )
         self.blocks = nn.ModuleList(blocks)
@@ -422,7 +437,11 @@ class MoEVisionTransformer(nn.Module):
 
     def set_capacity(self, capacity: int | None = None, capacity_factor: float | None = None) -> MoEVisionTransformer:
         """Per-image expert capacity of every MoE layer (V-MoE's inference capacity: a number of assignments, or a
-        factor of the even share ``tokens * top_k / experts``); both None = dropless. Returns self."""
+        factor of the even share ``tokens * top_k / experts``); both None = dropless. Returns self. A capacity for
+        a model without MoE layers raises (it would change nothing)."""
+        if not self.moe_layers() and (capacity is not None or capacity_factor is not None):
+            given = f"capacity={capacity}" if capacity is not None else f"capacity_factor={capacity_factor}"
+            raise ValueError(f"{given}: this model has no MoE layers, so there is no expert capacity to set")
         for _, m in self.moe_layers():
             m.set_capacity(capacity, capacity_factor)
         return self
@@ -533,12 +552,14 @@ class MoEVisionTransformer(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         return_aux: bool = False,
+        return_prefix_tokens: bool = False,
     ):
         """Outputs of the chosen blocks as (B, C, H/p, W/p) maps (or NLC), timm's convention.
 
         ``indices``: an int n takes the last n blocks; a sequence takes those block indices (negative allowed).
         Returns ``intermediates`` if ``intermediates_only`` else ``(final_tokens, intermediates)``; with
-        ``return_aux`` the MoE records are appended to the returned tuple.
+        ``return_aux`` the MoE records are appended to the returned tuple. ``return_prefix_tokens`` (as timm's
+        ViT): each intermediate is ``(spatial, prefix tokens (B, prefix, C))``.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -563,10 +584,10 @@ class MoEVisionTransformer(nn.Module):
             aux.extend(a)
             if i in take:
                 y = self.norm(x) if norm else x
-                y = y[:, self.num_prefix_tokens :]
+                prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
                 if output_fmt == "NCHW":
                     y = y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
-                feats.append(y)
+                feats.append((y, prefix) if return_prefix_tokens else y)
         if intermediates_only:
             return (feats, aux) if return_aux else feats
         x = self.norm(x)
@@ -645,59 +666,50 @@ def _unwrap(state_dict: dict) -> dict:
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoEVisionTransformer) -> dict[str, torch.Tensor]:
     """Map a timm ViT (or vision-moe) state dict onto ``model``: the one place keys are remapped.
 
-    - dense ``blocks.N.mlp.fc{1,2}`` into a MoE block: every expert becomes a copy (sparse upcycling);
-    - dense ``blocks.N.attn.qkv/proj`` into a MoE attention block: shared K/V from qkv, every expert's
-      query / output projection from the dense ones (needs ``expert_heads == num_heads``);
-    - routers and task embeddings absent from the checkpoint keep the model's initialisation;
+    - dense ``blocks.N.mlp.fc{1,2}`` into a MoE block: sparse upcycling (:func:`vision_moe.moe.upcycle_mlp`):
+      the dense hidden units split into ``dense hidden / expert_hidden`` groups, one group per expert, with the
+      router and combine scale initialised so the MoE block computes the dense one exactly;
+    - dense ``blocks.N.attn.qkv/proj`` into a MoE attention block: every expert a copy
+      (:func:`vision_moe.moe.upcycle_attention`; needs ``expert_heads == num_heads``);
+    - routers absent from the checkpoint keep the model's initialisation unless upcycling sets them; a Mod-Squad
+      task embedding absent from the checkpoint starts at zero (so it adds nothing at initialisation);
+    - ``heads.*`` (the task heads of a Hub-format vision-moe model) are left to the multi-task model;
     - ``pos_embed`` is resampled to the model's grid.
+
+    Where the upcycled model cannot equal the dense one, a ValueError names the layer and the argument to change.
     """
-    sd = dict(_unwrap(state_dict))
+    sd = {k: v for k, v in _unwrap(state_dict).items() if not k.startswith("heads.")}
     target = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for i, blk in enumerate(model.blocks):
-        p = f"blocks.{i}."
-        if isinstance(blk.mlp, MoEMlp) and p + "mlp.fc1.weight" in sd:
-            ex = blk.mlp.experts
-            h_dense = sd[p + "mlp.fc1.weight"].shape[0]
-            if h_dense != ex.hidden:
-                raise ValueError(
-                    f"{p}mlp: dense hidden {h_dense} != expert hidden {ex.hidden}; upcycling replicates the dense MLP "
-                    f"into every expert, so create the model with expert_hidden={h_dense}"
-                )
-            e = ex.num_experts
-            out[p + "mlp.experts.fc1.weight"] = sd.pop(p + "mlp.fc1.weight").t().unsqueeze(0).repeat(e, 1, 1)
-            out[p + "mlp.experts.fc2.weight"] = sd.pop(p + "mlp.fc2.weight").t().unsqueeze(0).repeat(e, 1, 1)
-            out[p + "mlp.experts.fc1.bias"] = sd.pop(p + "mlp.fc1.bias").unsqueeze(0).repeat(e, 1)
-            out[p + "mlp.experts.fc2.bias"] = sd.pop(p + "mlp.fc2.bias").unsqueeze(0).repeat(e, 1)
-        if isinstance(blk.attn, MoEAttention) and p + "attn.qkv.weight" in sd:
-            at = blk.attn
-            dim = model.embed_dim
-            if at.expert_heads * at.head_dim != dim:
-                raise ValueError(
-                    f"{p}attn: upcycling dense attention into MoE attention needs expert_heads == num_heads "
-                    f"({dim // at.head_dim}), got expert_heads={at.expert_heads}"
-                )
-            qkv_w, qkv_b = sd.pop(p + "attn.qkv.weight"), sd.pop(p + "attn.qkv.bias", None)
-            e = at.num_experts
-            out[p + "attn.kv.weight"] = qkv_w[dim:]
-            out[p + "attn.q_experts.weight"] = qkv_w[:dim].t().unsqueeze(0).repeat(e, 1, 1)
-            if qkv_b is not None:
-                out[p + "attn.kv.bias"] = qkv_b[dim:]
-                out[p + "attn.q_experts.bias"] = qkv_b[:dim].unsqueeze(0).repeat(e, 1)
-            out[p + "attn.o_experts.weight"] = sd.pop(p + "attn.proj.weight").t().unsqueeze(0).repeat(e, 1, 1)
-            out[p + "attn.o_experts.bias"] = sd.pop(p + "attn.proj.bias").unsqueeze(0).repeat(e, 1)
+        for part, layer, dense, fn in (
+            ("mlp", blk.mlp, ("mlp.fc1", "mlp.fc2"), upcycle_mlp),
+            ("attn", blk.attn, ("attn.qkv", "attn.proj"), upcycle_attention),
+        ):
+            p = f"blocks.{i}."
+            if not isinstance(layer, (MoEMlp, MoEAttention)) or p + dense[0] + ".weight" not in sd:
+                continue
+            w = [sd.pop(f"{p}{n}.{t}", None) for n in dense for t in ("weight", "bias")]
+            try:
+                new = fn(layer, *w)
+            except ValueError as e:
+                raise ValueError(f"{p}{part}: {e}") from None
+            out.update({f"{p}{part}.{k}": v for k, v in new.items()})
     for k, v in sd.items():
         if k == "pos_embed" and v.shape != model.pos_embed.shape:
             v = resample_abs_pos_embed(v, tuple(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens)
         out[k] = v
+    if model.task_embed is not None and "task_embed" not in out:
+        out["task_embed"] = torch.zeros_like(model.task_embed)
     for k, v in target.items():
-        if k not in out and (".router." in k or k == "task_embed" or k.endswith("expert_mask")):
+        if k not in out and (".router." in k or k.endswith("expert_mask")):
             out[k] = v  # not in a dense checkpoint: keep the model's own initialisation
     return out
 
 
-def _check_pretrained_file(path: str | Path) -> None:
-    """Fail early, in one line naming ``path``, where timm's loader would fail without naming it."""
+def _check_pretrained_file(path: str | Path, cached: bool = False) -> None:
+    """Fail early, in one line naming ``path``, where timm's loader would fail without naming it. ``cached``: the
+    file came from the Hugging Face cache (a broken one there is deleted to be downloaded again)."""
     p = Path(path)
     if not p.is_file():
         exc = IsADirectoryError if p.is_dir() else FileNotFoundError
@@ -715,7 +727,10 @@ def _check_pretrained_file(path: str | Path) -> None:
             msg = "WeightsUnpickler error:" + msg.split("WeightsUnpickler error:")[1].split(" Check the doc")[0]
         reason = msg.split(". ")[0] or type(e).__name__
         kind = "safetensors" if p.name.endswith(".safetensors") else "torch"
-        raise ValueError(f"{p}: cannot read pretrained weights ({reason}); expected a complete {kind} file") from None
+        hint = f"; delete {p.resolve()} (its blob in the Hugging Face cache) to download it again" if cached else ""
+        raise ValueError(
+            f"{p}: cannot read pretrained weights ({reason}); expected a complete {kind} file{hint}"
+        ) from None
 
 
 def _check_shapes(source: str | Path, state_dict: dict, model: MoEVisionTransformer, skip: tuple[str, ...]) -> None:
@@ -757,14 +772,6 @@ def _filter_pretrained(source: str | Path, state_dict: dict, model: MoEVisionTra
     return out
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
-    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
-    if file:
-        _check_pretrained_file(file)
-    filter_fn = partial(_filter_pretrained, file or f"pretrained weights of {variant}")
-    return build_model_with_cfg(MoEVisionTransformer, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
-
-
 def _cfg(**kwargs) -> dict[str, Any]:
     return {
         "url": "",
@@ -783,18 +790,151 @@ def _cfg(**kwargs) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs(
-    {
-        "m3vit_tiny_patch16_224": _cfg(),
-        "m3vit_small_patch16_224": _cfg(),
-        "m3vit_base_patch16_224": _cfg(),
-        "modsquad_small_patch16_224": _cfg(),
-        "modsquad_base_patch16_224": _cfg(),
-        "vit_mtl_tiny_patch16_224": _cfg(),
-        "vit_mtl_small_patch16_224": _cfg(),
-        "vit_mtl_base_patch16_224": _cfg(),
-    }
-)
+# ---------------------------------------------------------------------- the zoo: weight tags
+@dataclass(frozen=True)
+class ZooTag:
+    """A weight tag ``arch.tag``: the dense timm weights it upcycles on load, and the architecture they need."""
+
+    source: str  # timm weight tag of the dense ViT (its pretrained_cfg says where the file lives)
+    model_args: dict  # constructor arguments the exact upcycling needs; the caller's own arguments win
+    exact: bool = True  # the model computes the dense one exactly at initialisation (tested per family and size)
+
+
+# per size: the head count of timm's dense ViT and its weights (tag here -> timm weight tag). timm's ViT-S has 6
+# heads; M³ViT's reference ViT-S, and so this project's default, 12: the same weights computed with 12 heads are
+# another function, so a tag fixes the source's head count.
+_SOURCES = {
+    "tiny": (3, {"augreg_in21k_ft_in1k": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                 "augreg_in21k": "vit_tiny_patch16_224.augreg_in21k",
+                 "deit_in1k": "deit_tiny_patch16_224.fb_in1k"}),
+    "small": (6, {"augreg_in21k_ft_in1k": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+                  "augreg_in21k": "vit_small_patch16_224.augreg_in21k",
+                  "augreg_in1k": "vit_small_patch16_224.augreg_in1k",
+                  "deit_in1k": "deit_small_patch16_224.fb_in1k"}),
+    "base": (12, {"augreg_in21k_ft_in1k": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+                  "augreg_in21k": "vit_base_patch16_224.augreg_in21k",
+                  "augreg_in1k": "vit_base_patch16_224.augreg_in1k",
+                  "deit_in1k": "deit_base_patch16_224.fb_in1k"}),
+}  # fmt: skip
+
+
+def _family_args(family: str, heads: int) -> dict:
+    """What exact upcycling needs beyond the source's head count (see vision_moe.moe.upcycle): a gate bias, the
+    constant input that lets every token pick one expert of each group; for Mod-Squad's attention, experts that own
+    every head (their shared keys/values equal the dense ones only then), one per token so the cost stays dense."""
+    if family == "m3vit":
+        return dict(num_heads=heads, router_kwargs=dict(bias=True))
+    if family == "modsquad":
+        return dict(num_heads=heads, router_kwargs=dict(bias=True), expert_heads=heads, attn_top_k=1)
+    return dict(num_heads=heads)
+
+
+ZOO: dict[str, ZooTag] = {
+    f"{family}_{size}_patch16_224.{tag}": ZooTag(source, _family_args(family, _SOURCES[size][0]))
+    for family, sizes in (
+        ("m3vit", ("tiny", "small", "base")),
+        ("modsquad", ("small", "base")),
+        ("vit_mtl", ("tiny", "small", "base")),
+    )
+    for size in sizes
+    for tag, source in _SOURCES[size][1].items()
+}
+
+
+def _tag_cfg(tag: str) -> dict[str, Any]:
+    """The tag's pretrained_cfg: where the dense weights live and how they were trained (from timm's own cfg)."""
+    import timm
+
+    src = timm.models.get_pretrained_cfg(ZOO[tag].source, allow_unregistered=False)
+    if src is None or not src.hf_hub_id:
+        raise RuntimeError(f"timm {timm.__version__} has no weights {ZOO[tag].source!r} (needed by {tag})")
+    same = ("hf_hub_id", "hf_hub_filename", "num_classes", "input_size", "crop_pct", "interpolation", "mean", "std")
+    return _cfg(
+        **{k: getattr(src, k) for k in (*same, "license")},
+        origin_url=f"https://huggingface.co/{src.hf_hub_id}",
+        notes=(f"dense {ZOO[tag].source}, upcycled on load (exact at initialisation)",),
+    )
+
+
+def unknown_tag_error(name: str) -> ValueError:
+    """One line for a weight tag that does not exist, naming the close ones (difflib)."""
+    import difflib
+
+    near = difflib.get_close_matches(name, list(ZOO), n=5, cutoff=0.6)
+    near = near or sorted(t for t in ZOO if t.split(".")[0] == name.split(".")[0])[:5]
+    return ValueError(f"unknown weight tag {name!r}; close matches: {near}; all tags: python tools/download.py --list")
+
+
+def _merge_args(kwargs: dict, args: dict) -> None:
+    """``args`` as defaults under ``kwargs``: the caller's values win, ``router_kwargs`` merged key by key."""
+    for k, v in args.items():
+        if isinstance(v, dict) and isinstance(kwargs.get(k), dict):
+            kwargs[k] = {**v, **kwargs[k]}
+        else:
+            kwargs.setdefault(k, v)
+
+
+_SOURCE_KEYS = ("file", "state_dict", "url")
+
+
+def _resolve_weights_file(cfg, cache_dir: str | Path | None) -> Path | None:
+    """The local file of a pretrained_cfg's weights: a Hub file through huggingface_hub's cache (offline mode and
+    one-line errors naming the repo, file and cache: vision_moe.hub.fetch_weights), or a local-dir folder's weights;
+    None where timm's own loader takes over (a URL)."""
+    if cfg.source == "local-dir":
+        folder = Path(cfg.file)
+        found = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{folder}: no model.safetensors; expected a folder written by save_pretrained")
+        return found[0]
+    if cfg.hf_hub_id:
+        from ..hub import WeightsEntry, fetch_weights
+
+        entry = WeightsEntry(hf_hub_id=cfg.hf_hub_id, filename=cfg.hf_hub_filename or "model.safetensors")
+        name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else f"hf-hub:{cfg.hf_hub_id}"
+        return fetch_weights(entry, cache_dir=cache_dir, name=name)
+    return None
+
+
+def _create(variant: str, pretrained: bool, model_args: dict, **kwargs) -> MoEVisionTransformer:
+    """Build ``variant`` from its entry point's ``model_args``, the weight tag's arguments over them, and the
+    caller's ``kwargs`` over both."""
+    from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
+
+    pcfg, overlay = kwargs.get("pretrained_cfg"), dict(kwargs.get("pretrained_cfg_overlay") or {})
+    own_source = not any(overlay.get(k) for k in _SOURCE_KEYS)
+    # A weight tag fixes the architecture its weights need: when it is named (arch.tag), or when pretrained=True
+    # loads the default tag's weights. A plain name without weights (or with the caller's own file) keeps the
+    # family's defaults.
+    tag = None
+    if isinstance(pcfg, str):
+        tag = f"{variant}.{pcfg}"
+        if tag not in ZOO:
+            raise unknown_tag_error(tag)
+    elif pcfg is None and pretrained and own_source:
+        default = get_pretrained_cfg(variant)
+        tag = f"{variant}.{default.tag}" if default is not None and default.tag else None
+    added = dict(ZOO[tag].model_args) if tag in ZOO else {}
+    _merge_args(kwargs, {**model_args, **added})
+    file, cfg = (overlay.get("file") if pretrained else None), None
+    if pretrained and own_source:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pcfg, pretrained_cfg_overlay=overlay)
+        file = _resolve_weights_file(cfg, kwargs.get("cache_dir"))
+        if file is not None:  # timm loads it as a file (its loader and adaptation: classifier, input channels)
+            kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(file), "source": ""}
+    if file:
+        _check_pretrained_file(file, cached=cfg is not None and cfg.source != "local-dir")
+    filter_fn = partial(_filter_pretrained, file or f"pretrained weights of {variant}")
+    model = build_model_with_cfg(MoEVisionTransformer, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    if cfg is not None:  # the weights' own source, not the local path they were read from
+        model.pretrained_cfg = model.default_cfg = cfg.to_dict()
+    if added:  # save_pretrained records the architecture the tag chose (timm's factory adds the caller's arguments)
+        model._model_args = dict(added)
+    return model
+
+
+# an architecture's first tag is its default: what pretrained=True loads when no tag is named
+default_cfgs = generate_default_cfgs({tag: _tag_cfg(tag) for tag in ZOO})
 
 # M³ViT: MoE MLP in blocks 1, 3, 5, ...; 16 experts, top-4, expert hidden = embed dim (4 active ≈ one dense MLP).
 _M3VIT = dict(moe_blocks="every2", num_experts=16, top_k=4)
@@ -814,21 +954,21 @@ _MODSQUAD = dict(
 def m3vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """M³ViT on ViT-Ti/16 (192-d, 3 heads)."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, expert_hidden=192, **_M3VIT)
-    return _create("m3vit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("m3vit_tiny_patch16_224", pretrained, model_args, **kwargs)
 
 
 @register_model
 def m3vit_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """M³ViT on ViT-S/16 as in the reference (384-d, 12 heads)."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, expert_hidden=384, **_M3VIT)
-    return _create("m3vit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("m3vit_small_patch16_224", pretrained, model_args, **kwargs)
 
 
 @register_model
 def m3vit_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """M³ViT on ViT-B/16 (768-d, 12 heads)."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, expert_hidden=768, **_M3VIT)
-    return _create("m3vit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("m3vit_base_patch16_224", pretrained, model_args, **kwargs)
 
 
 @register_model
@@ -837,7 +977,7 @@ def modsquad_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionT
     model_args = dict(
         patch_size=16, embed_dim=384, depth=12, num_heads=12, expert_hidden=384, expert_heads=3, **_MODSQUAD
     )
-    return _create("modsquad_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("modsquad_small_patch16_224", pretrained, model_args, **kwargs)
 
 
 @register_model
@@ -846,25 +986,25 @@ def modsquad_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTr
     model_args = dict(
         patch_size=16, embed_dim=768, depth=12, num_heads=12, expert_hidden=768, expert_heads=3, **_MODSQUAD
     )
-    return _create("modsquad_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("modsquad_base_patch16_224", pretrained, model_args, **kwargs)
 
 
 @register_model
 def vit_mtl_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Dense multi-task twin of M³ViT-Ti: the same class with no MoE blocks."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, moe_blocks=None)
-    return _create("vit_mtl_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("vit_mtl_tiny_patch16_224", pretrained, model_args, **kwargs)
 
 
 @register_model
 def vit_mtl_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Dense multi-task twin of M³ViT-S (384-d, 12 heads)."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, moe_blocks=None)
-    return _create("vit_mtl_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("vit_mtl_small_patch16_224", pretrained, model_args, **kwargs)
 
 
 @register_model
 def vit_mtl_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Dense multi-task twin of M³ViT-B."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, moe_blocks=None)
-    return _create("vit_mtl_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+    return _create("vit_mtl_base_patch16_224", pretrained, model_args, **kwargs)

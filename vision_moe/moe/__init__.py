@@ -30,6 +30,7 @@ from .router import (
     UncertaintyRouter,
     create_router,
 )
+from .upcycle import lead_logit, upcycle_attention, upcycle_mlp
 
 __all__ = [
     "DISPATCHERS",
@@ -62,4 +63,7 @@ __all__ = [
     "UncertaintyRouter",
     "TopKGate",
     "create_router",
+    "lead_logit",
+    "upcycle_attention",
+    "upcycle_mlp",
 ]

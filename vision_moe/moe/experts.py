@@ -141,21 +141,6 @@ class MlpExperts(nn.Module):
         new.fc1, new.act, new.drop, new.fc2 = self.fc1.select(keep), self.act, self.drop, self.fc2.select(keep)
         return new
 
-    @torch.no_grad()
-    def load_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
-        """Sparse upcycling: every expert becomes a copy of the dense MLP ``fc1 -> act -> fc2``."""
-        if fc1.out_features != self.hidden or fc1.in_features != self.dim:
-            raise ValueError(
-                f"cannot upcycle a dense MLP {fc1.in_features}->{fc1.out_features} into experts "
-                f"{self.dim}->{self.hidden}: replication needs expert_hidden={fc1.out_features}"
-            )
-        self.fc1.weight.copy_(fc1.weight.t().unsqueeze(0).expand_as(self.fc1.weight))
-        self.fc2.weight.copy_(fc2.weight.t().unsqueeze(0).expand_as(self.fc2.weight))
-        if self.fc1.bias is not None and fc1.bias is not None:
-            self.fc1.bias.copy_(fc1.bias.unsqueeze(0).expand_as(self.fc1.bias))
-        if self.fc2.bias is not None and fc2.bias is not None:
-            self.fc2.bias.copy_(fc2.bias.unsqueeze(0).expand_as(self.fc2.bias))
-
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}"
 

@@ -161,10 +161,10 @@ class MoEMlp(MoELayer):
 class MoEAttention(MoELayer):
     """Mod-Squad / MoA attention: per-expert query and output projections, shared key/value projection.
 
-    Each expert owns ``expert_heads`` heads. A token's query is computed by each of its k experts,
-    attends over the shared keys/values of its sequence, and the k outputs are projected by the same
-    experts and combined with the gate weights. With expert_heads * k = num_heads the active cost
-    equals a dense attention layer's.
+    Each expert owns ``expert_heads`` heads of ``head_dim`` channels (default ``dim // num_heads``). A token's
+    query is computed by each of its k experts, attends over the shared keys/values of its sequence, and the k
+    outputs are projected by the same experts and combined with the gate weights. With expert_heads * k =
+    num_heads the active cost equals a dense attention layer's.
     """
 
     def __init__(
@@ -176,6 +176,7 @@ class MoEAttention(MoELayer):
         tasks,
         expert_heads: int | None = None,
         qkv_bias: bool = True,
+        head_dim: int | None = None,
         router: str = "multi_gate",
         router_kwargs: dict | None = None,
         dispatcher: str | Dispatcher = "sort",
@@ -185,10 +186,10 @@ class MoEAttention(MoELayer):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
+        if head_dim is None and dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self._init_routing(dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor)
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim or dim // num_heads
         self.expert_heads = expert_heads or max(1, num_heads // top_k)
         inner = self.expert_heads * self.head_dim
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)

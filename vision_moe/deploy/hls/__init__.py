@@ -5,9 +5,9 @@ bit-accurate NumPy reference (:mod:`.reference`) produces its golden outputs lay
 """
 
 from .config import BOARDS, FxType, HLSConfig, parse_fx
-from .generator import HLSProject, builtin_images, compile_csim, export_hls, run_csim
+from .generator import HLSProject, builtin_images, compile_csim, export_hls, read_counts, run_csim
 from .ir import UnsupportedModelError
-from .perf import EDGE_MOE_PUBLISHED, estimate
+from .perf import EDGE_MOE_PUBLISHED, compare_table, estimate, estimate_edge_moe
 from .reference import quantize_model, run_reference
 
 __all__ = [
@@ -20,9 +20,12 @@ __all__ = [
     "compile_csim",
     "export_hls",
     "run_csim",
+    "read_counts",
     "UnsupportedModelError",
     "EDGE_MOE_PUBLISHED",
     "estimate",
+    "estimate_edge_moe",
+    "compare_table",
     "quantize_model",
     "run_reference",
 ]

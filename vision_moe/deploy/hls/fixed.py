@@ -28,6 +28,8 @@ __all__ = [
     "wrap",
     "exact_matmul",
     "mul_shift",
+    "scaled_shift",
+    "quantize_per_channel",
     "exp_fx",
     "recip_fx",
     "rsqrt_fx",
@@ -106,6 +108,50 @@ def mul_shift(a: np.ndarray, b: np.ndarray, shift: int) -> np.ndarray:
     return np.asarray((_as_obj(a) * _as_obj(b)) >> shift)
 
 
+def scaled_shift(acc: np.ndarray, scale: np.ndarray, shift: int) -> np.ndarray:
+    """floor(acc * scale / 2**shift) modulo 2**64, for int64 ``acc`` and unsigned ``scale`` below 2**31, shift <= 32.
+
+    The C++ computes the product exactly (ap_int<96>) and keeps the low bits, so the low 64 bits agree. With
+    acc = hi * 2**32 + lo (0 <= lo < 2**32): acc * s / 2**shift = hi * s * 2**(32 - shift) + lo * s / 2**shift, the
+    first term an integer; int64 arithmetic wraps modulo 2**64, which keeps every low bit."""
+    if not 0 <= shift <= 32:
+        raise ValueError(f"scaled_shift: shift {shift} outside [0, 32]")
+    acc = np.asarray(acc, dtype=np.int64)
+    s = np.asarray(scale, dtype=np.int64)
+    hi, lo = acc >> 32, acc & 0xFFFFFFFF
+    with np.errstate(over="ignore"):
+        return np.left_shift(hi * s, 32 - shift) + ((lo * s) >> shift)
+
+
+def quantize_per_channel(
+    w: np.ndarray, bits: int, scale_t: FxType, log: OverflowLog | None = None, name: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel quantisation of ``w`` (in, out): raw scales of type ``scale_t`` (round to
+    nearest) and integers q in [-(2**(bits-1) - 1), 2**(bits-1) - 1] with w ~ q * scale per column.
+
+    A scale above ``scale_t``'s range raises a one-line ValueError naming ``name``; columns whose scale rounds to
+    zero become zero (counted in ``log`` as saturated)."""
+    qmax = (1 << (bits - 1)) - 1
+    w = np.asarray(w, dtype=np.float64)
+    amax = np.abs(w).max(axis=0) if w.size else np.zeros(w.shape[1])
+    s = amax / qmax
+    limit = scale_t.hi / 2.0**scale_t.frac
+    if (s > limit).any():
+        o = int(np.argmax(s))
+        raise ValueError(
+            f"{name}: 8-bit weight scale {s[o]:.4g} (output channel {o}, max |w| {amax[o]:.4g}) overflows the scale "
+            f"type {scale_t} (largest {limit:.4g}); pick a scale type with more integer bits (--scale-type)"
+        )
+    s_raw = np.clip(np.floor(s * 2.0**scale_t.frac + 0.5), 0, scale_t.hi).astype(np.int64)
+    sv = s_raw / 2.0**scale_t.frac
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(sv[None, :] > 0, np.floor(w / sv[None, :] + 0.5), 0.0)
+    over = (q < -qmax) | (q > qmax) | ((sv[None, :] == 0) & (w != 0))
+    if log is not None and name:
+        log.add(name, int(np.count_nonzero(over)), q.size)
+    return np.clip(q, -qmax, qmax).astype(np.int64), s_raw
+
+
 def _split16(a: np.ndarray) -> list[np.ndarray]:
     """a = sum_i limbs[i] * 2**(16 i): low limbs in [0, 2**16), the top limb signed; each exact in float64."""
     a = np.asarray(a, dtype=np.int64)
@@ -127,7 +173,11 @@ def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     if a.shape[-1] >= (1 << 21):
         raise ValueError("exact_matmul: inner dimension too large")
-    pa, pb = _split16(np.asarray(a)), _split16(np.asarray(b))
+    a, b = np.asarray(a), np.asarray(b)
+    ma, mb = int(np.abs(a).max(initial=0)), int(np.abs(b).max(initial=0))
+    if ma.bit_length() + mb.bit_length() + int(a.shape[-1]).bit_length() <= 53:  # every partial sum is exact
+        return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.int64)
+    pa, pb = _split16(a), _split16(b)
     out = None
     for i, x in enumerate(pa):
         for j, y in enumerate(pb):
