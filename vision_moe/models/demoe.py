@@ -13,7 +13,8 @@ this implementation; no code copied). A NAFNet U-Net (Chen et al., "Simple Basel
   input image added (global residual). The input is padded by reflection to a multiple of 2^levels and the output
   cropped back.
 - a **degradation classifier** on the bottleneck (after the middle blocks): 1x1 conv + BatchNorm + ReLU, a sigmoid
-  spatial mask, the masked global mean, an MLP to one logit per degradation: one routing vector per image;
+  spatial mask, the masked global mean, an MLP to one logit per degradation: one routing vector per image
+  (``classifier_inputs='encoder'``: every encoder level's output is pooled the same way too);
 - **MoE blocks** (:class:`ExpertBlocks`) after the middle blocks and after each decoder level, one NAFBlock expert
   per degradation, all fed by that one routing vector: the image's top-k probabilities renormalised to sum to 1
   (k = 1 in the reference's example, 3 its default), or the one-hot of a given degradation (the reference's manual
@@ -129,25 +130,28 @@ class ExpertBlocks(nn.Module):
 
 
 class DegradationClassifier(nn.Module):
-    """Bottleneck features (B, C, h, w) -> one logit per degradation (B, E): 1x1 conv + BatchNorm + ReLU, a sigmoid
-    spatial mask, the masked global mean, MLP (as the reference's head, without its BatchNorm1d in the MLP)."""
+    """Features (B, C_i, h_i, w_i) of one or more levels -> one logit per degradation (B, E). Per level: 1x1 conv +
+    BatchNorm + ReLU, a sigmoid spatial mask, the masked global mean; the levels' vectors concatenated -> MLP (the
+    reference's head on the bottleneck alone, without its BatchNorm1d in the MLP)."""
 
-    def __init__(self, channels: int, num_classes: int, hidden: int = 64, drop_rate: float = 0.0) -> None:
+    def __init__(self, channels: Sequence[int], num_classes: int, hidden: int = 64, drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True))
-        self.mask = nn.Conv2d(hidden, 1, 1)
+        self.proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)) for c in channels
+        )
+        self.mask = nn.ModuleList(nn.Conv2d(hidden, 1, 1) for _ in channels)
+        n = hidden * len(channels)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, hidden // 2),
-            nn.ReLU(inplace=True),
-            nn.Dropout(drop_rate),
-            nn.Linear(hidden // 2, num_classes),
+            nn.Linear(n, hidden // 2), nn.ReLU(inplace=True), nn.Dropout(drop_rate), nn.Linear(hidden // 2, num_classes)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.proj(x)  # (B, h, H, W)
-        m = torch.sigmoid(self.mask(f))  # (B, 1, H, W)
-        pooled = (f * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6)  # (B, hidden)
-        return self.mlp(pooled)
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        pooled = []
+        for x, proj, mask in zip(feats, self.proj, self.mask):
+            f = proj(x)  # (B, hidden, H, W)
+            m = torch.sigmoid(mask(f))  # (B, 1, H, W)
+            pooled.append((f * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6))  # (B, hidden)
+        return self.mlp(torch.cat(pooled, 1))
 
 
 def route_weights(probs: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -169,6 +173,9 @@ class DeMoE(nn.Module):
         top_k: experts per image in "auto" routing (renormalised top-k of the classifier's probabilities).
         moe: False: the dense twin (no classifier; a plain NAFBlock where each MoE block is).
         classifier_hidden: the classifier's width.
+        classifier_inputs: ``'bottleneck'`` (the reference: the features after the middle blocks) or ``'encoder'``
+            (also every encoder level's output, whose full-resolution features keep the blur kernel's shape; in the
+            quickstart it did not tell motion blur from defocus better than the bottleneck alone: docs/restoration.md).
         dispatcher: ``'sparse'`` (eager: only chosen experts run) or ``'dense'`` (every expert, masked; export).
         train_routing: how training batches route (``RestorationModel`` reads it): ``'forced'`` (each image to its
             own degradation's experts while the classifier learns beside them) or ``'auto'`` (by the classifier).
@@ -189,6 +196,7 @@ class DeMoE(nn.Module):
         top_k: int = 1,
         moe: bool = True,
         classifier_hidden: int = 256,
+        classifier_inputs: str = "bottleneck",
         dispatcher: str = "sparse",
         train_routing: str = "forced",
         drop_rate: float = 0.0,
@@ -211,6 +219,9 @@ class DeMoE(nn.Module):
             raise ValueError(f"train_routing={train_routing!r}: expected 'forced' or 'auto'")
         if dispatcher not in DISPATCHERS:
             raise ValueError(f"dispatcher={dispatcher!r}: expected one of {list(DISPATCHERS)}")
+        if classifier_inputs not in ("bottleneck", "encoder"):
+            raise ValueError(f"classifier_inputs={classifier_inputs!r}: expected 'bottleneck' or 'encoder'")
+        self.classifier_inputs = classifier_inputs
         self.tasks = tuple(tasks)
         self.top_k, self.moe, self.train_routing = int(top_k), bool(moe), train_routing
         self.classifier_routed = self.moe
@@ -231,7 +242,8 @@ class DeMoE(nn.Module):
             self.downs.append(nn.Conv2d(c, 2 * c, 2, stride=2))
             c *= 2
         self.middle = nn.Sequential(*[NAFBlock(c, drop_rate=drop_rate) for _ in range(middle_blocks)])
-        self.classifier = DegradationClassifier(c, e, classifier_hidden, drop_rate) if self.moe else None
+        levels = [width * 2**i for i in range(len(enc_blocks))] if classifier_inputs == "encoder" else []
+        self.classifier = DegradationClassifier([*levels, c], e, classifier_hidden, drop_rate) if self.moe else None
         self.middle_moe = slot(c)
         self.ups, self.decoders, self.decoder_moe = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for n in dec_blocks:
@@ -302,7 +314,7 @@ class DeMoE(nn.Module):
         aux: list[MoEAux] = []
         weights = None
         if self.moe:
-            logits = self.classifier(f).float()  # (B, E)
+            logits = self._classify(skips, f)  # (B, E)
             probs = logits.softmax(-1)
             if isinstance(task, str) and task == "auto":
                 weights = route_weights(probs, self.top_k)
@@ -330,9 +342,16 @@ class DeMoE(nn.Module):
             raise ValueError("this model has no degradation classifier (moe=False)")
         x, _ = pad_to_multiple(images, self.multiple)
         f = self.intro(x)
+        skips = []
         for enc, down in zip(self.encoders, self.downs):
-            f = down(enc(f))
-        return self.classifier(self.middle(f))
+            f = enc(f)
+            skips.append(f)
+            f = down(f)
+        return self._classify(skips, self.middle(f))
+
+    def _classify(self, skips: list[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+        feats = [*skips, bottleneck] if self.classifier_inputs == "encoder" else [bottleneck]
+        return self.classifier(feats).float()
 
     # ------------------------------------------------------------------ specialisation
     def specialize(self, task: str) -> DeMoE:
