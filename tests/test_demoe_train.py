@@ -99,6 +99,11 @@ def test_export_int8_and_the_kit(trained, tmp_path, capsys):
         assert e["int8"]["saturation"]["saturation_free"]
         assert (out / f"{task}.int8.ort.onnx").is_file()
     assert "--minShapes=images:1x3x8x8" in (out / "build_engine.sh").read_text()
+    spec = importlib.util.spec_from_file_location("kit_build_engine", ROOT / "export" / "build_engine.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    profiles = {p.name: prof for p, _, prof in builder.graphs(out, "fp16")}  # the engines' (H, W) profiles
+    assert profiles == {f"{t}.onnx": [[8, 8], [32, 32], [1024, 1024]] for t in ("auto", *TASKS)}
 
     # the kit, without vision_moe: a folder with an RGB, a grey and an RGBA image of odd sizes, tiled
     photos = tmp_path / "photos"

@@ -14,7 +14,8 @@ import torch
 
 import vision_moe
 from vision_moe.deploy.onnx_export import FORBIDDEN_OPS, ort_session
-from vision_moe.deploy.pipeline import ExportConfig, export_model, pad_reflect, restoration_network
+from vision_moe.deploy.pipeline import ExportConfig, export_model, restoration_network
+from vision_moe.deploy.prepost import pad_reflect
 from vision_moe.engine.inference import restore, tile_starts, tile_weights
 from vision_moe.models.mofme import pad_to_multiple
 

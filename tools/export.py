@@ -260,7 +260,9 @@ def _summary(args: argparse.Namespace, report: dict, seconds: float) -> None:
         print(f"  TensorRT engines built here: {', '.join(b['engine'] for b in built)}")
     prec = report["tasks"][next(iter(report["tasks"]))]["engine"]["precision"]
     print(f"  on the Jetson: copy {out} and run: python3 export/build_engine.py {out} --precision {prec}")
-    print(f"               (or: bash {out / 'build_engine.sh'}), then python3 export/infer.py {out} --precision {prec}")
+    run = "export/restore_images.py" if "multiple" in report["input"] else "export/infer.py"  # restoration graphs
+    extra = " --input photos/ --out restored/" if "multiple" in report["input"] else ""
+    print(f"               (or: bash {out / 'build_engine.sh'}), then python3 {run} {out} --precision {prec}{extra}")
     print(f"  report: {out / 'export_report.json'}")
 
 

@@ -66,7 +66,7 @@ class OrtTaskModel:
     def run(self, images: np.ndarray) -> list[np.ndarray]:
         """Raw graph outputs for (N, 3, H, W) float32 images, chunked to the graph's batch."""
         if self.multiple:
-            from .pipeline import pad_reflect
+            from .prepost import pad_reflect
 
             padded, (h, w) = pad_reflect(images, self.multiple)
             return [o[..., :h, :w] for o in self._run(padded)]

@@ -42,7 +42,7 @@ from .onnx_export import (
     ort_session,
     simplify_onnx,
 )
-from .prepost import decode_detections, sample_images
+from .prepost import decode_detections, pad_reflect, sample_images
 from .quantize import INT8_RUNTIMES
 from .trt_ops import TRT_VERSIONS, check_tensorrt_support
 
@@ -796,18 +796,6 @@ def restoration_module(net: nn.Module, task: str) -> nn.Module:
     return _Restorer(m.specialize(task).eval(), None).eval()
 
 
-def pad_reflect(images: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """The runtime side of a restoration graph's contract: (B, 3, H, W) padded at the bottom and right by
-    reflection to multiples of ``multiple`` (as the networks pad themselves in PyTorch); the original (H, W)."""
-    h, w = images.shape[-2:]
-    if h < multiple or w < multiple:
-        raise ValueError(f"image of {h}x{w} pixels is smaller than the model's multiple {multiple}")
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        images = np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect")
-    return np.ascontiguousarray(images), (h, w)
-
-
 def _contract_parity(session, module: nn.Module, net: nn.Module, route, sizes, rtol: float, batch: int) -> dict:
     """ONNX Runtime through the runtime contract (pad, run, crop) against the PyTorch network on the same images,
     at each of ``sizes`` (odd and non-square ones included); worst case per size."""
@@ -981,5 +969,6 @@ def _restoration_engine(cfg: ExportConfig, onnx_path: Path, engine_path: Path, p
         reason="built on the device (build_engine.sh)",
         precision=precision,
         script=script.name,
-        hw_range=[list(hw_range[0]), list(hw_range[1])],
+        # the optimisation profile export/build_engine.py gives the engine: smallest, optimised-for, largest (H, W)
+        profile=[list(hw_range[0]), list(hw), list(hw_range[1])],
     )

@@ -60,20 +60,13 @@ def trtexec_command(
         cmd.append("--fp16")
     elif precision == "int8":
         cmd += ["--int8", "--fp16"]
-    if hw_range is not None:  # an image-to-image graph of dynamic height and width: its optimisation profile
-        lo, hi = hw_range
+    if dynamic_batch or hw_range is not None:  # the optimisation profile (hw_range: an image-to-image graph)
+        lo, hi = hw_range or (hw, hw)
         opt = max(1, batch)
         cmd += [
             f"--minShapes={_shape(1 if dynamic_batch else batch, lo)}",
             f"--optShapes={_shape(opt, hw)}",
             f"--maxShapes={_shape(max(opt, MAX_DYNAMIC_BATCH) if dynamic_batch else batch, hi)}",
-        ]
-    elif dynamic_batch:
-        opt = max(1, batch)
-        cmd += [
-            f"--minShapes={_shape(1, hw)}",
-            f"--optShapes={_shape(opt, hw)}",
-            f"--maxShapes={_shape(max(opt, MAX_DYNAMIC_BATCH), hw)}",
         ]
     if timing_cache:
         cmd.append(f"--timingCacheFile={timing_cache}")

@@ -45,11 +45,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..moe import MoEAux
 from ..tasks import DEGRADATIONS
-from .mofme import pad_to_multiple
+from .mofme import create_restoration, pad_to_multiple, restoration_cfg
 
 __all__ = ["DeMoE", "NAFBlock", "ExpertBlocks", "DegradationClassifier", "BLUR_TYPES", "WEATHER_TYPES"]
 
@@ -384,33 +384,11 @@ def _aux(task: Any, logits: torch.Tensor, probs: torch.Tensor, weights: torch.Te
     return MoEAux(name, logits, probs, idx, vals, None, None, load, probs.new_zeros(()))
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> DeMoE:
-    if kwargs.get("num_classes"):
-        raise ValueError(
-            f"{variant}: a restoration model has no classifier head; got num_classes={kwargs['num_classes']}"
-        )
-    kwargs.pop("num_classes", None)
-    return build_model_with_cfg(DeMoE, variant, pretrained, kwargs_filter=("num_classes",), **kwargs)
-
-
-def _cfg(**kwargs) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 0,
-        "input_size": (3, 256, 256),
-        "fixed_input_size": False,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "intro",
-        "classifier": "",
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs(
     {
-        f"{name}_{size}": _cfg(input_size=(3, 64, 64) if size == "tiny" else (3, 256, 256))
+        f"{name}_{size}": restoration_cfg(
+            input_size=(3, 64, 64) if size == "tiny" else (3, 256, 256), first_conv="intro"
+        )
         for name in ("demoe", "demoe_deweather", "nafnet")
         for size in ("tiny", "base")
     }
@@ -423,7 +401,7 @@ _TINY = dict(width=16, enc_blocks=(1, 1, 1), middle_blocks=1, dec_blocks=(1, 1, 
 
 
 def _model(variant: str, pretrained: bool, base: dict, **kwargs) -> DeMoE:
-    return _create(variant, pretrained, **dict(base, **kwargs))
+    return create_restoration(DeMoE, variant, pretrained, **dict(base, **kwargs))
 
 
 @register_model
