@@ -117,6 +117,9 @@ def calibration_images(experiment: Any, task: str, n: int, hw: tuple[int, int]) 
         images.append(x.numpy())
     if not images:
         raise ValueError(f"no readable image in the training split of the dataset labelling {task!r}")
+    if hw is None:  # images at their own sizes (a restoration set): the top-left crop all of them have
+        h, w = min(x.shape[-2] for x in images), min(x.shape[-1] for x in images)
+        images = [x[..., :h, :w] for x in images]
     arr = np.ascontiguousarray(np.concatenate(images), dtype=np.float32)
     return arr, f"{len(arr)} images of the training split of {_describe(experiment, task)}"
 

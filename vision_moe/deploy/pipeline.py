@@ -372,11 +372,11 @@ def _finish_graph(
 
 
 def _variant_data(
-    cfg: ExportConfig, tasks: list[str], hw: tuple[int, int], restoration: bool = False
+    cfg: ExportConfig, tasks: list[str], hw: tuple[int, int], restoration: bool = False, multiple: int = 1
 ) -> dict[str, Any]:
     """Calibration images per task (INT8) and, without labelled data, the unlabelled images the variants are
     compared on; each with a description of where it came from. ``restoration``: the data's images keep their
-    own size (a restoration graph takes any size; the training crops calibrate it)."""
+    own size (a restoration graph takes any multiple of ``multiple``; the training images calibrate it)."""
     from ..engine.evaluator import task_dataset
     from .evaluate import calibration_images
 
@@ -402,8 +402,10 @@ def _variant_data(
     cache: dict[int, tuple[np.ndarray, str]] = {}
     for t in tasks:
         key = id(next(d for d in cfg.experiment.data.datasets if t in (d.tasks or cfg.experiment.tasks)))
-        if restoration:  # one restoration set holds every degradation: each calibrates on its own images
-            data["calib"][t] = calibration_images(cfg.experiment, t, cfg.calib_images, None)
+        if restoration:  # one restoration set holds every degradation: each calibrates on its own images,
+            arr, src = calibration_images(cfg.experiment, t, cfg.calib_images, None)
+            h, w = arr.shape[-2:]  # cropped to the graph's multiple (it takes no other size)
+            data["calib"][t] = (np.ascontiguousarray(arr[..., : h - h % multiple, : w - w % multiple]), src)
             continue
         if key not in cache:
             cache[key] = calibration_images(cfg.experiment, t, cfg.calib_images, hw)
@@ -424,7 +426,8 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
         tasks, hw = _restoration_plan(net, cfg)
         n_par = max(cfg.parity_images, cfg.batch) // cfg.batch * cfg.batch
         images = sample_images(n_par, hw, cfg.mean, cfg.std)
-        data = _variant_data(cfg, [t for t in tasks if t != AUTO] or list(net.tasks), hw, restoration=True)
+        m = restoration_multiple(net)
+        data = _variant_data(cfg, [t for t in tasks if t != AUTO] or list(net.tasks), hw, True, m)
         if AUTO in tasks and cfg.precision == "int8":  # the auto graph calibrates on every degradation's images
             data["calib"][AUTO] = _mixed_calibration(data["calib"], list(net.tasks), cfg.calib_images)
 
@@ -768,6 +771,8 @@ def _restoration_plan(net: nn.Module, cfg: ExportConfig) -> tuple[list[str], tup
 def _mixed_calibration(calib: dict[str, tuple[np.ndarray, str]], tasks: list[str], n: int) -> tuple[np.ndarray, str]:
     """Calibration images of the auto graph: the degradations' own, taken in turn."""
     per = [calib[t][0] for t in tasks if t in calib]
+    h, w = min(p.shape[-2] for p in per), min(p.shape[-1] for p in per)  # each a multiple of the graph's
+    per = [p[..., :h, :w] for p in per]
     mixed = np.concatenate([p[i : i + 1] for i in range(max(len(p) for p in per)) for p in per if i < len(p)])[:n]
     return np.ascontiguousarray(mixed), f"{len(mixed)} training images, the degradations {tasks} in turn"
 
