@@ -72,7 +72,7 @@ def model_table(img: int) -> list[dict]:
     rows = []
     tasks = ("semseg", "depth")
     x = torch.randn(1, 3, img, img)
-    for name in vision_moe.list_models():
+    for name in vision_moe.list_models(family="vit"):
         model = vision_moe.create_model(name, tasks=tasks, num_classes=0).eval()
         spec = model.specialize("semseg")
         with torch.no_grad():

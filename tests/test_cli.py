@@ -44,7 +44,8 @@ def coco_checkpoint(tmp_path_factory):
     """A tiny untrained detection checkpoint whose experiment config evaluates on a 4-image COCO folder in which
     image 4 (one box) is not an image."""
     from vision_moe.config import config_from_dict
-    from vision_moe.engine.trainer import build_model_from_config, model_config
+    from vision_moe.engine.checkpoint import build_model
+    from vision_moe.engine.trainer import model_config
 
     tmp = tmp_path_factory.mktemp("coco_ck")
     img_dir, _ = write_coco(tmp / "coco")
@@ -74,7 +75,7 @@ def coco_checkpoint(tmp_path_factory):
     )
     mc = model_config(cfg, {"detection": 3})
     torch.manual_seed(0)
-    return save_checkpoint(tmp / "ck", build_model_from_config(mc), mc)
+    return save_checkpoint(tmp / "ck", build_model(mc["model"]), mc)
 
 
 def _one_line_error(capsys, *needles: str) -> str:

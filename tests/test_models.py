@@ -17,7 +17,7 @@ def _make(name, **kw):
     return vision_moe.create_model(name, **dict(SMALL, **kw))
 
 
-@pytest.mark.parametrize("name", vision_moe.list_models())
+@pytest.mark.parametrize("name", vision_moe.list_models(family="vit"))
 def test_forward_every_task(name):
     model = _make(name).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -29,7 +29,7 @@ def test_forward_every_task(name):
         assert len(aux) == n_moe and all(isinstance(a, MoEAux) and a.task == task for a in aux)
 
 
-@pytest.mark.parametrize("name", vision_moe.list_models())
+@pytest.mark.parametrize("name", vision_moe.list_models(family="vit"))
 def test_backward_reaches_every_parameter(name):
     model = _make(name).train()
     x = torch.randn(2, 3, 32, 32)
@@ -46,7 +46,7 @@ def test_backward_reaches_every_parameter(name):
             assert used >= m.top_k, f"{n}: fewer experts than top_k received a gradient"
 
 
-@pytest.mark.parametrize("name", vision_moe.list_models())
+@pytest.mark.parametrize("name", vision_moe.list_models(family="vit"))
 def test_timm_registry_and_config(name):
     model = timm.create_model(name, **SMALL)
     assert type(model).__name__ == "MoEVisionTransformer"
@@ -60,7 +60,7 @@ def test_timm_registry_and_config(name):
     assert feats.shape == (1, model.embed_dim)
 
 
-@pytest.mark.parametrize("name", vision_moe.list_models())
+@pytest.mark.parametrize("name", vision_moe.list_models(family="vit"))
 def test_forward_intermediates_nchw(name):
     model = _make(name).eval()
     x = torch.randn(1, 3, 32, 48)  # non-square, pos-embed resampled

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on one task's held-out split and print the metrics the trainer reported for it.
+"""Evaluate a checkpoint on its held-out split(s) and print the metrics the trainer reported for it, as JSON.
 
-  python tools/eval.py --checkpoint runs/x/checkpoints/step_0001200 --task semseg
+  python tools/eval.py --checkpoint runs/x/checkpoints/step_0001200                 # every task of the checkpoint
   python tools/eval.py --checkpoint CKPT --task semseg --data-root /data/copy_of_the_dataset
 
-The dataset is found where the checkpoint says training read it (an absolute path) or at --data-root; built-in data
-that is not there is generated again (deterministic: the same images), with a progress bar.
+One entry per task (every task of the checkpoint unless --task names one); for restoration tasks also ``mean``, over
+all their held-out images. The dataset is found where the checkpoint says training read it (an absolute path) or
+at --data-root; built-in data that is not there is generated again (deterministic: the same images), with a
+progress bar.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import sys
 from pathlib import Path
 
 from vision_moe.cli import tool_parser
-from vision_moe.engine import CheckpointError, evaluate_checkpoint
-from vision_moe.engine.trainer import resolve_device
+from vision_moe.engine import CheckpointError
+from vision_moe.engine.trainer import evaluate_checkpoint_tasks, resolve_device
+from vision_moe.metrics import restoration_summary
 from vision_moe.moe.dispatch import resolve_capacity
+from vision_moe.tasks import is_restoration
 
 
 def build_parser():
     p = tool_parser(__doc__, prog=Path(__file__).name)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (with model.safetensors + config.json)")
-    p.add_argument("--task", required=True, help="task to evaluate (one of the checkpoint's tasks)")
+    p.add_argument("--task", default=None, help="task to evaluate (default: every task of the checkpoint)")
     p.add_argument(
         "--max-batches",
         type=int,
@@ -61,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 raise ValueError(f"--capacity-factor{str(e).removeprefix('capacity_factor')}") from None
         resolve_device(args.device, "--device")
-        metrics = evaluate_checkpoint(
+        tasks = None if args.task is None else [args.task]
+        metrics = evaluate_checkpoint_tasks(
             args.checkpoint,
-            args.task,
+            tasks,
             args.max_batches,
             args.device,
             args.capacity_factor,
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"--capacity-factor {msg.removeprefix('capacity_factor=')}"
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    print(json.dumps({args.task: metrics}, indent=2))
+    if all(is_restoration(t) for t in metrics):
+        metrics["mean"] = restoration_summary(metrics)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 

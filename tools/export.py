@@ -170,14 +170,19 @@ def build(args: argparse.Namespace):
     from vision_moe.deploy.source import load_checkpoint_source, parse_overrides
 
     overrides = parse_overrides(args.set)
+    not_yet = "exporting restoration models is not supported yet; tools/restore.py runs them in PyTorch"
     if args.checkpoint:
         model, cfg, mean, std = load_checkpoint_source(args.checkpoint, overrides)
+        if (cfg.get("model") or {}).get("kind") == "restoration":
+            raise ValueError(f"{args.checkpoint}: a restoration checkpoint; {not_yet}")
         info = dict(checkpoint=args.checkpoint, config=cfg.get("model"))
         return model, info, mean, std, experiment_config(args, cfg)
     import torch
 
     import vision_moe
 
+    if args.model in vision_moe.list_models(family="restoration"):
+        raise ValueError(f"--model {args.model}: a restoration model; {not_yet}")
     torch.manual_seed(args.seed)  # random weights: the same command writes the same files
     tasks = _tasks_def(args.tasks_def) if args.tasks_def else None
     what = " ".join(f"--set {kv}" for kv in args.set) or "its defaults"

@@ -158,8 +158,8 @@ def build(args: argparse.Namespace):
     if args.preset:
         pr = PRESETS[args.preset]
         return vision_moe.create_model(pr.model, **dict(pr.model_kwargs, **overrides)), args.preset, None, None, None
-    if args.model not in vision_moe.list_models():
-        raise ValueError(f"--model {args.model!r}: unknown; expected one of {vision_moe.list_models()}")
+    if args.model not in vision_moe.list_models(family="vit"):
+        raise ValueError(f"--model {args.model!r}: unknown; expected one of {vision_moe.list_models(family='vit')}")
     model = vision_moe.create_model(args.model, **overrides)
     return model, args.model, None, None, None
 

@@ -13,15 +13,33 @@ import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the entry points)
 
-__all__ = ["create_model", "list_models", "list_pretrained"]
+__all__ = ["create_model", "list_models", "list_pretrained", "model_family", "FAMILIES"]
 
 _SOURCES = ("hf-hub:", "local-dir:")
 
+# model family -> the modules of vision_moe.models whose entry points belong to it. 'vit': task-routed ViT
+# backbones (made into multi-task models with one head per task); 'restoration': image-to-image networks whose
+# tasks are degradations (models/restoration.py wraps them for the engine).
+FAMILIES: dict[str, tuple[str, ...]] = {"vit": ("moe_vit",), "restoration": ("mofme",)}
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Names of vision-moe's registered models (a subset of ``timm.list_models()``), filtered by a glob."""
-    names = sorted(timm.list_models(module="moe_vit"))
+
+def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
+    """Names of vision-moe's registered models (a subset of ``timm.list_models()``), filtered by a glob and,
+    optionally, by family (``'vit'`` or ``'restoration'``)."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
+    modules = [m for f, ms in FAMILIES.items() if family in (None, f) for m in ms]
+    names = sorted(n for m in modules for n in timm.list_models(module=m))
     return [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def model_family(name: str) -> str:
+    """The family of a registered model or weight tag (``arch.tag``): ``'vit'`` or ``'restoration'``."""
+    arch = name.partition(".")[0]
+    for family in FAMILIES:
+        if arch in list_models(family=family):
+            return family
+    raise ValueError(f"unknown model {name!r}; vision-moe models are {list_models()}")
 
 
 def list_pretrained(pattern: str = "*") -> list[str]:

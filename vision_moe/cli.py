@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = dict(formatter_class=HelpFormatter)
     demo = sub.add_parser("demo", help=_demo.__doc__, description=_demo.__doc__, **fmt)
-    demo.add_argument("--model", default="m3vit_tiny_patch16_224", choices=list_models(), help="registered model")
+    demo.add_argument(
+        "--model", default="m3vit_tiny_patch16_224", choices=list_models(family="vit"), help="registered model"
+    )
     demo.add_argument("--tasks", default="semseg,depth,normals", help="comma-separated task names, one router each")
     demo.add_argument(
         "--img-size", type=_at_least(1), nargs=2, default=[224, 224], metavar=("H", "W"), help="input height, width"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .tasks import DENSE_HEADS, TASKS
+from .tasks import DENSE_HEADS, RESTORATION_LOSSES, TASKS, is_restoration
 
 __all__ = [
     "ConfigError",
@@ -37,12 +37,17 @@ __all__ = [
 ]
 
 
+RESTORATION_FORMATS = ("builtin_restore", "paired", "allweather", "gopro", "all_in_one")
+
+
 class ConfigError(ValueError):
     """A config problem, reported as one line: ``file: key: message (got value)``."""
 
 
 @dataclass
 class ModelConfig:
+    # a registered model: a ViT backbone (made into a multi-task model, one head per task) or, when the tasks are
+    # degradations, a restoration network (vision_moe.list_models(family="restoration"))
     backbone: str = "m3vit_tiny_patch16_224"
     img_size: int = 224
     head: str = "setr_pup"  # dense head: 'setr_pup' | 'linear'
@@ -60,22 +65,30 @@ class ModelConfig:
 class TaskConfig:
     weight: float = 1.0  # loss weight
     num_classes: int | None = None  # None: taken from the dataset (or the task's fixed channels)
+    # restoration tasks only: 'l1' | 'charbonnier' ('default': l1), plus a VGG16 perceptual term of this weight
+    # (runs only when the VGG16 weights are in the torch hub cache; MoFME's recipe: 0.04)
+    loss: str = "default"
+    perceptual_weight: float = 0.0
 
 
 @dataclass
 class DatasetConfig:
-    format: str = "builtin"  # builtin | coco | ade20k | imagenet_folder | pascal_context | nyud
+    # builtin | coco | ade20k | imagenet_folder | pascal_context | nyud; restoration (pairs of degraded input and
+    # ground truth): builtin_restore | paired | allweather | gopro | all_in_one (vision_moe/data/restoration.py)
+    format: str = "builtin"
     root: str = "data/builtin"
     tasks: list[str] = field(default_factory=list)  # empty = every task the dataset labels that the config trains
     train_split: str = "train"
     val_split: str = "val"
     sample_weight: float = 1.0
-    # built-in data only (vision_moe.data.builtin.prepare_builtin)
+    # built-in data only (vision_moe.data.builtin.prepare_builtin; builtin_restore: crops per degradation)
     num_train: int = 2000
     num_val: int = 200
     seed: int = 0
     ann_file: str = ""  # COCO: annotation JSON (relative to root), if not the default layout
     val_ann_file: str = ""
+    lq_dir: str = "lq"  # paired: the degraded-input and ground-truth folders under root/<split>/
+    gt_dir: str = "gt"
 
 
 @dataclass
@@ -90,6 +103,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     augment: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop scale range
+    crop_border: int = 0  # restoration metrics: pixels cut from each side before PSNR / SSIM (BasicSR's)
+    # restoration sets: each training batch draws from all their degradations (all-in-one training); false: one
+    # degradation per step, round-robin (as multi-task steps run one dataset)
+    mixed_batches: bool = True
 
 
 @dataclass
@@ -162,7 +179,15 @@ _CHOICES = {
     "sched.name": ("cosine", "poly", "constant"),
     "moe.aux_loss": ("importance_load", "switch", "none"),
     "train.amp_dtype": ("auto", "bf16", "fp16"),
-    "data.datasets.format": ("builtin", "coco", "ade20k", "imagenet_folder", "pascal_context", "nyud"),
+    "data.datasets.format": (
+        "builtin",
+        "coco",
+        "ade20k",
+        "imagenet_folder",
+        "pascal_context",
+        "nyud",
+        *RESTORATION_FORMATS,
+    ),
 }
 
 
@@ -266,8 +291,67 @@ def _validate(cfg: Config, src: str) -> Config:
             "the architecture, so a resumed or reloaded run builds the same one",
             cfg.model.pretrained,
         )
+    _check_restoration(cfg, src)
     _check_backbone(cfg, src)
     return cfg
+
+
+def _check_restoration(cfg: Config, src: str) -> None:
+    """Restoration tasks, models and data formats go together; their options are checked here."""
+    from ._factory import model_family
+
+    restoring = [t for t in cfg.tasks if is_restoration(t)]
+    family = model_family(cfg.model.backbone)
+    if restoring and len(restoring) != len(cfg.tasks):
+        other = [t for t in cfg.tasks if not is_restoration(t)]
+        raise _err(src, "tasks", f"restoration tasks {restoring} cannot be trained with {other} in one model", other)
+    if restoring and family != "restoration":
+        raise _err(
+            src,
+            "model.backbone",
+            f"the tasks are degradations: expected a restoration model ({_restorers()})",
+            cfg.model.backbone,
+        )
+    if not restoring and family == "restoration":
+        raise _err(
+            src,
+            "model.backbone",
+            "a restoration model needs degradation tasks (derain, denoise, ...)",
+            cfg.model.backbone,
+        )
+    for i, ds in enumerate(cfg.data.datasets):
+        if (ds.format in RESTORATION_FORMATS) != bool(restoring):
+            what = "restoration pairs" if ds.format in RESTORATION_FORMATS else "labelled images"
+            raise _err(src, f"data.datasets[{i}].format", f"{what} do not fit the tasks {list(cfg.tasks)}", ds.format)
+    for t, tc in cfg.tasks.items():
+        if not is_restoration(t) and (tc.loss != "default" or tc.perceptual_weight):
+            raise _err(src, f"tasks.{t}.loss", "loss and perceptual_weight are options of restoration tasks", tc.loss)
+        if is_restoration(t) and tc.loss not in ("default", *RESTORATION_LOSSES):
+            raise _err(src, f"tasks.{t}.loss", f"expected one of {['default', *RESTORATION_LOSSES]}", tc.loss)
+        if not (math.isfinite(tc.perceptual_weight) and tc.perceptual_weight >= 0):
+            raise _err(src, f"tasks.{t}.perceptual_weight", "must be a finite number >= 0", tc.perceptual_weight)
+    if restoring and (cfg.data.mean != [0.5] * 3 or cfg.data.std != [0.5] * 3):
+        raise _err(
+            src,
+            "data.mean",
+            "restoration models take their input in [-1, 1]: data.mean and data.std must be 0.5",
+            [cfg.data.mean, cfg.data.std],
+        )
+    if cfg.data.crop_border < 0:
+        raise _err(src, "data.crop_border", "must be >= 0", cfg.data.crop_border)
+    if restoring and cfg.data.mixed_batches and cfg.moe.mi_weight:
+        raise _err(
+            src,
+            "moe.mi_weight",
+            "the task-expert MI needs one degradation per step: set data.mixed_batches: false",
+            cfg.moe.mi_weight,
+        )
+
+
+def _restorers() -> list[str]:
+    from ._factory import list_models
+
+    return list_models(family="restoration")
 
 
 def _check_ranges(cfg: Config, src: str) -> None:
@@ -350,14 +434,14 @@ def _check_backbone(cfg: Config, src: str) -> None:
     entry fails here, naming the key, rather than after the data is prepared."""
     import torch
 
-    from ._factory import create_model
+    from ._factory import create_model, model_family
 
-    kw = cfg.model.backbone_kwargs
+    kw = dict(cfg.model.backbone_kwargs)
+    if model_family(cfg.model.backbone) == "vit":
+        kw["num_classes"] = 0
     try:
         with torch.device("meta"):
-            m = create_model(
-                cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, num_classes=0, **kw
-            )
+            m = create_model(cfg.model.backbone, tasks=list(cfg.tasks), img_size=cfg.model.img_size, **kw)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _err(

@@ -4,12 +4,19 @@ Target formats follow the data contract: ``class_label`` int64 scalar; ``boxes``
 ``labels`` int64 (N,); ``semseg`` / ``human_parts`` int64 (H, W) with 255 = ignore; ``saliency`` / ``edges``
 float32 (1, H, W) in {0, 1}; ``normals`` float32 (3, H, W) unit vectors (all-zero = invalid); ``depth``
 float32 (1, H, W) (0 = invalid). Losses are M³ViT's.
+
+Restoration tasks (one per degradation: ``derain``, ``dehaze``, ...; kind ``'restoration'``) have no head: a
+restoration model maps the image to the restored image. Their target is ``gt`` float32 (3, H, W) in [0, 1] (and
+``lq``, the degraded input in [0, 1], for the input baseline); loss L1 (or Charbonnier, and an optional VGG16
+perceptual term, see :class:`RestorationLoss`); metric PSNR / SSIM (:class:`~vision_moe.metrics.RestorationMetric`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,9 +24,26 @@ import torch.nn.functional as F
 
 from .heads import ClassificationHead, FCOSDetectionHead, LinearUpsampleHead, SetrPupHead
 
-__all__ = ["TaskSpec", "TASKS", "get_task", "build_head", "task_loss", "stack_key", "DENSE_HEADS"]
+__all__ = [
+    "TaskSpec",
+    "TASKS",
+    "DEGRADATIONS",
+    "RESTORATION_LOSSES",
+    "RestorationLoss",
+    "get_task",
+    "is_restoration",
+    "build_head",
+    "task_loss",
+    "stack_key",
+    "DENSE_HEADS",
+]
+
+_logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
+# the degradations a restoration model removes, one task each: rain streaks, haze, snow, raindrops, motion blur,
+# defocus blur, low light, noise (the built-in data makes all but raindrops)
+DEGRADATIONS = ("derain", "dehaze", "desnow", "deraindrop", "deblur", "defocus", "lowlight", "denoise")
 EDGE_POS_WEIGHT = 0.95  # M³ViT's BalancedBinaryCrossEntropyLoss(pos_weight=0.95)
 
 
@@ -69,13 +93,96 @@ def _cls_loss(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]
     return {"classification": F.cross_entropy(out.float(), y)}
 
 
+def _restoration_l1(out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    return {"l1": F.l1_loss(out.float(), stack_key(targets, "gt", out.device).float())}
+
+
+RESTORATION_LOSSES = ("l1", "charbonnier")
+CHARBONNIER_EPS = 1e-3  # as MPRNet / Restormer
+
+
+def _vgg16_cache_file() -> Path:
+    from torchvision.models import VGG16_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_Weights.IMAGENET1K_V1.url).name
+
+
+def _vgg16_features() -> nn.Module | None:
+    """torchvision's ImageNet VGG16 up to relu3_3 from the torch hub cache, or None when it is not there (nothing
+    is downloaded: training must not depend on the network)."""
+    from torchvision.models import vgg16
+
+    path = _vgg16_cache_file()
+    if not path.is_file():
+        return None
+    net = vgg16()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.features[:16].eval().requires_grad_(False)
+
+
+class RestorationLoss(nn.Module):
+    """The loss of a restoration task: ``kind`` ('l1' or 'charbonnier', sqrt(d^2 + 1e-6)) on the image in [0, 1],
+    plus ``perceptual_weight`` x the MSE of VGG16 features (relu1_2, relu2_2, relu3_3; MoFME's recipe uses 0.04).
+
+    The perceptual term runs only when torchvision's VGG16 ImageNet weights are in the torch hub cache (nothing
+    is downloaded); otherwise a warning says so once and the term is left out. The VGG weights are not part of
+    the model's state (not registered as a submodule)."""
+
+    _VGG_TAPS = (3, 8, 15)  # relu1_2, relu2_2, relu3_3 in torchvision's vgg16.features
+    _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, kind: str = "l1", perceptual_weight: float = 0.0) -> None:
+        super().__init__()
+        if kind not in RESTORATION_LOSSES:
+            raise ValueError(f"restoration loss {kind!r}: expected one of {list(RESTORATION_LOSSES)}")
+        self.kind, self.perceptual_weight = kind, float(perceptual_weight)
+        self._vgg: list[nn.Module] = []  # a list: kept out of the module tree (and the checkpoint)
+        if self.perceptual_weight > 0:
+            vgg = _vgg16_features()
+            if vgg is None:
+                _logger.warning(
+                    "perceptual loss left out: VGG16 weights are not in the torch hub cache (%s); fetch them once "
+                    "with: python -c 'import torchvision; torchvision.models.vgg16(weights=\"DEFAULT\")'",
+                    _vgg16_cache_file(),
+                )
+            else:
+                self._vgg.append(vgg)
+
+    @property
+    def perceptual_active(self) -> bool:
+        return bool(self._vgg)
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        vgg = self._vgg[0].to(x.device)
+        mean = x.new_tensor(self._MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(self._STD).view(1, 3, 1, 1)
+        x, feats = (x - mean) / std, []
+        for i, layer in enumerate(vgg):
+            x = layer(x)
+            if i in self._VGG_TAPS:
+                feats.append(x)
+        return feats
+
+    def forward(self, out: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        gt = stack_key(targets, "gt", out.device).float()
+        out = out.float()
+        if self.kind == "l1":
+            losses = {"l1": F.l1_loss(out, gt)}
+        else:
+            losses = {"charbonnier": torch.sqrt((out - gt).square() + CHARBONNIER_EPS**2).mean()}
+        if self._vgg:
+            fo, fg = self._features(out), self._features(gt)
+            losses["perceptual"] = self.perceptual_weight * sum(F.mse_loss(a, b) for a, b in zip(fo, fg))
+        return losses
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What a task is: its head kind, the target keys it reads, fixed output channels (None = from the data),
     its loss, and the metric reported for it (class name in ``vision_moe.metrics`` and its headline key)."""
 
     name: str
-    kind: str  # 'classification' | 'detection' | 'dense'
+    kind: str  # 'classification' | 'detection' | 'dense' | 'restoration'
     target_keys: tuple[str, ...]
     out_channels: int | None
     loss: Callable | None
@@ -99,10 +206,19 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("normals", "dense", ("normals",), 3, _normals_loss, "NormalsMetric", "mean_angle", False),
         TaskSpec("edges", "dense", ("edges",), 1, _edge_loss, "EdgeMetric", "odsF", True),
         TaskSpec("depth", "dense", ("depth",), 1, _depth_loss, "DepthMetric", "rmse", False),
+        *(
+            TaskSpec(d, "restoration", ("gt",), 3, _restoration_l1, "RestorationMetric", "psnr", True)
+            for d in DEGRADATIONS
+        ),
     ]
 }
 
 DENSE_HEADS = ("setr_pup", "linear")
+
+
+def is_restoration(task: str) -> bool:
+    """Whether ``task`` is a degradation (an image-to-image restoration task)."""
+    return task in TASKS and TASKS[task].kind == "restoration"
 
 
 def get_task(name: str) -> TaskSpec:
@@ -128,6 +244,8 @@ def build_head(
     """The head for ``task``. ``num_outputs`` is the number of classes (classification, detection, semseg,
     human_parts) or channels; tasks with fixed channels (saliency 1, normals 3, edges 1, depth 1) accept None."""
     spec = get_task(task)
+    if spec.kind == "restoration":
+        raise ValueError(f"task {task!r} is a restoration task: it has no head; train it with a restoration model")
     n = num_outputs if num_outputs is not None else spec.out_channels
     if n is None or n <= 0:
         raise ValueError(f"task {task!r} needs a positive number of classes, got {num_outputs!r}")
@@ -162,8 +280,11 @@ def build_head(
 def task_loss(
     task: str, head: nn.Module, out, targets: list[dict], image_size: tuple[int, int]
 ) -> dict[str, torch.Tensor]:
-    """The task's loss terms (a dict; their sum is the task loss)."""
+    """The task's loss terms (a dict; their sum is the task loss). For a restoration task ``head`` is its
+    :class:`RestorationLoss` (or None: plain L1)."""
     spec = get_task(task)
+    if spec.kind == "restoration" and head is not None:
+        return head(out, targets)
     if spec.kind == "detection":
         return {f"det_{k}": v for k, v in head.loss(out, targets, image_size).items()}
     return spec.loss(out, targets)

@@ -25,13 +25,9 @@ object keeps at least half of its pixels visible). Labels, all read back through
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +42,7 @@ from pycocotools import mask as mask_utils
 
 from .coco import CocoDetection
 from .common import (
+    cached_folder,
     check_tasks,
     encode_normals_png,
     finalize_sample,
@@ -329,15 +326,6 @@ def _write_split(
         f.writelines(cls_lines)
 
 
-def _content_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            h.update(str(p.relative_to(root)).encode())
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def builtin_dir(root: str | Path, seed: int = 0, num_train: int = 2000, num_val: int = 300, img_size: int = 64) -> Path:
     """The folder :func:`prepare_builtin` uses for these arguments: ``root/<name from the arguments>``, or
     ``root`` itself when it is that folder (a dataset root may name the parent or the data folder)."""
@@ -377,50 +365,19 @@ def prepare_builtin(
         raise ValueError(f"prepare_builtin: img_size={img_size}; expected >= 32 (objects are 8 px to img_size/2)")
     params = dict(version=_VERSION, seed=seed, num_train=num_train, num_val=num_val, img_size=img_size)
     out = builtin_dir(root, seed, num_train, num_val, img_size)
-    root = out.parent
-    manifest = out / "manifest.json"
-    if manifest.exists():
+
+    def write(tmp: Path) -> dict:
+        bar = _Progress(num_train + num_val, "built-in data", progress)
         try:
-            m = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            m = {}
-        if m.get("params") == params and (not verify or m.get("sha256") == _content_hash(out)):
-            return out
-        _logger.warning("%s: manifest does not match the arguments or the content; regenerating", out)
-        shutil.rmtree(out)
-    root.mkdir(parents=True, exist_ok=True)
-    _logger.info(
-        "generating the built-in data (%d + %d images, %d px) into %s; once: later runs reuse it",
-        num_train,
-        num_val,
-        img_size,
-        out,
-    )
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin-", dir=root))
-    bar = _Progress(num_train + num_val, "built-in data", progress)
-    try:
-        _write_split(tmp, "train", seed, num_train, img_size, workers, bar)
-        _write_split(tmp, "val", seed, num_val, img_size, workers, bar)
+            _write_split(tmp, "train", seed, num_train, img_size, workers, bar)
+            _write_split(tmp, "val", seed, num_val, img_size, workers, bar)
+        finally:
+            bar.close()
         (tmp / "classes.txt").write_text("".join(f"{n}\n" for n in SHAPE_CLASSES))
-        man = dict(
-            params=params,
-            sha256=_content_hash(tmp),
-            classes=list(SHAPE_CLASSES),
-            generation_seconds=round(time.perf_counter() - t0, 2),
-        )
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=1))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: keep its copy
-            if not manifest.exists():
-                raise
-    finally:
-        bar.close()
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    _logger.info("built-in data written to %s in %.1f s", out, time.perf_counter() - t0)
-    return out
+        return dict(classes=list(SHAPE_CLASSES))
+
+    what = f"the built-in data ({num_train} + {num_val} images, {img_size} px)"
+    return cached_folder(out, params, write, verify, what=what)
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "build_model",
     "save_checkpoint",
     "load_model",
     "load_train_state",
@@ -133,15 +134,40 @@ def read_config(path: str | Path, require: Sequence[str] = (), why: str = "") ->
     return cfg
 
 
+def build_model(m: dict[str, Any], losses: dict | None = None) -> nn.Module:
+    """The model a ``config.json`` "model" section describes: a :class:`MultiTaskModel` (a ViT backbone and one
+    head per task) or, with ``"kind": "restoration"``, a :class:`RestorationModel` (``losses``: its per-task
+    losses, for training)."""
+    if m.get("kind", "multitask") == "restoration":
+        from ..models.restoration import build_restoration_model
+
+        return build_restoration_model(
+            m["backbone"],
+            list(m["tasks"]),
+            img_size=m.get("img_size", 64),
+            losses=losses,
+            **(m.get("backbone_kwargs") or {}),
+        )
+    from ..models.multitask import build_multitask_model
+
+    return build_multitask_model(
+        m["backbone"],
+        m["tasks"],
+        img_size=m.get("img_size", 224),
+        head=m.get("head", "setr_pup"),
+        head_kwargs=m.get("head_kwargs") or {},
+        **(m.get("backbone_kwargs") or {}),
+    )
+
+
 def is_hub_format(cfg: dict[str, Any]) -> bool:
     """Whether a config.json was written by :func:`vision_moe.hub.save_pretrained` (timm's Hub layout)."""
     return "architecture" in cfg and "pretrained_cfg" in cfg
 
 
 def build_from_config(path: str | Path, cfg: dict[str, Any]):
-    """The :class:`MultiTaskModel` a checkpoint's config.json describes (its ``model`` section), not loaded."""
-    from ..models.multitask import build_multitask_model
-
+    """The model a checkpoint's config.json describes (its ``model`` section, see :func:`build_model`), not
+    loaded."""
     d = Path(path)
     m = cfg.get("model")
     if not isinstance(m, dict) or "backbone" not in m or "tasks" not in m:
@@ -150,20 +176,14 @@ def build_from_config(path: str | Path, cfg: dict[str, Any]):
         if not isinstance(m.get(key) or {}, dict):
             raise CheckpointError(f"{d / CONFIG}: model.{key} must be a JSON object, got {_json_type(m[key])}")
     try:
-        return build_multitask_model(
-            m["backbone"],
-            m["tasks"],
-            img_size=m.get("img_size", 224),
-            head=m.get("head", "setr_pup"),
-            head_kwargs=m.get("head_kwargs") or {},
-            **(m.get("backbone_kwargs") or {}),
-        )
+        return build_model(m)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{d / CONFIG}: cannot build the model ({e})") from None
 
 
 def load_model(path: str | Path, verify: bool = True, require: Sequence[str] = (), why: str = ""):
-    """Rebuild the :class:`MultiTaskModel` of a checkpoint folder (or its weights file) and load its weights.
+    """Rebuild the model of a checkpoint folder (or its weights file) (see :func:`build_model`) and load its
+    weights.
 
     Returns ``(model, config)``. A truncated file, a checksum mismatch or weights that do not fit the config
     raise :class:`CheckpointError` naming the file; so does a config without the ``require``-d sections (see

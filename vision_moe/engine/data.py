@@ -18,6 +18,7 @@ from ..config import Config, DatasetConfig
 
 __all__ = [
     "build_dataset",
+    "split_by_task",
     "StepPlan",
     "PlanDataset",
     "collate_plan",
@@ -30,14 +31,32 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
+def _restoration_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: list[str]):
+    from ..data.restoration import RestorationTransform, restoration_dataset
+
+    tf = RestorationTransform(train, cfg.model.img_size if train else None, flips=cfg.data.augment)
+    root = Path(ds.root).expanduser()
+    if ds.format == "builtin_restore":
+        from ..data.builtin_restore import BuiltinRestoration, prepare_builtin_restore
+
+        root = prepare_builtin_restore(
+            root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val, img_size=cfg.model.img_size
+        )
+        return BuiltinRestoration(root, split, tasks=tasks, transform=tf)
+    return restoration_dataset(ds.format, root, split, tasks, tf, lq_dir=ds.lq_dir, gt_dir=ds.gt_dir)
+
+
 def build_dataset(
     ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None, progress: bool = False
 ):
     """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline. The built-in data is
     generated on first use (``progress``: with a tqdm bar, see :func:`~vision_moe.data.builtin.prepare_builtin`)."""
+    from ..config import RESTORATION_FORMATS
     from ..data.transforms import build_transforms
 
     tasks = list(tasks if tasks is not None else ds.tasks or cfg.tasks)
+    if ds.format in RESTORATION_FORMATS:
+        return _restoration_dataset(ds, cfg, split, train, tasks)
     augment = train and cfg.data.augment
     tf = build_transforms(
         train=augment,
@@ -75,6 +94,25 @@ def build_dataset(
         if ann:
             kwargs["ann_file"] = root / ann
     return cls(root, split, **kwargs)
+
+
+def split_by_task(dataset: Any, tasks: Sequence[str], mixed: bool = False) -> list[tuple[Any, list[str]]]:
+    """(dataset, tasks) pairs a step or an evaluation runs on. A multi-task dataset labels every task on every
+    image: one pair. A dataset with one task per sample (``sample_tasks``: restoration pairs, one degradation
+    each) becomes one subset per task, so that an evaluation (or, with ``mixed=False``, a training step) runs one
+    degradation; with ``mixed`` it stays one pair whose batches mix its tasks (all-in-one training)."""
+    per_sample = getattr(dataset, "sample_tasks", None)
+    if per_sample is None:
+        return [(dataset, list(tasks))]
+    if mixed:
+        present = set(per_sample)
+        return [(dataset, [t for t in tasks if t in present])]
+    out = []
+    for t in tasks:
+        idx = [i for i, s in enumerate(per_sample) if s == t]
+        if idx:
+            out.append((torch.utils.data.Subset(dataset, idx), [t]))
+    return out
 
 
 def reseed_sample(dataset: Any, seed: int) -> None:

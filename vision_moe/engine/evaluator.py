@@ -17,12 +17,15 @@ __all__ = ["build_metric", "update_metric", "evaluate_task", "agreement_targets"
 _logger = logging.getLogger(__name__)
 
 
-def build_metric(task: str, dataset: Any, num_classes: int | None):
-    """The task's metric accumulator, configured from its dataset (COCO ground truth, number of classes)."""
+def build_metric(task: str, dataset: Any, num_classes: int | None, crop_border: int = 0):
+    """The task's metric accumulator, configured from its dataset (COCO ground truth, number of classes);
+    restoration metrics cut ``crop_border`` pixels from each side."""
     from .. import metrics as M
 
     spec = get_task(task)
     cls = getattr(M, spec.metric)
+    if spec.kind == "restoration":
+        return cls(crop_border)
     if spec.kind == "detection":
         return cls(dataset.coco, dataset.contiguous_to_cat_id)
     if spec.metric == "SegmentationMetric":
@@ -40,6 +43,8 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
     elif kind == "detection":
         dets = [{k: v.cpu() for k, v in d.items()} for d in result["detections"]]
         metric.update(dets, targets)
+    elif kind == "restoration":  # the ground truth, and the degraded input for its baseline, in [0, 1]
+        metric.update(out.float().cpu(), [t["gt"] for t in targets], [t["lq"] for t in targets])
     elif task in ("semseg", "human_parts"):
         metric.update(out.argmax(1).cpu(), stack_key(targets, task))
     elif task in ("saliency", "edges"):
@@ -79,13 +84,16 @@ def task_dataset(
 
 def heldout_loader(cfg: Any, dataset: Any, limit: int = 0, batch_size: int | None = None, workers: int | None = None):
     """The evaluation DataLoader over ``dataset`` (its first ``limit`` samples when > 0): unreadable samples
-    dropped from their batch (:class:`~vision_moe.data.SkipBadSamples`), targets as a list of dicts."""
+    dropped from their batch (:class:`~vision_moe.data.SkipBadSamples`), targets as a list of dicts; images of
+    differing sizes (restoration sets without ``uniform_size``) one at a time, never padded together."""
     from ..data import SkipBadSamples, collate_multitask
 
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    uniform = getattr(base, "uniform_size", True)
     ds = dataset if not limit or limit >= len(dataset) else torch.utils.data.Subset(dataset, range(limit))
     return torch.utils.data.DataLoader(
         SkipBadSamples(ds),
-        batch_size=batch_size or cfg.data.eval_batch_size,
+        batch_size=(batch_size or cfg.data.eval_batch_size) if uniform else 1,
         shuffle=False,
         collate_fn=collate_multitask,
         num_workers=cfg.data.num_workers if workers is None else workers,
@@ -126,6 +134,7 @@ def evaluate_task(
     device: torch.device,
     max_batches: int = 0,
     amp_ctx=None,
+    crop_border: int = 0,
     routing: dict | None = None,
     reference: nn.Module | None = None,
 ) -> dict[str, float]:
@@ -149,8 +158,8 @@ def evaluate_task(
         raise ValueError(f"max_batches must be >= 0 (0 = the whole split), got {max_batches}")
     was = model.training
     model.eval()
-    metric = build_metric(task, dataset, num_classes)
-    agree = build_metric(task, dataset, num_classes) if reference is not None else None
+    metric = build_metric(task, dataset, num_classes, crop_border)
+    agree = build_metric(task, dataset, num_classes, crop_border) if reference is not None else None
     if reference is not None:
         reference.eval()
     assigned = dropped = 0

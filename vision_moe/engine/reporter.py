@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text
 
-__all__ = ["Reporter", "format_table"]
+__all__ = ["Reporter", "format_table", "format_restoration_table"]
 
 _logger = logging.getLogger(__name__)
 
@@ -23,6 +23,39 @@ def format_table(metrics: dict[str, dict[str, float]], primary: dict[str, str] |
     w = max([len("task")] + [len(r[0]) for r in rows])
     lines = [f"{'task':<{w}}  metrics", f"{'-' * w}  {'-' * 40}"]
     lines += [f"{t:<{w}}  {v}" for t, v in rows]
+    return "\n".join(lines)
+
+
+def format_restoration_table(metrics: dict[str, dict[str, float]]) -> str:
+    """Per degradation and over all held-out images: PSNR / SSIM of the degraded input and of the output (RGB,
+    the crop border stated), and the output's Y-channel PSNR."""
+    from ..metrics.restoration import restoration_summary
+
+    rows = dict(metrics)
+    summary = restoration_summary(metrics)
+    w = max([len("degradation"), len("mean (all images)")] + [len(t) for t in rows])
+    head = (
+        f"{'degradation':<{w}}  {'images':>6}  {'input PSNR':>10}  {'output PSNR':>11}  {'gain':>6}  "
+        f"{'input SSIM':>10}  {'output SSIM':>11}  {'PSNR-Y':>6}"
+    )
+    lines = [head, "-" * len(head)]
+
+    def row(name: str, m: dict[str, float]) -> str:
+        return (
+            f"{name:<{w}}  {int(m.get('images', 0)):>6}  {m.get('input_psnr', float('nan')):>10.2f}  "
+            f"{m.get('psnr', float('nan')):>11.2f}  {m.get('psnr', 0) - m.get('input_psnr', 0):>+6.2f}  "
+            f"{m.get('input_ssim', float('nan')):>10.4f}  {m.get('ssim', float('nan')):>11.4f}  "
+            f"{m.get('psnr_y', float('nan')):>6.2f}"
+        )
+
+    lines += [row(t, m) for t, m in rows.items()]
+    if summary:
+        lines += ["-" * len(head), row("mean (all images)", summary)]
+        crop = int(next(iter(metrics.values())).get("crop_border", 0))
+        lines.append(
+            f"PSNR (dB) and SSIM on RGB in [0, 1], crop border {crop}; PSNR-Y: Y channel (BT.601). "
+            f"Degradations not worse than their input: {int(summary['tasks_not_worse'])} of {int(summary['tasks'])}"
+        )
     return "\n".join(lines)
 
 

@@ -18,23 +18,32 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, config_to_dict
-from ..models.multitask import MultiTaskModel, build_multitask_model
-from ..tasks import get_task
+from ..models.multitask import build_multitask_model
+from ..tasks import RestorationLoss, get_task, is_restoration
 from . import distributed as dist_utils
 from .checkpoint import (
     CheckpointError,
+    build_model,
     latest_checkpoint,
     load_model,
     load_train_state,
     save_checkpoint,
 )
-from .data import BadSampleTracker, PlanDataset, StepPlan, TooManyBadSamples, build_dataset, collate_plan
-from .evaluator import evaluate_task, heldout_loader, task_dataset
+from .data import (
+    BadSampleTracker,
+    PlanDataset,
+    StepPlan,
+    TooManyBadSamples,
+    build_dataset,
+    collate_plan,
+    split_by_task,
+)
+from .evaluator import evaluate_task, heldout_loader
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
-from .reporter import Reporter, format_table
+from .reporter import Reporter, format_restoration_table, format_table
 
-__all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint", "resolve_device"]
+__all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint", "evaluate_checkpoint_tasks", "resolve_device"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,6 +95,17 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
     experiment = config_to_dict(cfg)
     for d in experiment["data"]["datasets"]:
         d["root"] = str(Path(d["root"]).expanduser().absolute())
+    if all(is_restoration(t) for t in num_classes):
+        model = {
+            "kind": "restoration",
+            "backbone": m.backbone,
+            "tasks": dict(num_classes),
+            "img_size": m.img_size,
+            "backbone_kwargs": dict(m.backbone_kwargs),
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+        }
+        return {"model": model, "experiment": experiment}
     head_kwargs = dict(
         head_channels=m.head_channels,
         head_norm=m.head_norm,
@@ -109,9 +129,23 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
     }
 
 
-def build_model_from_config(mc: dict[str, Any], pretrained: bool = False) -> MultiTaskModel:
-    """The model ``config.json`` describes; ``pretrained``: its backbone from its weight tag's weights."""
+def restoration_losses(cfg: Config) -> dict[str, RestorationLoss]:
+    """The configured loss of every restoration task (``tasks.<t>.loss``, ``perceptual_weight``)."""
+    return {
+        t: RestorationLoss("l1" if tc.loss == "default" else tc.loss, tc.perceptual_weight)
+        for t, tc in cfg.tasks.items()
+        if is_restoration(t)
+    }
+
+
+def build_model_from_config(
+    mc: dict[str, Any], pretrained: bool = False, losses: dict[str, RestorationLoss] | None = None
+) -> nn.Module:
+    """The model ``config.json`` describes; ``pretrained``: its backbone from its weight tag's weights (multi-task
+    models); ``losses``: a restoration model's per-task losses (see :func:`build_model`)."""
     m = mc["model"]
+    if m.get("kind") == "restoration":
+        return build_model(m, losses)
     return build_multitask_model(
         m["backbone"],
         m["tasks"],
@@ -129,7 +163,7 @@ class _StepModule(nn.Module):
 
     def __init__(
         self,
-        model: MultiTaskModel,
+        model: nn.Module,
         cfg: Config,
         uncertainty: UncertaintyWeighting | None,
         mi_memory: TaskRoutingMemory | None = None,
@@ -138,6 +172,8 @@ class _StepModule(nn.Module):
         self.model, self.cfg, self.uncertainty, self.mi_memory = model, cfg, uncertainty, mi_memory
 
     def forward(self, images: torch.Tensor, targets: list[dict], tasks: Sequence[str]):
+        if len(tasks) > 1 and getattr(self.model, "per_image_tasks", False):
+            return self._forward_mixed(images, targets)
         total = images.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
         aux_by_task = {}
@@ -159,11 +195,31 @@ class _StepModule(nn.Module):
         if mi is not None:
             total = total + mi
             logs["moe_mi"] = mi.detach()
-        loads = {
-            t: [(a.expert_load.float() / a.expert_load.sum().clamp_min(1)).tolist() for a in aux]
-            for t, aux in aux_by_task.items()
-        }
-        return total, logs, loads
+        return total, logs, _loads(aux_by_task)
+
+    def _forward_mixed(self, images: torch.Tensor, targets: list[dict]):
+        """A batch whose images each have their own task (restoration: one degradation per image, all-in-one
+        training): one forward, each task's loss over its images, weighted by its share of the batch."""
+        r = self.model(images, None, targets)
+        total = images.new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        n = sum(r["task_counts"].values())
+        for task, loss_t in r["task_losses"].items():
+            logs[task] = loss_t.detach()
+            w = self.cfg.tasks[task].weight * r["task_counts"][task] / n
+            total = total + (self.uncertainty(task, w * loss_t) if self.uncertainty is not None else w * loss_t)
+        aux_l = moe_aux_loss(r["aux"], self.cfg.moe)
+        if aux_l is not None:
+            total = total + aux_l
+            logs["moe_aux/mixed"] = aux_l.detach()
+        return total, logs, _loads({"mixed": r["aux"]})
+
+
+def _loads(aux_by_task: dict) -> dict[str, list[list[float]]]:
+    return {
+        t: [(a.expert_load.float() / a.expert_load.sum().clamp_min(1)).tolist() for a in aux]
+        for t, aux in aux_by_task.items()
+    }
 
 
 def _rng_state() -> dict[str, Any]:
@@ -233,14 +289,16 @@ class Trainer:
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
         # a fresh run may start from pretrained weights; a resumed one takes every weight from its checkpoint
-        self.model = build_model_from_config(self.model_cfg, cfg.model.pretrained and not resume).to(self.device)
+        self.model = build_model_from_config(
+            self.model_cfg, cfg.model.pretrained and not resume, restoration_losses(cfg)
+        ).to(self.device)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         if cfg.train.channels_last:  # weights (and the optimizer's moments, made like them) stay NHWC on resume
             self.model.to(memory_format=torch.channels_last)
         self.uncertainty = (
             UncertaintyWeighting(list(cfg.tasks)).to(self.device) if cfg.train.uncertainty_weighting else None
         )
-        moe_layers = self.model.backbone.moe_layers()
+        moe_layers = self.model.moe_layers()
         self.mi_memory = (
             TaskRoutingMemory(list(cfg.tasks), [m.num_experts for _, m in moe_layers], cfg.moe.mi_momentum).to(
                 self.device
@@ -262,7 +320,7 @@ class Trainer:
             cfg.data.batch_size,
             cfg.train.seed,
             cfg.data.sampling,
-            [d.sample_weight for d in cfg.data.datasets],
+            self.set_weights,
             self.rank,
             self.world,
         )
@@ -282,12 +340,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_sets(self, datasets, train: bool) -> list[tuple[Any, list[str]]]:
+        """(dataset, tasks) per step kind: a restoration set gives one per degradation (see split_by_task)."""
         out = []
+        self.set_weights = []
         bar = self.main and self.cfg.train.progress  # generating the built-in data: a bar, else periodic log lines
         for ds in datasets:
             tasks = list(ds.tasks or self.cfg.tasks)
             split = ds.train_split if train else ds.val_split
-            out.append((build_dataset(ds, self.cfg, split, train, tasks, progress=bar), tasks))
+            built = build_dataset(ds, self.cfg, split, train, tasks, progress=bar)
+            for pair in split_by_task(built, tasks, mixed=train and self.cfg.data.mixed_batches):
+                out.append(pair)
+                self.set_weights.append(ds.sample_weight)
         return out
 
     def _num_classes(self) -> dict[str, int | None]:
@@ -366,9 +429,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _val_loaders(self) -> dict[str, tuple[Any, Any]]:
         if not self._val:
-            for task in self.cfg.tasks:
-                ds = task_dataset(self.cfg, task, "val")
-                self._val[task] = (heldout_loader(self.cfg, ds), ds)
+            self._val = val_loaders(self.cfg)
         return self._val
 
     def evaluate(self, routing: dict | None = None) -> dict[str, dict[str, float]]:
@@ -386,13 +447,17 @@ class Trainer:
                     self.device,
                     self.cfg.train.eval_max_batches,
                     self.amp_ctx,
-                    routing,
+                    self.cfg.data.crop_border,
+                    routing=routing,
                 )
         dist_utils.barrier()
         return results
 
     def _moe_layer_names(self) -> list[str]:
-        return [n for n, _ in self.model.backbone.moe_layers()]
+        """The MoE layers of the routed network (a multi-task model's backbone, a restoration model's net), named
+        as in that network."""
+        inner = self.model.backbone if hasattr(self.model, "backbone") else self.model.net
+        return [n for n, _ in inner.moe_layers()]
 
     def _evaluate_and_report(self, rep: Reporter) -> None:
         """Evaluate, report the metrics, and send the routing heatmaps of the held-out images to TensorBoard."""
@@ -471,8 +536,7 @@ class Trainer:
                     f"(first: {self.bad.bad[0]})"
                 )
             rep.message(
-                f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n"
-                + format_table(metrics, {t: get_task(t).primary for t in metrics})
+                f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n" + table(metrics)
             )
             try:
                 self.bad.check(final=True)
@@ -481,6 +545,36 @@ class Trainer:
         finally:
             rep.close()
         return metrics
+
+
+def table(metrics: dict[str, dict[str, float]]) -> str:
+    """The final metrics as a plain-text table (restoration: input and output PSNR / SSIM per degradation)."""
+    if metrics and all(is_restoration(t) for t in metrics):
+        return format_restoration_table(metrics)
+    return format_table(metrics, {t: get_task(t).primary for t in metrics})
+
+
+def val_loaders(
+    cfg: Config, tasks: list[str] | None = None, roots: dict[int, Path] | None = None, progress: bool = False
+) -> dict[str, tuple[Any, Any]]:
+    """task -> (held-out loader, dataset) for every task of ``cfg`` (or ``tasks``): the first dataset labelling it
+    (a restoration set: the subset of that degradation). ``roots``: dataset index -> where its data is now;
+    ``progress``: a bar if built-in data has to be generated."""
+    import dataclasses
+
+    out: dict[str, tuple[Any, Any]] = {}
+    for i, dcfg in enumerate(cfg.data.datasets):
+        ds_tasks = [t for t in (dcfg.tasks or cfg.tasks) if tasks is None or t in tasks]
+        if not ds_tasks or all(t in out for t in ds_tasks):
+            continue
+        if roots and i in roots:
+            dcfg = dataclasses.replace(dcfg, root=str(roots[i]))
+        ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=ds_tasks, progress=progress)
+        for sub, sub_tasks in split_by_task(ds, ds_tasks):
+            loader = heldout_loader(cfg, sub)
+            for t in sub_tasks:
+                out.setdefault(t, (loader, sub))
+    return out
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, dict[str, float]]:
@@ -500,6 +594,8 @@ def _eval_data_root(checkpoint: str | Path, i: int, dcfg: Any, cfg: Config, data
 
     root = Path(data_root if data_root is not None else dcfg.root).expanduser()
     given = "--data-root" if data_root is not None else f"data.datasets[{i}].root"
+    if dcfg.format == "builtin_restore":  # generated on first use where it is missing (deterministic)
+        return root
     if dcfg.format != "builtin":
         if not root.exists():
             raise ValueError(
@@ -521,17 +617,18 @@ def _eval_data_root(checkpoint: str | Path, i: int, dcfg: Any, cfg: Config, data
     return root
 
 
-def evaluate_checkpoint(
+def evaluate_checkpoint_tasks(
     checkpoint: str | Path,
-    task: str,
+    tasks: list[str] | None = None,
     max_batches: int | None = None,
     device: str = "auto",
     capacity_factor: float | None = None,
     data_root: str | Path | None = None,
     progress: bool = False,
     backbone_fn: Callable[[nn.Module], nn.Module] | None = None,
-) -> dict[str, float]:
-    """Metrics of ``task`` for a checkpoint on its held-out split, exactly as the trainer computes them.
+) -> dict[str, dict[str, float]]:
+    """Metrics of ``tasks`` (default: all of the checkpoint's) on their held-out splits, exactly as the trainer
+    computes them: task -> metrics.
 
     ``capacity_factor``: evaluate with that per-image expert capacity (V-MoE's inference capacity; what a
     capacity-bounded export runs) instead of the checkpoint's own setting; adds ``moe_dropped_fraction``.
@@ -549,33 +646,51 @@ def evaluate_checkpoint(
     )
     exp = dict(mc["experiment"])
     cfg = config_from_dict(exp, str(checkpoint))
-    if task not in model.tasks:
-        raise ValueError(f"unknown task {task!r}; this checkpoint has {list(model.tasks)}")
+    tasks = list(model.tasks) if tasks is None else list(tasks)
+    for task in tasks:
+        if task not in model.tasks:
+            raise ValueError(f"unknown task {task!r}; this checkpoint has {list(model.tasks)}")
     if capacity_factor is not None:
-        backbone = model.backbone if hasattr(model, "backbone") else model
-        backbone.set_capacity(capacity_factor=capacity_factor)
+        model.set_capacity(capacity_factor=capacity_factor)
     model.to(dev)
     if cfg.train.channels_last:  # the layout the trainer evaluated with: the same convolution kernels, same numbers
         model.to(memory_format=torch.channels_last)
-    i, dcfg = next(((i, d) for i, d in enumerate(cfg.data.datasets) if task in (d.tasks or cfg.tasks)), (-1, None))
-    if dcfg is None:
-        raise ValueError(f"no dataset in the checkpoint's config labels task {task!r}")
-    root = _eval_data_root(checkpoint, i, dcfg, cfg, data_root)
-    ds = task_dataset(cfg, task, "val", root=root, progress=progress)
+    datasets = [i for i, d in enumerate(cfg.data.datasets) if any(t in (d.tasks or cfg.tasks) for t in tasks)]
+    missing = [t for t in tasks if not any(t in (d.tasks or cfg.tasks) for d in cfg.data.datasets)]
+    if missing:
+        raise ValueError(f"no dataset in the checkpoint's config labels task {missing[0]!r}")
+    if data_root is not None and len(datasets) > 1:
+        raise ValueError(
+            f"{checkpoint}: --data-root with tasks {tasks} read from {len(datasets)} datasets; name one task"
+        )
+    roots = {i: _eval_data_root(checkpoint, i, cfg.data.datasets[i], cfg, data_root) for i in datasets}
+    loaders = val_loaders(cfg, tasks, roots=roots, progress=progress)
     mb = cfg.train.eval_max_batches if max_batches is None else max_batches
     reference = None
     if backbone_fn is not None:
         reference, model = model, copy.copy(model)
         model._modules = dict(model._modules)  # the reference keeps its own backbone
         model.backbone = backbone_fn(reference.backbone)
-    return evaluate_task(
-        model,
-        task,
-        heldout_loader(cfg, ds),
-        ds,
-        mc["model"]["tasks"][task],
-        dev,
-        mb,
-        _amp_ctx(cfg, dev),
-        reference=reference,
-    )
+    amp = _amp_ctx(cfg, dev)
+    return {
+        t: evaluate_task(
+            model, t, *loaders[t], mc["model"]["tasks"][t], dev, mb, amp, cfg.data.crop_border, reference=reference
+        )
+        for t in tasks
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    task: str,
+    max_batches: int | None = None,
+    device: str = "auto",
+    capacity_factor: float | None = None,
+    data_root: str | Path | None = None,
+    progress: bool = False,
+    backbone_fn: Callable[[nn.Module], nn.Module] | None = None,
+) -> dict[str, float]:
+    """Metrics of ``task`` for a checkpoint on its held-out split (see :func:`evaluate_checkpoint_tasks`)."""
+    return evaluate_checkpoint_tasks(
+        checkpoint, [task], max_batches, device, capacity_factor, data_root, progress, backbone_fn
+    )[task]

@@ -1,4 +1,5 @@
-"""Task metrics: COCO mAP (pycocotools), mIoU, top-k, saliency maxF, normals angle, edge F (ODS), depth RMSE."""
+"""Task metrics: COCO mAP (pycocotools), mIoU, top-k, saliency maxF, normals angle, edge F (ODS), depth RMSE,
+PSNR / SSIM (scikit-image)."""
 
 from .dense import (
     ClassificationMetric,
@@ -10,6 +11,7 @@ from .dense import (
     multi_task_delta,
 )
 from .detection import CocoDetectionMetric
+from .restoration import RestorationMetric, psnr, restoration_summary, ssim
 
 __all__ = [
     "ClassificationMetric",
@@ -17,7 +19,11 @@ __all__ = [
     "DepthMetric",
     "EdgeMetric",
     "NormalsMetric",
+    "RestorationMetric",
     "SaliencyMetric",
     "SegmentationMetric",
     "multi_task_delta",
+    "psnr",
+    "restoration_summary",
+    "ssim",
 ]

@@ -1,5 +1,13 @@
 """Backbones and whole models. Importing this registers every entry point with timm."""
 
 from .moe_vit import DEFAULT_TASKS, MoEVisionTransformer, TaskBlock, checkpoint_filter_fn, resolve_block_indices
+from .mofme import MoFME
 
-__all__ = ["DEFAULT_TASKS", "MoEVisionTransformer", "TaskBlock", "checkpoint_filter_fn", "resolve_block_indices"]
+__all__ = [
+    "DEFAULT_TASKS",
+    "MoEVisionTransformer",
+    "MoFME",
+    "TaskBlock",
+    "checkpoint_filter_fn",
+    "resolve_block_indices",
+]

@@ -38,7 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import init_weights_vit_timm
 from timm.models.vision_transformer_hybrid import ConvStem
 
-from ..moe import MoEAttention, MoEAux, MoEMlp
+from ..moe import MoEAttention, MoEAux, MoELayer, MoEMlp
 from ..moe.dispatch import Dispatcher
 from ..moe.upcycle import upcycle_attention, upcycle_mlp
 
@@ -139,7 +139,12 @@ def token_stride(patch_embed: nn.Module) -> tuple[int, int]:
 
 
 class TaskBlock(nn.Module):
-    """timm's pre-norm ViT block whose attention and/or MLP may be task-routed MoE layers."""
+    """timm's pre-norm ViT block whose attention and/or MLP may be task-routed MoE layers.
+
+    ``moe_mlp``: the MoE MLP's arguments; its ``layer`` entry picks the layer class (default :class:`MoEMlp`; any
+    :class:`~vision_moe.moe.MoELayer` taking ``(dim, hidden, ..., act_layer=, drop=)``, e.g. ``MoEFiLM``).
+    ``attn_head_dim``: width of each attention head when it is not ``dim // num_heads`` (timm's Attention).
+    """
 
     def __init__(
         self,
@@ -187,9 +192,8 @@ class TaskBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         if moe_mlp is not None:
             moe_mlp = dict(moe_mlp)
-            self.mlp = MoEMlp(
-                dim, moe_mlp.pop("hidden", None) or hidden, act_layer=act_layer, drop=proj_drop, **moe_mlp
-            )
+            layer = moe_mlp.pop("layer", MoEMlp)
+            self.mlp = layer(dim, moe_mlp.pop("hidden", None) or hidden, act_layer=act_layer, drop=proj_drop, **moe_mlp)
         else:
             self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
@@ -197,7 +201,7 @@ class TaskBlock(nn.Module):
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(self.mlp, MoEMlp) or isinstance(self.attn, MoEAttention)
+        return isinstance(self.mlp, MoELayer) or isinstance(self.attn, MoEAttention)
 
     def forward(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, list[MoEAux]]:
         aux: list[MoEAux] = []
@@ -209,7 +213,7 @@ class TaskBlock(nn.Module):
             h = self.attn(h)
         x = x + self.drop_path1(self.ls1(h))
         h = self.norm2(x)
-        if isinstance(self.mlp, MoEMlp):
+        if isinstance(self.mlp, MoELayer):
             h, a = self.mlp(h, task)
             aux.append(a)
         else:
@@ -222,7 +226,7 @@ class TaskBlock(nn.Module):
         new._modules = dict(self._modules)
         if isinstance(self.attn, MoEAttention):
             new.attn = self.attn.specialize(task)
-        if isinstance(self.mlp, MoEMlp):
+        if isinstance(self.mlp, MoELayer):
             new.mlp = self.mlp.specialize(task)
         return new
 

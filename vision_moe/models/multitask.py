@@ -74,6 +74,14 @@ class MultiTaskModel(nn.Module):
             result["detections"] = head.postprocess(out, size)
         return result
 
+    def moe_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(f"backbone.{n}", m) for n, m in self.backbone.moe_layers()]
+
+    def set_capacity(self, capacity: int | None = None, capacity_factor: float | None = None) -> MultiTaskModel:
+        """Per-image expert capacity of every MoE layer (see ``MoEVisionTransformer.set_capacity``)."""
+        self.backbone.set_capacity(capacity, capacity_factor)
+        return self
+
     def specialize(self, task: str) -> SpecializedTaskModel:
         """A single-task module (``backbone.specialize(task)`` + a copy of that task's head)."""
         if task not in self.heads:

@@ -11,8 +11,8 @@ from .dispatch import (
     create_dispatcher,
     resolve_capacity,
 )
-from .experts import LinearExperts, MlpExperts
-from .layer import MoEAttention, MoEAux, MoEMlp
+from .experts import FiLMExperts, LinearExperts, MlpExperts
+from .layer import MoEAttention, MoEAux, MoEFiLM, MoELayer, MoEMlp
 from .losses import (
     cv_squared,
     importance_load_loss,
@@ -21,7 +21,15 @@ from .losses import (
     switch_load_balance_loss,
     task_expert_probs,
 )
-from .router import MultiGateRouter, RouterOutput, TaskEmbeddingRouter, TopKGate, create_router
+from .router import (
+    MultiGateRouter,
+    RouterOutput,
+    SharedRouter,
+    TaskEmbeddingRouter,
+    TopKGate,
+    UncertaintyRouter,
+    create_router,
+)
 from .upcycle import lead_logit, upcycle_attention, upcycle_mlp
 
 __all__ = [
@@ -34,10 +42,13 @@ __all__ = [
     "capacity_keep_mask",
     "create_dispatcher",
     "resolve_capacity",
+    "FiLMExperts",
     "LinearExperts",
     "MlpExperts",
     "MoEAttention",
     "MoEAux",
+    "MoEFiLM",
+    "MoELayer",
     "MoEMlp",
     "cv_squared",
     "importance_load_loss",
@@ -47,7 +58,9 @@ __all__ = [
     "task_expert_probs",
     "MultiGateRouter",
     "RouterOutput",
+    "SharedRouter",
     "TaskEmbeddingRouter",
+    "UncertaintyRouter",
     "TopKGate",
     "create_router",
     "lead_logit",

@@ -3,8 +3,8 @@
 Every expert family offers three ways to run, so any dispatcher can use it:
 ``forward_grouped`` on a padded (E, C, in) buffer (one bmm per layer), ``forward_split`` on tokens
 already sorted by expert (one GEMM per expert, no padding; a list of per-expert outputs), and
-``forward_expert`` for one expert. MLP experts also offer ``forward_dense_gated`` (every expert on every token,
-the gates folded into the second GEMM) for the static-shape export path.
+``forward_expert`` for one expert. MLP and FiLM experts also offer ``forward_dense_gated`` (every expert on every
+token, the gates folded into the combine) for the static-shape export path.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearExperts", "MlpExperts"]
+__all__ = ["FiLMExperts", "LinearExperts", "MlpExperts"]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -145,8 +145,70 @@ class MlpExperts(nn.Module):
         return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}"
 
 
+class FiLMExperts(nn.Module):
+    """E feature-modulation experts (MoFME's FME): expert e maps h to ``gamma_e(h) * h + beta_e(h)``.
+
+    ``gamma`` and ``beta`` are stacked linear maps d -> d (weights (E, d, d)). The experts act on the output h of
+    a shared block (see :class:`~vision_moe.moe.MoEFiLM`), so an expert holds 2 d^2 parameters where an FFN expert
+    (d -> 4d -> d) holds 8 d^2. ``gamma``'s bias starts at 1 and every weight near 0, so each expert starts as
+    (about) the identity modulation: the layer then starts as its shared gated block and adaptor.
+    """
+
+    def __init__(self, num_experts: int, dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.num_experts, self.dim = num_experts, dim
+        self.gamma = LinearExperts(num_experts, dim, dim, bias)
+        self.beta = LinearExperts(num_experts, dim, dim, bias)
+        if bias:
+            with torch.no_grad():
+                self.gamma.bias.fill_(1.0)
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:  # (E, C, d) -> (E, C, d)
+        return self.gamma.forward_grouped(x) * x + self.beta.forward_grouped(x)
+
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, E*d, T, 1) -> (1, E*d, T, 1): see :meth:`LinearExperts.forward_channels_first`."""
+        return self.gamma.forward_channels_first(x) * x + self.beta.forward_channels_first(x)
+
+    def forward_split(self, x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """x (sum counts, d), rows sorted by expert -> one (counts[e], d) output per expert."""
+        gs, bs = self.gamma.forward_split(x, counts), self.beta.forward_split(x, counts)
+        return [g * xe + b for g, b, xe in zip(gs, bs, torch.split(x, counts))]
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma.forward_expert(e, x) * x + self.beta.forward_expert(e, x)
+
+    def forward_dense_gated(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """sum_e gates[:, e] * expert_e(x) with every expert on every token (MoFME's reference computes it so).
+
+        x (S, d), gates (S, E) -> (S, d): one 2-D GEMM against [gamma | beta] of all experts (d, E*2d), then the
+        gates combine: x * sum_e g_e gamma_e(x) + sum_e g_e beta_e(x). Static shapes, no data-dependent ops.
+        """
+        e, d, _ = self.gamma.weight.shape
+        s = x.shape[0]
+        w = torch.cat([self.gamma.weight, self.beta.weight], dim=2).permute(1, 0, 2).reshape(d, e * 2 * d)
+        b = None
+        if self.gamma.bias is not None:
+            b = torch.cat([self.gamma.bias, self.beta.bias], dim=1).reshape(e * 2 * d)
+        gb = _linear(x, w, b).view(s, e, 2 * d)  # (S, E, 2d)
+        mixed = torch.einsum("sen,se->sn", gb, gates.to(gb.dtype))  # (S, 2d): gated gamma | beta
+        return mixed[:, :d] * x + mixed[:, d:]
+
+    def select(self, keep: torch.Tensor) -> FiLMExperts:
+        new = FiLMExperts.__new__(FiLMExperts)
+        nn.Module.__init__(new)
+        new.num_experts, new.dim = len(keep), self.dim
+        new.gamma, new.beta = self.gamma.select(keep), self.beta.select(keep)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, dim={self.dim}"
+
+
 def expert_flops(experts: nn.Module, tokens: int) -> int:
     """Multiply-accumulate FLOPs (2 per MAC) of ``tokens`` assignments through one expert."""
+    if isinstance(experts, FiLMExperts):
+        return 2 * tokens * 2 * experts.dim * experts.dim
     if isinstance(experts, MlpExperts):
         return 2 * tokens * (experts.dim * experts.hidden + experts.hidden * experts.fc2.out_features)
     if isinstance(experts, LinearExperts):

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Mlp
 
 from .dispatch import Dispatcher, capacity_keep_mask, create_dispatcher, resolve_capacity
-from .experts import LinearExperts, MlpExperts
+from .experts import FiLMExperts, LinearExperts, MlpExperts
 from .router import RouterOutput, create_router
 
-__all__ = ["MoEAux", "MoEMlp", "MoEAttention"]
+__all__ = ["MoEAux", "MoELayer", "MoEMlp", "MoEAttention", "MoEFiLM"]
 
 
 @dataclass
 class MoEAux:
     """Routing record of one MoE layer for one forward pass (S tokens, E experts, k slots)."""
 
-    task: str
+    task: str | None  # None: a task-independent router run without a task
     logits: torch.Tensor  # (S, E)
     probs: torch.Tensor  # (S, E)
     expert_index: torch.Tensor  # (S, k)
@@ -35,7 +37,7 @@ class MoEAux:
         return self.probs.shape[-1]
 
 
-def _make_aux(task: str, r: RouterOutput, keep: torch.Tensor | None) -> MoEAux:
+def _make_aux(task: str | None, r: RouterOutput, keep: torch.Tensor | None) -> MoEAux:
     e = r.probs.shape[-1]
     idx = r.expert_index if keep is None else r.expert_index.masked_fill(~keep, e)
     load = torch.bincount(idx.reshape(-1), minlength=e + 1)[:e]
@@ -43,7 +45,9 @@ def _make_aux(task: str, r: RouterOutput, keep: torch.Tensor | None) -> MoEAux:
     return MoEAux(task, r.logits, r.probs, r.expert_index, r.combine_weights, r.load_prob, keep, load, dropped)
 
 
-class _MoEBase(nn.Module):
+class MoELayer(nn.Module):
+    """Base of the MoE layers: a router, a dispatcher, stacked experts; ``forward(x, task)`` -> (y, MoEAux)."""
+
     def _init_routing(
         self, dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor
     ) -> None:
@@ -73,7 +77,7 @@ class _MoEBase(nn.Module):
         resolve_capacity(1, self.top_k, self.capacity_experts, capacity, capacity_factor)  # validates
         self.capacity, self.capacity_factor = capacity, capacity_factor
 
-    def _specialized_copy(self, task: str) -> tuple[_MoEBase, torch.Tensor]:
+    def _specialized_copy(self, task: str) -> tuple[MoELayer, torch.Tensor]:
         """A shallow copy routed by ``task``'s router alone over the experts it can reach; the caller swaps in
         its experts cut to ``keep``."""
         keep = self.router.reachable_experts(task)
@@ -91,8 +95,30 @@ class _MoEBase(nn.Module):
     def set_dispatcher(self, dispatcher: str | Dispatcher) -> None:
         self.dispatcher = create_dispatcher(dispatcher) if isinstance(dispatcher, str) else dispatcher
 
+    def forward(self, x: torch.Tensor, task: str | Sequence[str] | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """x (B, N, M) routed for ``task`` (one task, or one per image where the router takes that) ->
+        (y (B, N, M), MoEAux; its ``task`` None for per-image tasks)."""
+        r = self.router(x.reshape(-1, x.shape[-1]), task)
+        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
+        return y, _make_aux(task if task is None or isinstance(task, str) else None, r, keep)
 
-class MoEMlp(_MoEBase):
+    def _experts_on_tokens(
+        self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``self.experts`` on x (..., N, M) with its (S, k) routing, combined -> (output shaped like x, kept
+        assignments or None); capacity counted per image (N tokens)."""
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])  # (S, M)
+        n = shape[-2] if x.dim() > 2 else x_flat.shape[0]  # capacity group: one image's tokens
+        keep, cap = self.keep_mask(expert_index, n)
+        y = self.dispatcher(x_flat, expert_index, combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
+        return y.to(x.dtype).reshape(shape), keep
+
+
+_MoEBase = MoELayer  # the name before the base was public
+
+
+class MoEMlp(MoELayer):
     """Task-routed mixture of MLP experts, a drop-in for timm's ``Mlp`` in a task-aware block.
 
     ``forward(x, task)`` with x (B, N, M) returns (y (B, N, M), MoEAux).
@@ -118,22 +144,12 @@ class MoEMlp(_MoEBase):
         self._init_routing(dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor)
         self.experts = MlpExperts(num_experts, dim, hidden, act_layer=act_layer, bias=bias, drop=drop)
 
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
-        r = self.router(x.reshape(-1, x.shape[-1]), task)
-        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
-        return y, _make_aux(task, r, keep)
-
     def apply_experts(
         self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer after routing: x (..., N, M) and its (S, k) routing -> (output shaped like x, kept
         assignments or None). Shared with the task-indexed export graph, which routes differently."""
-        shape = x.shape
-        x_flat = x.reshape(-1, shape[-1])  # (S, M)
-        n = shape[-2] if x.dim() > 2 else x_flat.shape[0]  # capacity group: one image's tokens
-        keep, cap = self.keep_mask(expert_index, n)
-        y = self.dispatcher(x_flat, expert_index, combine_weights, self.experts, self._dispatch_keep(keep), cap, n)
-        return y.to(x.dtype).reshape(shape), keep
+        return self._experts_on_tokens(x, expert_index, combine_weights)
 
     def specialize(self, task: str) -> MoEMlp:
         """This layer for ``task`` alone: its router, and only the experts that router can reach."""
@@ -142,7 +158,7 @@ class MoEMlp(_MoEBase):
         return new
 
 
-class MoEAttention(_MoEBase):
+class MoEAttention(MoELayer):
     """Mod-Squad / MoA attention: per-expert query and output projections, shared key/value projection.
 
     Each expert owns ``expert_heads`` heads of ``head_dim`` channels (default ``dim // num_heads``). A token's
@@ -182,11 +198,6 @@ class MoEAttention(_MoEBase):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, MoEAux]:
-        r = self.router(x.reshape(-1, x.shape[-1]), task)
-        y, keep = self.apply_experts(x, r.expert_index, r.combine_weights)
-        return y, _make_aux(task, r, keep)
-
     def apply_experts(
         self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -216,4 +227,58 @@ class MoEAttention(_MoEBase):
         """This layer for ``task`` alone: its router, and the query/output projections of the experts it can reach."""
         new, keep = self._specialized_copy(task)
         new.q_experts, new.o_experts = self.q_experts.select(keep), self.o_experts.select(keep)
+        return new
+
+
+class MoEFiLM(MoELayer):
+    """MoFME's layer (Mixture of Feature-Modulation Experts), a drop-in for timm's ``Mlp`` in a task-aware block.
+
+    On tokens y (B, N, d): a shared gated block h = act(W1 y) * (W2 y) (W1, W2: d -> d); E feature-modulation
+    experts e(h) = gamma_e(h) * h + beta_e(h) (:class:`~vision_moe.moe.FiLMExperts`), of which each token's
+    top-k, chosen by the router from y, are combined with its weights; then one shared adaptor MLP
+    d -> ``hidden`` -> d (MoFME: 4d). Routing goes through the dispatchers like every MoE layer here, so only the
+    chosen experts' modulations are computed (``sort``); the ``dense`` dispatcher computes every expert on every
+    token as MoFME's reference code does (static shapes, for export). ``forward(x, task)`` -> (y, MoEAux).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        tasks,
+        router: str = "shared",
+        router_kwargs: dict | None = None,
+        dispatcher: str | Dispatcher = "sort",
+        capacity: int | None = None,
+        capacity_factor: float | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self._init_routing(dim, num_experts, top_k, tasks, router, router_kwargs, dispatcher, capacity, capacity_factor)
+        self.w1 = nn.Linear(dim, dim, bias=bias)
+        self.w2 = nn.Linear(dim, dim, bias=bias)
+        self.act = act_layer()
+        self.experts = FiLMExperts(num_experts, dim, bias=bias)
+        self.adaptor = Mlp(dim, hidden, act_layer=act_layer, bias=bias, drop=drop)
+
+    def shared_block(self, x: torch.Tensor) -> torch.Tensor:
+        """h = act(W1 x) * (W2 x), what the experts modulate."""
+        return self.act(self.w1(x)) * self.w2(x)
+
+    def apply_experts(
+        self, x: torch.Tensor, expert_index: torch.Tensor, combine_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer after routing: x (..., N, d) and its (S, k) routing -> (output shaped like x, kept
+        assignments or None)."""
+        y, keep = self._experts_on_tokens(self.shared_block(x), expert_index, combine_weights)
+        return self.adaptor(y), keep
+
+    def specialize(self, task: str | None) -> MoEFiLM:
+        """This layer for ``task`` alone: its router, and only the experts that router can reach."""
+        new, keep = self._specialized_copy(task)
+        new.experts = self.experts.select(keep)
         return new
