@@ -13,6 +13,7 @@ from vision_moe.cli import main
         (["demo", "--img-size", "30", "32"], "vision-moe demo: error: --img-size 30 32: expected multiples of"),
         (["demo", "--img-size", "32"], "argument --img-size: expected 2 arguments"),  # H W, as in the export tools
         (["demo", "--tasks", "foo"], "vision-moe demo: error: --tasks 'foo': unknown task 'foo'; expected names from"),
+        (["demo", "--tasks", "deblur"], "error: --tasks 'deblur': unknown task 'deblur'; expected names from"),  # a ViT
         (["models", "nothing*"], "vision-moe models: error: no model matches 'nothing*'; the models are ["),
         (["baseline", "--img-size", "32", "64"], "error: --img-size 32 64: the built-in data is square; expected two"),
         (["demo", "--batch", "0"], "argument --batch: must be >= 1, got 0"),

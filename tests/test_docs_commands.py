@@ -64,8 +64,8 @@ EXTERNAL_COMMANDS = {
     'python3 -c "import tensorrt"': "checks the Jetson's TensorRT install",
     "python -m pytest tests/test_cuda.py": "the test runner itself; tests/test_cuda.py skips without a GPU",
     "python -m pytest -q": "the test runner itself: CI runs README's test command (tests/test_readme.py)",
-    "python -c 'import torchvision; torchvision.models.vgg16(weights=\"DEFAULT\")'": "downloads VGG16's weights "
-    "(the optional perceptual loss's cache); tests never touch the network",
+    "python -c 'import torchvision; torchvision.models.vgg16(weights=\"DEFAULT\")'": "downloads VGG16's ImageNet "
+    "weights into the torch hub cache (needs the network; a test stands in a VGG16 for the perceptual loss)",
 }
 # tracked top-level folders: a command argument under one of these must exist in the checkout
 REPO_DIRS = ("benchmarks", "configs", "docs", "export", "hls", "tests", "tools", "vision_moe")

@@ -42,15 +42,16 @@ def tool_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
 
 def _demo(args: argparse.Namespace) -> int:
     """Build an M³ViT, route one batch per task, print each task's expert usage per MoE layer."""
-    from .tasks import TASKS
+    from .tasks import TASKS, is_restoration
 
     torch.manual_seed(args.seed)
     tasks = [t.strip() for t in args.tasks.split(",")]
     if not all(tasks) or len(set(tasks)) != len(tasks):
         raise ValueError(f"--tasks {args.tasks!r}: expected distinct comma-separated task names, e.g. semseg,depth")
-    unknown = [t for t in tasks if t not in TASKS]
+    vit_tasks = sorted(t for t in TASKS if not is_restoration(t))  # degradations belong to restoration models
+    unknown = [t for t in tasks if t not in vit_tasks]
     if unknown:
-        raise ValueError(f"--tasks {args.tasks!r}: unknown task {unknown[0]!r}; expected names from {sorted(TASKS)}")
+        raise ValueError(f"--tasks {args.tasks!r}: unknown task {unknown[0]!r}; expected names from {vit_tasks}")
     h, w = args.img_size
     model = create_model(args.model, tasks=tasks, img_size=(h, w), num_classes=0).eval()
     stride = model.feature_info[-1]["reduction"]  # the patch size, or a convolutional stem's total stride
