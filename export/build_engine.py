@@ -28,6 +28,7 @@ def build(
     workspace_mib: int,
     timing_cache: Path | None,
     max_batch: int,
+    hw_profile: list | None = None,
 ) -> None:
     import tensorrt as trt
 
@@ -48,7 +49,12 @@ def build(
     if not strongly_typed and precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
     inp = network.get_input(0)
-    if inp.shape[0] == -1:  # dynamic batch: one optimisation profile 1..max_batch
+    if hw_profile is not None and -1 in tuple(inp.shape)[2:]:  # a restoration graph: dynamic height and width
+        profile = builder.create_optimization_profile()
+        b, c = inp.shape[0], inp.shape[1]
+        profile.set_shape(inp.name, *[(b, c, int(h), int(w)) for h, w in hw_profile])
+        config.add_optimization_profile(profile)
+    elif inp.shape[0] == -1:  # dynamic batch: one optimisation profile 1..max_batch
         profile = builder.create_optimization_profile()
         c, h, w = inp.shape[1:]
         profile.set_shape(inp.name, (1, c, h, w), (1, c, h, w), (max_batch, c, h, w))
@@ -69,16 +75,18 @@ def build(
     print(f"built {engine_path} (TensorRT {trt.__version__}, {precision})")
 
 
-def graphs(src: Path, precision: str) -> list[tuple[Path, str]]:
-    """(ONNX file, precision to build it with) for every graph of an export folder (or one file)."""
+def graphs(src: Path, precision: str) -> list[tuple[Path, str, list | None]]:
+    """(ONNX file, precision to build it with, the (H, W) optimisation profile of a restoration graph or None) for
+    every graph of an export folder (or one file)."""
     if src.is_file():
-        return [(src, precision)]
+        return [(src, precision, None)]
     report = json.loads((src / "export_report.json").read_text())
     suffix = {"fp32": ".onnx", "fp16": ".onnx", "int8": ".int8.onnx"}[precision]
-    out = [(src / f"{t}{suffix}", precision) for t in report["tasks"]]
+    out = [(src / f"{t}{suffix}", precision, e.get("engine", {}).get("profile")) for t, e in report["tasks"].items()]
     if "multitask" in report:  # not quantised: the report says what an INT8 request builds it with (FP16)
-        out.append((src / "multitask.onnx", report["multitask"].get("engine_precision", {}).get(precision, precision)))
-    return [(p, prec) for p, prec in out if p.exists()]
+        mt_prec = report["multitask"].get("engine_precision", {}).get(precision, precision)
+        out.append((src / "multitask.onnx", mt_prec, None))
+    return [(p, prec, prof) for p, prec, prof in out if p.exists()]
 
 
 def main(argv=None) -> int:
@@ -90,11 +98,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=MAX_DYNAMIC_BATCH)
     p.add_argument("--timing-cache", type=Path, default=Path("timing.cache"))
     args = p.parse_args(argv)
-    for g, precision in graphs(args.src, args.precision):
+    for g, precision, profile in graphs(args.src, args.precision):
         stem = g.name[: -len(".onnx")]
         stem = stem.split(".")[0]
         engine = g.with_name(f"{stem}.{precision}.engine")
-        build(g, engine, precision, args.strongly_typed, args.workspace_mib, args.timing_cache, args.max_batch)
+        build(g, engine, precision, args.strongly_typed, args.workspace_mib, args.timing_cache, args.max_batch, profile)
     return 0
 
 

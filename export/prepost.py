@@ -130,3 +130,69 @@ def detection_postprocess(
         keep = batched_nms(bx, sc, lb, nms_thresh)[:detections_per_img]
         results.append(dict(boxes=bx[keep], scores=sc[keep], labels=lb[keep]))
     return results
+
+
+# ------------------------------------------------------------------------------------------------- restoration
+def pad_reflect(images: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A restoration graph's input contract: (B, 3, H, W) padded at the bottom and right by reflection to multiples
+    of ``multiple``; returns the padded batch and the (H, W) to crop the output back to."""
+    h, w = images.shape[-2:]
+    if h < multiple or w < multiple:
+        raise ValueError(f"image of {h}x{w} pixels is smaller than the model's multiple {multiple}")
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        images = np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect")
+    return np.ascontiguousarray(images), (h, w)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the tiles covering ``size`` pixels: every ``tile - overlap``, the last flush with the end
+    (the rule of ``tools/restore.py``; tests check they agree)."""
+    if tile <= overlap:
+        raise ValueError(f"tile {tile} must be larger than the overlap {overlap}")
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, tile - overlap)) + [size - tile]
+
+
+def _ramp(length: int, lo_edge: bool, hi_edge: bool, overlap: int) -> np.ndarray:
+    """1-D blending weights of a tile: 0 over the outer quarter of an overlap, rising linearly to 1 at three
+    quarters of it, on the edges that face another tile."""
+    w = np.ones(length)
+    if overlap <= 0:
+        return w
+    d = np.arange(length) + 0.5
+    if lo_edge:
+        w = w * np.clip((d - overlap / 4) / (overlap / 2), 0, 1)
+    if hi_edge:
+        w = w * np.clip((length - d - overlap / 4) / (overlap / 2), 0, 1)
+    return w
+
+
+def restore_image(run, image: np.ndarray, multiple: int, tile: int | None = None, overlap: int = 32) -> np.ndarray:
+    """(1, 3, H, W) preprocessed image -> (1, 3, H, W) restored in [0, 1]: whole or in overlapping tiles with
+    blended seams, each piece padded to the graph's multiple and cropped back. ``run``: padded batch -> output."""
+
+    def whole(x: np.ndarray) -> np.ndarray:
+        padded, (h, w) = pad_reflect(x, multiple)
+        return run(padded)[..., :h, :w]
+
+    h, w = image.shape[-2:]
+    if not tile or (h <= tile and w <= tile):
+        return whole(image)
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    out = np.zeros(image.shape[:2] + (h, w))
+    acc = np.zeros((1, 1, h, w))
+    for i, y in enumerate(ys):
+        wy = _ramp(th, i > 0, i < len(ys) - 1, overlap)
+        for j, x in enumerate(xs):
+            wt = wy[:, None] * _ramp(tw, j > 0, j < len(xs) - 1, overlap)[None, :]
+            out[..., y : y + th, x : x + tw] += whole(image[..., y : y + th, x : x + tw]) * wt
+            acc[..., y : y + th, x : x + tw] += wt
+    return (out / acc).astype(np.float32)
+
+
+def to_image(out: np.ndarray) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> uint8 (H, W, 3)."""
+    return np.clip(np.rint(np.transpose(out, (1, 2, 0)) * 255.0), 0, 255).astype(np.uint8)

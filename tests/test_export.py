@@ -313,7 +313,7 @@ def test_int8_multitask_engine_is_fp16_on_host_and_in_the_kit(tmp_path, monkeypa
     spec = importlib.util.spec_from_file_location("kit_build_engine", ROOT / "export" / "build_engine.py")
     kit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kit)
-    got = {p.name: prec for p, prec in kit.graphs(tmp_path, "int8")}
+    got = {p.name: prec for p, prec, _ in kit.graphs(tmp_path, "int8")}
     assert got == {"a.int8.onnx": "int8", "b.int8.onnx": "int8", "multitask.onnx": "fp16"}
 
 

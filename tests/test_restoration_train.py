@@ -266,12 +266,22 @@ def test_batches_mix_degradations_unless_asked_not_to(trained):
         config_from_dict(tiny(base / "data", moe={"mi_weight": 0.005}))
 
 
-def test_export_tool_refuses_restoration_models_in_one_line(trained, tmp_path, capsys):
+def test_export_tool_exports_a_restoration_checkpoint(trained, tmp_path, capsys):
+    """tools/export.py takes a restoration checkpoint: one graph per degradation, each of dynamic height and width
+    and equal to PyTorch (the pipeline's parity check); a task it does not serve is one line, nothing written."""
     import export as export_tool
 
     _, _, base = trained
-    for src in (["--model", "mofme_tiny_patch8"], ["--checkpoint", str(latest_checkpoint(base / "run"))]):
-        rc = export_tool.main([*src, "--all-tasks", "--out", str(tmp_path / "x")])
-        err = capsys.readouterr().err
-        assert rc != 0 and "exporting restoration models is not supported yet" in err
-        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    ckpt = str(latest_checkpoint(base / "run"))
+    assert (
+        export_tool.main(["--checkpoint", ckpt, "--all-tasks", "--img-size", "32", "32", "--out", str(tmp_path / "x")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "dehaze.onnx" in out and "lowlight.onnx" in out
+    report = json.loads((tmp_path / "x" / "export_report.json").read_text())
+    assert report["input"]["shape"] == [1, 3, "height", "width"] and report["input"]["multiple"] == 8
+    rc = export_tool.main(["--checkpoint", ckpt, "--task", "derain", "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "unknown task 'derain'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()

@@ -170,19 +170,14 @@ def build(args: argparse.Namespace):
     from vision_moe.deploy.source import load_checkpoint_source, parse_overrides
 
     overrides = parse_overrides(args.set)
-    not_yet = "exporting restoration models is not supported yet; tools/restore.py runs them in PyTorch"
     if args.checkpoint:
         model, cfg, mean, std = load_checkpoint_source(args.checkpoint, overrides)
-        if (cfg.get("model") or {}).get("kind") == "restoration":
-            raise ValueError(f"{args.checkpoint}: a restoration checkpoint; {not_yet}")
         info = dict(checkpoint=args.checkpoint, config=cfg.get("model"))
         return model, info, mean, std, experiment_config(args, cfg)
     import torch
 
     import vision_moe
 
-    if args.model in vision_moe.list_models(family="restoration"):
-        raise ValueError(f"--model {args.model}: a restoration model; {not_yet}")
     torch.manual_seed(args.seed)  # random weights: the same command writes the same files
     tasks = _tasks_def(args.tasks_def) if args.tasks_def else None
     what = " ".join(f"--set {kv}" for kv in args.set) or "its defaults"
@@ -213,11 +208,16 @@ def build(args: argparse.Namespace):
 
 def _variant_lines(prec: str, entry: dict) -> str:
     """What was measured for an FP16 / INT8 variant, and on what, in plain words."""
-    ev = entry["evaluation"]
-    lines = [
-        f"    {prec}: {ev['metric']}: fp32 {ev['fp32']:.2f}, {prec} {ev['quantized']:.2f} (drop {ev['drop']:.2f})",
-        f"      measured with {ev['measured_with']}",
-    ]
+    evs = entry["evaluation"]
+    evs = {"": evs} if "metric" in evs else evs  # a restoration graph: one evaluation per degradation it serves
+    lines = []
+    for task, ev in evs.items():
+        what = f"{task}: " if task else ""
+        lines.append(
+            f"    {prec}: {what}{ev['metric']}: fp32 {ev['fp32']:.2f}, {prec} {ev['quantized']:.2f} "
+            f"(drop {ev['drop']:.2f})"
+        )
+    lines.append(f"      measured with {next(iter(evs.values()))['measured_with']}")
     cal = entry.get("calibration")
     if cal:
         lines.append(f"      calibrated on {cal['source']}")
@@ -260,7 +260,9 @@ def _summary(args: argparse.Namespace, report: dict, seconds: float) -> None:
         print(f"  TensorRT engines built here: {', '.join(b['engine'] for b in built)}")
     prec = report["tasks"][next(iter(report["tasks"]))]["engine"]["precision"]
     print(f"  on the Jetson: copy {out} and run: python3 export/build_engine.py {out} --precision {prec}")
-    print(f"               (or: bash {out / 'build_engine.sh'}), then python3 export/infer.py {out} --precision {prec}")
+    run = "export/restore_images.py" if "multiple" in report["input"] else "export/infer.py"  # restoration graphs
+    extra = " --input photos/ --out restored/" if "multiple" in report["input"] else ""
+    print(f"               (or: bash {out / 'build_engine.sh'}), then python3 {run} {out} --precision {prec}{extra}")
     print(f"  report: {out / 'export_report.json'}")
 
 

@@ -20,7 +20,7 @@ _SOURCES = ("hf-hub:", "local-dir:")
 # model family -> the modules of vision_moe.models whose entry points belong to it. 'vit': task-routed ViT
 # backbones (made into multi-task models with one head per task); 'restoration': image-to-image networks whose
 # tasks are degradations (models/restoration.py wraps them for the engine).
-FAMILIES: dict[str, tuple[str, ...]] = {"vit": ("moe_vit",), "restoration": ("mofme",)}
+FAMILIES: dict[str, tuple[str, ...]] = {"vit": ("moe_vit",), "restoration": ("mofme", "demoe")}
 
 
 def list_models(pattern: str = "*", family: str | None = None) -> list[str]:

@@ -138,6 +138,8 @@ class MoELossConfig:
     # probabilities with this momentum (detached); tasks that share a step's images are always live
     mi_momentum: float = 0.9
     z_weight: float = 0.0
+    # classifier-routed restoration models (DeMoE): weight of the degradation classifier's cross-entropy
+    classifier_weight: float = 0.1
 
 
 @dataclass

@@ -51,9 +51,11 @@ class OrtTaskModel:
 
     def __init__(self, session, task: str, meta: dict[str, Any]) -> None:
         self.session, self.task, self.meta = session, task, meta
-        shape = session.get_inputs()[0].shape  # [batch|'batch', 3, H, W]
+        shape = session.get_inputs()[0].shape  # [batch|'batch', 3, H|'height', W|'width']
         self.batch = shape[0] if isinstance(shape[0], int) else None
-        self.hw = (int(shape[2]), int(shape[3]))
+        # a restoration graph takes any multiple of meta["multiple"]: images are padded to it and cropped back
+        self.multiple = meta.get("multiple") if meta.get("kind") == "restoration" else None
+        self.hw = None if self.multiple else (int(shape[2]), int(shape[3]))
 
     def eval(self) -> OrtTaskModel:
         return self
@@ -63,8 +65,16 @@ class OrtTaskModel:
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
         """Raw graph outputs for (N, 3, H, W) float32 images, chunked to the graph's batch."""
+        if self.multiple:
+            from .prepost import pad_reflect
+
+            padded, (h, w) = pad_reflect(images, self.multiple)
+            return [o[..., :h, :w] for o in self._run(padded)]
         if tuple(images.shape[-2:]) != self.hw:
             raise ValueError(f"images of size {tuple(images.shape[-2:])}; the graph takes {self.hw}")
+        return self._run(images)
+
+    def _run(self, images: np.ndarray) -> list[np.ndarray]:
         b = self.batch or len(images)
         outs = []
         for i in range(0, len(images), b):
@@ -76,7 +86,7 @@ class OrtTaskModel:
         return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
 
     def __call__(self, images: torch.Tensor, task: str) -> dict[str, Any]:
-        if task != self.task:
+        if task != self.task and task not in self.meta.get("tasks", ()):  # an auto graph serves every degradation
             raise ValueError(f"this graph is task {self.task!r}, asked for {task!r}")
         outs = self.run(images.detach().cpu().float().numpy())
         if self.meta["kind"] != "detection":
@@ -101,12 +111,15 @@ def calibration_images(experiment: Any, task: str, n: int, hw: tuple[int, int]) 
     preprocessed as for evaluation (no augmentation), and a description of where they came from."""
     from ..engine.evaluator import heldout_loader, task_dataset
 
-    ds = task_dataset(experiment, task, "train", img_size=hw)
+    ds = task_dataset(experiment, task, "train", img_size=hw)  # hw None: the images at their own size
     images = []
     for x, _ in heldout_loader(experiment, ds, limit=n, workers=0):
         images.append(x.numpy())
     if not images:
         raise ValueError(f"no readable image in the training split of the dataset labelling {task!r}")
+    if hw is None:  # images at their own sizes (a restoration set): the top-left crop all of them have
+        h, w = min(x.shape[-2] for x in images), min(x.shape[-1] for x in images)
+        images = [x[..., :h, :w] for x in images]
     arr = np.ascontiguousarray(np.concatenate(images), dtype=np.float32)
     return arr, f"{len(arr)} images of the training split of {_describe(experiment, task)}"
 
@@ -121,6 +134,8 @@ def _describe(experiment: Any, task: str) -> str:
 def _points(task: str, metrics: dict[str, float]) -> tuple[str, float]:
     spec = get_task(task)
     v = float(metrics[spec.primary])
+    if spec.kind == "restoration":  # PSNR in dB, not a fraction
+        return spec.primary, v
     return spec.primary, (100.0 * v if spec.higher_is_better else v)
 
 
@@ -150,7 +165,7 @@ def compare_graphs(
     if experiment is not None:
         from ..engine.evaluator import evaluate_task, heldout_loader, task_dataset
 
-        ds = task_dataset(experiment, task, "val", img_size=ref.hw)
+        ds = task_dataset(experiment, task, "val", img_size=ref.hw)  # None: a restoration set at its own sizes
         loader = heldout_loader(experiment, ds, limit=limit, workers=0)
         classes = _num_classes(ref, meta)
         m_ref = evaluate_task(ref, task, loader, ds, classes, torch.device("cpu"))

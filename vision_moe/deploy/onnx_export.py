@@ -107,13 +107,18 @@ def export_onnx(
     opset: int = 17,
     exporter: str = "torchscript",
     dynamic_batch: bool = False,
+    dynamic_hw: bool = False,
 ) -> onnx.ModelProto:
     """Export ``module(*inputs)`` (eval mode, no grad) to ``path``; returns the loaded, checked model.
 
     With ``dynamic_batch`` the first dimension of every input named in ``input_names`` whose example has a batch
-    axis (rank >= 2) and of every output is the symbol ``batch``.
+    axis (rank >= 2) and of every output is the symbol ``batch``. With ``dynamic_hw`` (image-to-image models, the
+    torchscript exporter) the last two dimensions of every rank-4 input and of every output are ``height`` and
+    ``width``.
     """
     check_opset(opset, exporter)
+    if dynamic_hw and exporter != "torchscript":
+        raise ValueError(f"a dynamic height and width is exported with the torchscript exporter, not {exporter!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Outputs(module).eval()
@@ -122,7 +127,16 @@ def export_onnx(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on constants
         if exporter == "torchscript":
-            dyn = {n: {0: "batch"} for n in [*batched, *output_names]} if dynamic_batch else None
+            dyn: dict[str, dict[int, str]] | None = None
+            if dynamic_batch or dynamic_hw:
+                images = [n for n, x in zip(input_names, inputs) if x.dim() == 4]
+                dyn = {n: {} for n in [*batched, *output_names]}
+                for n in [*batched, *output_names]:
+                    if dynamic_batch:
+                        dyn[n][0] = "batch"
+                    if dynamic_hw and (n in images or n in output_names):
+                        dyn[n].update({2: "height", 3: "width"})
+                dyn = {n: d for n, d in dyn.items() if d}
             torch.onnx.export(
                 wrapped,
                 inputs,

@@ -42,7 +42,7 @@ from .onnx_export import (
     ort_session,
     simplify_onnx,
 )
-from .prepost import decode_detections, sample_images
+from .prepost import decode_detections, pad_reflect, sample_images
 from .quantize import INT8_RUNTIMES
 from .trt_ops import TRT_VERSIONS, check_tensorrt_support
 
@@ -348,10 +348,12 @@ def _parity(
     return dict(rtol=rtol, images=len(images) - len(images) % batch, batch=batch, outputs=worst)
 
 
-def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -> tuple[onnx.ModelProto, dict]:
+def _finish_graph(
+    model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig, symbols: Sequence[str] = ("batch",)
+) -> tuple[onnx.ModelProto, dict]:
     raw_ops = len(model_proto.graph.node)
     slim = simplify_onnx(model_proto)  # its shape inference also resolves dims the exporter left symbolic
-    check_static_graph(slim)
+    check_static_graph(slim, symbols)
     onnx.save(slim, str(path))
     trt = {v: check_tensorrt_support(slim, v).as_dict() for v in cfg.trt_versions}
     info = dict(
@@ -369,16 +371,20 @@ def _finish_graph(model_proto: onnx.ModelProto, path: Path, cfg: ExportConfig) -
     return slim, info
 
 
-def _variant_data(cfg: ExportConfig, tasks: list[str], hw: tuple[int, int]) -> dict[str, Any]:
+def _variant_data(
+    cfg: ExportConfig, tasks: list[str], hw: tuple[int, int], restoration: bool = False, multiple: int = 1
+) -> dict[str, Any]:
     """Calibration images per task (INT8) and, without labelled data, the unlabelled images the variants are
-    compared on; each with a description of where it came from."""
+    compared on; each with a description of where it came from. ``restoration``: the data's images keep their
+    own size (a restoration graph takes any multiple of ``multiple``; the training images calibrate it)."""
     from ..engine.evaluator import task_dataset
     from .evaluate import calibration_images
 
     data: dict[str, Any] = {"calib": {}, "unreadable": []}
+    size = None if restoration else hw
     if cfg.experiment is not None:
         for t in tasks:  # fail now, before any file, on a task the experiment's data does not label
-            task_dataset(cfg.experiment, t, "val", img_size=hw)
+            task_dataset(cfg.experiment, t, "val", img_size=size)
     if cfg.precision != "int8":
         return data
     if cfg.calib_data is not None or cfg.experiment is None:
@@ -396,6 +402,11 @@ def _variant_data(cfg: ExportConfig, tasks: list[str], hw: tuple[int, int]) -> d
     cache: dict[int, tuple[np.ndarray, str]] = {}
     for t in tasks:
         key = id(next(d for d in cfg.experiment.data.datasets if t in (d.tasks or cfg.experiment.tasks)))
+        if restoration:  # one restoration set holds every degradation: each calibrates on its own images,
+            arr, src = calibration_images(cfg.experiment, t, cfg.calib_images, None)
+            h, w = arr.shape[-2:]  # cropped to the graph's multiple (it takes no other size)
+            data["calib"][t] = (np.ascontiguousarray(arr[..., : h - h % multiple, : w - w % multiple]), src)
+            continue
         if key not in cache:
             cache[key] = calibration_images(cfg.experiment, t, cfg.calib_images, hw)
         data["calib"][t] = cache[key]
@@ -410,6 +421,20 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
     created; a failed export removes the folders it created when they are still empty."""
     cfg.validate()
     model = model.eval()
+    net = restoration_network(model)
+    if net is not None:
+        tasks, hw = _restoration_plan(net, cfg)
+        n_par = max(cfg.parity_images, cfg.batch) // cfg.batch * cfg.batch
+        images = sample_images(n_par, hw, cfg.mean, cfg.std)
+        m = restoration_multiple(net)
+        data = _variant_data(cfg, [t for t in tasks if t != AUTO] or list(net.tasks), hw, True, m)
+        if AUTO in tasks and cfg.precision == "int8":  # the auto graph calibrates on every degradation's images
+            data["calib"][AUTO] = _mixed_calibration(data["calib"], list(net.tasks), cfg.calib_images)
+
+        def run(stage: Path) -> dict[str, Any]:
+            return _export_restoration(net, cfg, model_info, tasks, hw, stage, images, data)
+
+        return _staged(cfg, run)
     tasks = list(cfg.tasks or model.tasks)
     for t in tasks:
         _check_task(model, t)
@@ -425,6 +450,16 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
         raise ValueError(
             f"capacity_factor {cfg.capacity_factor:g}: this model has no MoE layers (an expert capacity does nothing)"
         )
+
+    def run(stage: Path) -> dict[str, Any]:
+        return _export(model, cfg, model_info, tasks, hw, stage, images, data)
+
+    return _staged(cfg, run)
+
+
+def _staged(cfg: ExportConfig, run) -> dict[str, Any]:
+    """``run(stage)`` writes the export into a staging folder beside ``cfg.out_dir``, moved into place once it has
+    succeeded; a failed export removes the folders it created when they are still empty."""
     out = Path(cfg.out_dir)
     new_dirs = [d for d in out.parents if not d.exists()]  # what a failed export removes again if empty
     try:
@@ -435,7 +470,7 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
     except OSError as e:
         raise ValueError(f"out_dir {str(out)!r}: cannot create the folder ({e.strerror or e})") from None
     try:
-        report = _export(model, cfg, model_info, tasks, hw, stage, images, data)
+        report = run(stage)
         _publish(stage, out)
         return report
     except BaseException:
@@ -688,3 +723,257 @@ def _export_multitask(
             worst = max([worst] + [v["rel"] for v in st.values()])
         info["vs_per_task_graph"][t] = dict(rel=worst, rtol=FP32_RTOL)
     return info
+
+
+# ---------------------------------------------------------------------------------------------- restoration
+AUTO = "auto"  # the graph of a classifier-routed restoration model that picks its experts itself
+
+
+def restoration_network(model: nn.Module) -> nn.Module | None:
+    """The image-to-image network of a restoration model (a ``RestorationModel``'s ``net``, or a restoration
+    network itself), or None for any other model."""
+    from ..tasks import is_restoration
+
+    net = getattr(model, "net", model)
+    tasks = list(getattr(net, "tasks", ()) or ())
+    return net if tasks and all(is_restoration(t) for t in tasks) else None
+
+
+def restoration_multiple(net: nn.Module) -> int:
+    """The multiple a restoration network's input height and width are padded to (its graph's runtime contract)."""
+    return int(getattr(net, "multiple", None) or net.patch_size)
+
+
+def _restoration_plan(net: nn.Module, cfg: ExportConfig) -> tuple[list[str], tuple[int, int]]:
+    """The graphs to write (one per degradation, plus ``auto`` for a classifier-routed network) and the example
+    size (a multiple of the network's), checked before anything is written."""
+    routed = bool(getattr(net, "classifier_routed", False))
+    known = [*net.tasks, *([AUTO] if routed else [])]
+    tasks = list(cfg.tasks or known)
+    for t in tasks:
+        if t not in known:
+            raise ValueError(f"unknown task {t!r}; this restoration model exports {known}")
+    if cfg.multitask:
+        raise ValueError("a restoration model has no multi-task graph; its 'auto' graph routes by its classifier")
+    if cfg.dynamic_batch:
+        raise ValueError("a restoration graph has a static batch and a dynamic height and width (--batch N)")
+    if cfg.exporter != "torchscript":
+        raise ValueError(f"exporter {cfg.exporter!r}: restoration graphs (dynamic height and width) use torchscript")
+    m = restoration_multiple(net)
+    hw = tuple(cfg.img_size or net.pretrained_cfg["input_size"][1:])
+    if hw[0] % m or hw[1] % m:
+        raise ValueError(
+            f"image size {hw}: a restoration graph is exported at a multiple of its {m} (the runtime pads)"
+        )
+    return tasks, hw
+
+
+def _mixed_calibration(calib: dict[str, tuple[np.ndarray, str]], tasks: list[str], n: int) -> tuple[np.ndarray, str]:
+    """Calibration images of the auto graph: the degradations' own, taken in turn."""
+    per = [calib[t][0] for t in tasks if t in calib]
+    h, w = min(p.shape[-2] for p in per), min(p.shape[-1] for p in per)  # each a multiple of the graph's
+    per = [p[..., :h, :w] for p in per]
+    mixed = np.concatenate([p[i : i + 1] for i in range(max(len(p) for p in per)) for p in per if i < len(p)])[:n]
+    return np.ascontiguousarray(mixed), f"{len(mixed)} training images, the degradations {tasks} in turn"
+
+
+class _Restorer(nn.Module):
+    """A restoration network's graph: images (B, 3, H, W) in [-1, 1], H and W multiples of the network's (the
+    runtime pads by reflection and crops back) -> restored (B, 3, H, W) in [0, 1], routed by ``route``."""
+
+    def __init__(self, net: nn.Module, route: str | None) -> None:
+        super().__init__()
+        self.net, self.route = net, route
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images) if self.route is None else self.net(images, self.route)
+
+
+def restoration_module(net: nn.Module, task: str) -> nn.Module:
+    """The exportable graph of ``task``: ``net.specialize(task)`` (a degradation), or for ``auto`` the whole
+    classifier-routed network with every expert run on every image and the classifier's top-k weights as masks
+    (static shapes: no NonZero, If or data-dependent sizes); dense dispatch in both."""
+    m = copy.deepcopy(net).eval()
+    if hasattr(m, "set_dispatcher") and m.moe_layers():
+        m.set_dispatcher("dense")
+    if task == AUTO:
+        return _Restorer(m, AUTO).eval()
+    return _Restorer(m.specialize(task).eval(), None).eval()
+
+
+def _contract_parity(session, module: nn.Module, net: nn.Module, route, sizes, rtol: float, batch: int) -> dict:
+    """ONNX Runtime through the runtime contract (pad, run, crop) against the PyTorch network on the same images,
+    at each of ``sizes`` (odd and non-square ones included); worst case per size."""
+    m = restoration_multiple(net)
+    out: dict[str, Any] = {}
+    for hw in sizes:
+        x = sample_images(batch, hw, (0.5,) * 3, (0.5,) * 3)
+        padded, (h, w) = pad_reflect(x, m)
+        got = session.run(None, {session.get_inputs()[0].name: padded})[0][..., :h, :w]
+        with torch.no_grad():
+            xt = torch.from_numpy(x)
+            ref = (net(xt) if route is None else net(xt, route)).numpy()
+        out[f"{hw[0]}x{hw[1]}"] = compare_outputs([got], [ref], ["out"], rtol)["out"]
+    return dict(rtol=rtol, batch=batch, sizes=out)
+
+
+def _export_restoration(
+    net: nn.Module,
+    cfg: ExportConfig,
+    model_info: dict[str, Any] | None,
+    tasks: list[str],
+    hw: tuple[int, int],
+    out: Path,
+    images: np.ndarray,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """Per graph (a degradation's specialised network, or ``auto``): ONNX of dynamic height and width, onnxslim,
+    the TensorRT op check, parity with PyTorch (at the export size and, through the runtime's padding, at odd and
+    non-square sizes), and the FP16 / INT8 variant with its PSNR drop on the held-out images (the evaluator)."""
+    from .evaluate import compare_graphs
+    from .quantize import convert_fp16, quantize_int8
+
+    m = restoration_multiple(net)
+    lo, hi = (m, m), (max(hw[0], 4 * m, 1024), max(hw[1], 4 * m, 1024))
+    report: dict[str, Any] = dict(
+        model=model_info or {},
+        config={k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "experiment")},
+        input=dict(
+            name="images",
+            shape=[cfg.batch, 3, "height", "width"],
+            dtype="float32",
+            layout="NCHW",
+            mean=list(cfg.mean),
+            std=list(cfg.std),
+            multiple=m,
+            preprocess=f"RGB (x/255 - mean) / std; pad bottom/right by reflection to multiples of {m} (the graph "
+            "takes only such sizes); crop the output back to the image's size",
+            output="restored image (B, 3, H, W) in [0, 1]",
+        ),
+        versions=_versions(),
+        machine=machine_info(),
+        tasks={},
+    )
+    odd = [(hw[0] + m + 3, hw[1] - m + 5), (hw[0] - 1, hw[1] + 2 * m + 1)]  # odd and non-square, through padding
+    for task in tasks:
+        t0 = time.perf_counter()
+        module = restoration_module(net, task)
+        route = AUTO if task == AUTO else None
+        path = out / f"{task}.onnx"
+        proto = export_onnx(
+            module,
+            (torch.from_numpy(images[: cfg.batch]),),
+            path,
+            input_names=["images"],
+            output_names=["out"],
+            opset=cfg.opset,
+            exporter=cfg.exporter,
+            dynamic_hw=True,
+        )
+        _pin_batch(proto, cfg.batch)
+        proto, info = _finish_graph(proto, path, cfg, ("height", "width"))
+        _stages.info(
+            "%s: exported %s (%s, %d nodes) in %.1f s",
+            task,
+            path.name,
+            _mib(path),
+            info["nodes"],
+            time.perf_counter() - t0,
+        )
+        meta = dict(kind="restoration", multiple=m, tasks=list(net.tasks) if task == AUTO else [task])
+        entry: dict[str, Any] = dict(meta, fp32=info)
+        sess = ort_session(proto)
+        entry["fp32"]["parity"] = _parity(sess, module, images, ["out"], FP32_RTOL, cfg.batch)
+        entry["fp32"]["parity_any_size"] = _contract_parity(
+            sess, module, net.specialize(task) if task != AUTO else net, route, odd, FP32_RTOL, cfg.batch
+        )
+        _stages.info("%s: ONNX Runtime = PyTorch to 1e-4 relative at %s and %s", task, hw, odd)
+        variants = []
+        if cfg.precision == "fp16":
+            p16 = out / f"{task}.fp16.onnx"
+            convert_fp16(path, p16)
+            entry["fp16"] = dict(
+                path=p16.name,
+                sha256=_sha256(p16),
+                parity=_parity(ort_session(p16), module, images, ["out"], FP16_RTOL, cfg.batch),
+                tensorrt={v: check_tensorrt_support(onnx.load(str(p16)), v).as_dict() for v in cfg.trt_versions},
+            )
+            variants.append(("fp16", p16, "onnxruntime"))
+        if cfg.precision == "int8":
+            trt = cfg.int8_runtime == "tensorrt"
+            p8 = out / (f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
+            calib, calib_source = data["calib"][task]
+            saturation = quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
+            entry["int8"] = dict(
+                path=p8.name,
+                sha256=_sha256(p8),
+                runtime=cfg.int8_runtime,
+                format="QDQ, per-channel symmetric "
+                + (
+                    "int8 weights, symmetric int8 activations"
+                    if trt
+                    else "7-bit weights (-64..64), asymmetric uint8 "
+                    "activations (ONNX Runtime on x86: saturation-free with and without VNNI)"
+                ),
+                calibration=dict(source=calib_source, images=len(calib)),
+                saturation=saturation,
+                tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions}
+                if trt
+                else "not for TensorRT (uint8 activations); export with int8_runtime='tensorrt' for TensorRT",
+            )
+            variants.append(("int8", p8, "reference" if trt else "onnxruntime"))
+        for prec, vpath, runtime in variants:
+            if cfg.experiment is not None or data.get("held") is not None:
+                entry[prec]["evaluation"] = {
+                    t: compare_graphs(
+                        path,
+                        vpath,
+                        t,
+                        meta,
+                        runtime,
+                        cfg.experiment,
+                        data.get("held"),
+                        cfg.eval_images,
+                        data.get("held_source", ""),
+                    )
+                    for t in meta["tasks"]
+                }
+                drops = [e["drop"] for e in entry[prec]["evaluation"].values()]
+                entry[prec]["drop"] = float(np.mean(drops))
+                _stages.info(
+                    "%s: %s drop %.3f (%s)",
+                    task,
+                    prec.upper(),
+                    entry[prec]["drop"],
+                    next(iter(entry[prec]["evaluation"].values()))["metric"],
+                )
+        prec = "fp16" if cfg.precision == "int8" and cfg.int8_runtime != "tensorrt" else cfg.precision
+        src = out / f"{task}.int8.onnx" if prec == "int8" else path
+        entry["engine"] = _restoration_engine(cfg, src, out / f"{task}.{prec}.engine", prec, hw, (lo, hi))
+        report["tasks"][task] = entry
+    (out / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def _pin_batch(proto: onnx.ModelProto, batch: int) -> None:
+    """The graph's static batch written on its outputs: the exporter leaves an output's first dimension symbolic
+    where the network reshapes by its input's traced batch size (MoFME's tokens back to pixels)."""
+    for vi in proto.graph.output:
+        dim = vi.type.tensor_type.shape.dim[0]
+        if not dim.HasField("dim_value"):
+            dim.dim_value = batch
+
+
+def _restoration_engine(cfg: ExportConfig, onnx_path: Path, engine_path: Path, precision: str, hw, hw_range) -> dict:
+    """``build_engine.sh`` lines for a graph of dynamic height and width (optimised for ``hw``)."""
+    from .tensorrt_build import write_build_script
+
+    script = write_build_script(onnx_path, engine_path, precision, hw, cfg.batch, False, hw_range=hw_range)
+    return dict(
+        built=False,
+        reason="built on the device (build_engine.sh)",
+        precision=precision,
+        script=script.name,
+        # the optimisation profile export/build_engine.py gives the engine: smallest, optimised-for, largest (H, W)
+        profile=[list(hw_range[0]), list(hw), list(hw_range[1])],
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["preprocess", "sample_images", "load_images", "decode_detections", "detection_postprocess"]
+__all__ = ["preprocess", "sample_images", "load_images", "decode_detections", "detection_postprocess", "pad_reflect"]
 
 _logger = logging.getLogger(__name__)
 
@@ -181,3 +181,15 @@ def detection_postprocess(
         keep = batched_nms(bx, sc, lb, nms_thresh)[:detections_per_img]
         results.append(dict(boxes=bx[keep].numpy(), scores=sc[keep].numpy(), labels=lb[keep].numpy()))
     return results
+
+
+def pad_reflect(images: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The runtime side of a restoration graph's contract: (B, 3, H, W) padded at the bottom and right by
+    reflection to multiples of ``multiple`` (as the networks pad themselves in PyTorch); the original (H, W)."""
+    h, w = images.shape[-2:]
+    if h < multiple or w < multiple:
+        raise ValueError(f"image of {h}x{w} pixels is smaller than the model's multiple {multiple}")
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        images = np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect")
+    return np.ascontiguousarray(images), (h, w)

@@ -47,8 +47,10 @@ def trtexec_command(
     strongly_typed: bool = False,
     workspace_mib: int = WORKSPACE_MIB,
     timing_cache: str | None = "timing.cache",
+    hw_range: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> list[str]:
-    """The ``trtexec`` argument list that builds ``engine_path`` from ``onnx_path``."""
+    """The ``trtexec`` argument list that builds ``engine_path`` from ``onnx_path``; ``hw_range`` (the smallest and
+    largest (H, W)) for a graph of dynamic height and width, ``hw`` then being the size it is optimised for."""
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"unknown precision {precision!r}; expected fp32, fp16 or int8")
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", f"--memPoolSize=workspace:{workspace_mib}M"]
@@ -58,12 +60,13 @@ def trtexec_command(
         cmd.append("--fp16")
     elif precision == "int8":
         cmd += ["--int8", "--fp16"]
-    if dynamic_batch:
+    if dynamic_batch or hw_range is not None:  # the optimisation profile (hw_range: an image-to-image graph)
+        lo, hi = hw_range or (hw, hw)
         opt = max(1, batch)
         cmd += [
-            f"--minShapes={_shape(1, hw)}",
+            f"--minShapes={_shape(1 if dynamic_batch else batch, lo)}",
             f"--optShapes={_shape(opt, hw)}",
-            f"--maxShapes={_shape(max(opt, MAX_DYNAMIC_BATCH), hw)}",
+            f"--maxShapes={_shape(max(opt, MAX_DYNAMIC_BATCH) if dynamic_batch else batch, hi)}",
         ]
     if timing_cache:
         cmd.append(f"--timingCacheFile={timing_cache}")
@@ -77,11 +80,12 @@ def write_build_script(
     hw: tuple[int, int],
     batch: int = 1,
     dynamic_batch: bool = False,
+    hw_range: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> Path:
     """``build_engine.sh`` next to the ONNX (appended to when several graphs share a folder)."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     script = onnx_path.parent / "build_engine.sh"
-    cmd = trtexec_command(onnx_path.name, engine_path.name, precision, hw, batch, dynamic_batch)
+    cmd = trtexec_command(onnx_path.name, engine_path.name, precision, hw, batch, dynamic_batch, hw_range=hw_range)
     if not script.exists():
         script.write_text(_SCRIPT_HEAD)
     with script.open("a") as f:

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from ..tasks import get_task, stack_key
 from .routing import add_expert_loads
 
-__all__ = ["build_metric", "update_metric", "evaluate_task", "agreement_targets", "task_dataset", "heldout_loader"]
+__all__ = [
+    "build_metric",
+    "update_metric",
+    "evaluate_task",
+    "evaluate_routes",
+    "agreement_targets",
+    "task_dataset",
+    "heldout_loader",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
         metric.update(dets, targets)
     elif kind == "restoration":  # the ground truth, and the degraded input for its baseline, in [0, 1]
         metric.update(out.float().cpu(), [t["gt"] for t in targets], [t["lq"] for t in targets])
+        if "predicted_task" in result:  # a classifier-routed model: its degradation classifier's accuracy
+            metric.update_classifier(result["predicted_task"], [task] * len(targets))
     elif task in ("semseg", "human_parts"):
         metric.update(out.argmax(1).cpu(), stack_key(targets, task))
     elif task in ("saliency", "edges"):
@@ -61,7 +71,8 @@ def task_dataset(
     cfg: Any, task: str, split: str = "val", img_size: Any = None, root: Any = None, progress: bool = False
 ):
     """The dataset of experiment config ``cfg`` that labels ``task``: its held-out (``split="val"``) or training
-    (``"train"``) split with the evaluation transform (no augmentation). ``img_size`` evaluates at another size
+    (``"train"``) split with the evaluation transform (no augmentation); of a restoration set, the images of that
+    degradation. ``img_size`` evaluates at another size
     than the config's (the data itself, e.g. generated built-in data, stays the config's); ``root`` replaces the
     dataset's root; ``progress`` shows a bar if built-in data has to be generated."""
     import dataclasses
@@ -78,6 +89,10 @@ def task_dataset(
             ds = build_dataset(dcfg, cfg, name, train=False, tasks=tasks, progress=progress)
             if img_size is not None:
                 ds.transform = build_transforms(False, img_size, cfg.data.mean, cfg.data.std, tasks)
+            if getattr(ds, "sample_tasks", None) is not None:  # one degradation per image: that task's images
+                from .data import split_by_task
+
+                return next(sub for sub, sub_tasks in split_by_task(ds, tasks) if task in sub_tasks)
             return ds
     raise ValueError(f"no dataset in the config labels task {task!r}")
 
@@ -137,6 +152,7 @@ def evaluate_task(
     crop_border: int = 0,
     routing: dict | None = None,
     reference: nn.Module | None = None,
+    route: str | None = None,
 ) -> dict[str, float]:
     """Run ``task`` over ``loader`` in eval mode and return the metric's ``compute()``.
 
@@ -148,6 +164,9 @@ def evaluate_task(
 
     When the MoE layers have a capacity limit, ``moe_dropped_fraction`` (assignments dropped over all MoE layers
     and images) is added.
+
+    ``route``: what a classifier-routed restoration model routes by ('auto', or a degradation to force; default
+    'auto' in eval mode), e.g. to score it forced to the true or to a wrong degradation.
 
     Unreadable images (dropped from their batch by :class:`~vision_moe.data.SkipBadSamples` /
     ``collate_multitask``) are skipped: they are left out of the evaluated image set, their ground truth
@@ -172,11 +191,12 @@ def evaluate_task(
             batches, seen = i + 1, seen + len(targets)
             if len(targets) == 0:
                 continue
+            kw = {"route": route} if route is not None else {}
             if amp_ctx is not None:
                 with amp_ctx():
-                    result = model(images.to(device), task)
+                    result = model(images.to(device), task, **kw)
             else:
-                result = model(images.to(device), task)
+                result = model(images.to(device), task, **kw)
             update_metric(task, metric, result, targets)
             if routing is not None:
                 add_expert_loads(routing, task, result.get("aux") or ())
@@ -209,3 +229,37 @@ def evaluate_task(
         return out
     finally:
         model.train(was)
+
+
+def evaluate_routes(
+    model: nn.Module,
+    loaders: dict[str, tuple[Any, Any]],
+    device: torch.device,
+    max_batches: int = 0,
+    amp_ctx=None,
+    crop_border: int = 0,
+) -> dict[str, dict[str, float]]:
+    """A classifier-routed restoration model (DeMoE) on each degradation's held-out images, routed four ways:
+    ``input_psnr`` (the degraded input), ``psnr_auto`` (by its classifier), ``psnr_forced`` (forced to the true
+    degradation's experts), ``psnr_wrong`` (the mean over the other degradations' experts forced) and
+    ``psnr_wrong_<d>`` for each; ``classifier_accuracy``. ``loaders``: task -> (loader, dataset), as
+    :func:`~vision_moe.engine.trainer.val_loaders` gives."""
+    tasks = tuple(model.tasks)
+    out: dict[str, dict[str, float]] = {}
+    for task, (loader, ds) in loaders.items():
+        args = (model, task, loader, ds, None, device, max_batches, amp_ctx, crop_border)
+
+        def run(route: str, args=args) -> dict[str, float]:
+            return evaluate_task(*args, route=route)
+
+        auto = run("auto")
+        row = {
+            "input_psnr": auto["input_psnr"],
+            "psnr_auto": auto["psnr"],
+            "psnr_forced": run(task)["psnr"],
+            "classifier_accuracy": auto.get("classifier_accuracy", float("nan")),
+        }
+        wrong = {f"psnr_wrong_{t}": run(t)["psnr"] for t in tasks if t != task}
+        row["psnr_wrong"] = sum(wrong.values()) / len(wrong) if wrong else float("nan")
+        out[task] = {**row, **wrong}
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text
 
-__all__ = ["Reporter", "format_table", "format_restoration_table"]
+__all__ = ["Reporter", "format_table", "format_restoration_table", "format_routes_table"]
 
 _logger = logging.getLogger(__name__)
 
@@ -56,6 +56,29 @@ def format_restoration_table(metrics: dict[str, dict[str, float]]) -> str:
             f"PSNR (dB) and SSIM on RGB in [0, 1], crop border {crop}; PSNR-Y: Y channel (BT.601). "
             f"Degradations not worse than their input: {int(summary['tasks_not_worse'])} of {int(summary['tasks'])}"
         )
+        if "classifier_accuracy" in summary:
+            lines.append(f"Degradation classifier accuracy (routing 'auto'): {summary['classifier_accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def format_routes_table(routes: dict[str, dict[str, float]]) -> str:
+    """A classifier-routed model per degradation: PSNR of the input, routed by its classifier ('auto'), forced to
+    the true degradation, forced to a wrong one (mean over the others; the worst in brackets), and the
+    classifier's accuracy (see :func:`~vision_moe.engine.evaluator.evaluate_routes`)."""
+    w = max([len("degradation")] + [len(t) for t in routes])
+    head = (
+        f"{'degradation':<{w}}  {'input':>6}  {'auto':>6}  {'forced true':>11}  {'forced wrong (worst)':>20}  "
+        f"{'true - wrong':>12}  {'accuracy':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for t, r in routes.items():
+        worst = min((v for k, v in r.items() if k.startswith("psnr_wrong_")), default=float("nan"))
+        lines.append(
+            f"{t:<{w}}  {r['input_psnr']:>6.2f}  {r['psnr_auto']:>6.2f}  {r['psnr_forced']:>11.2f}  "
+            f"{r['psnr_wrong']:>11.2f} ({worst:>6.2f})  {r['psnr_forced'] - r['psnr_wrong']:>+12.2f}  "
+            f"{r['classifier_accuracy']:>8.3f}"
+        )
+    lines.append("PSNR (dB) on RGB in [0, 1], held-out images of each degradation")
     return "\n".join(lines)
 
 

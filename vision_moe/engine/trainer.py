@@ -38,10 +38,10 @@ from .data import (
     collate_plan,
     split_by_task,
 )
-from .evaluator import evaluate_task, heldout_loader
+from .evaluator import evaluate_routes, evaluate_task, heldout_loader
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
-from .reporter import Reporter, format_restoration_table, format_table
+from .reporter import Reporter, format_restoration_table, format_routes_table, format_table
 
 __all__ = ["Trainer", "train", "model_config", "evaluate_checkpoint", "evaluate_checkpoint_tasks", "resolve_device"]
 
@@ -191,6 +191,7 @@ class _StepModule(nn.Module):
                 total = total + aux_l
                 logs[f"moe_aux/{task}"] = aux_l.detach()
             aux_by_task[task] = r["aux"]
+            total = total + self._classifier_loss(r, logs, f"classifier/{task}")
         mi = mutual_information_across_tasks(aux_by_task, self.cfg.moe.mi_weight, self.mi_memory)
         if mi is not None:
             total = total + mi
@@ -212,7 +213,17 @@ class _StepModule(nn.Module):
         if aux_l is not None:
             total = total + aux_l
             logs["moe_aux/mixed"] = aux_l.detach()
+        total = total + self._classifier_loss(r, logs, "classifier/mixed")
         return total, logs, _loads({"mixed": r["aux"]})
+
+    def _classifier_loss(self, r: dict, logs: dict, name: str) -> torch.Tensor | float:
+        """A classifier-routed restoration model's cross-entropy on the degradation, weighted by
+        ``moe.classifier_weight`` (0 when the model has none)."""
+        ce = r.get("classifier_loss")
+        if ce is None or not self.cfg.moe.classifier_weight:
+            return 0.0
+        logs[name] = ce.detach()
+        return self.cfg.moe.classifier_weight * ce
 
 
 def _loads(aux_by_task: dict) -> dict[str, list[list[float]]]:
@@ -538,6 +549,20 @@ class Trainer:
             rep.message(
                 f"\nfinal metrics after {self.step} steps ({wall / 60:.1f} min), held-out split:\n" + table(metrics)
             )
+            if self.main and getattr(self.model, "classifier_routed", False):
+                routes = evaluate_routes(
+                    self.model,
+                    self._val_loaders(),
+                    self.device,
+                    cfg.train.eval_max_batches,
+                    self.amp_ctx,
+                    cfg.data.crop_border,
+                )
+                (self.out_dir / "routes.json").write_text(json.dumps(routes, indent=1), encoding="utf-8")
+                rep.message(
+                    "\nrouted by the classifier, forced to the true and to a wrong degradation:\n"
+                    + format_routes_table(routes)
+                )
             try:
                 self.bad.check(final=True)
             except TooManyBadSamples as e:

@@ -73,7 +73,7 @@ class RestorationMetric:
 
     ``compute()`` gives the means over images: ``psnr``, ``ssim`` (RGB), ``psnr_y``, ``ssim_y`` (Y channel), the
     same of the input (``input_psnr`` ...), ``psnr_gain`` (output minus input PSNR, RGB), ``images`` and
-    ``crop_border``."""
+    ``crop_border``; with :meth:`update_classifier`, ``classifier_accuracy``."""
 
     def __init__(self, crop_border: int = 0):
         if crop_border < 0:
@@ -83,6 +83,13 @@ class RestorationMetric:
 
     def reset(self) -> None:
         self.values: dict[str, list[float]] = {}
+        self.classified: list[bool] = []
+
+    def update_classifier(self, predicted: list[str], truth: list[str]) -> None:
+        """A degradation classifier's predictions (DeMoE's) against the true degradations: ``classifier_accuracy``."""
+        if len(predicted) != len(truth):
+            raise ValueError(f"{len(predicted)} predictions for {len(truth)} images; expected as many")
+        self.classified.extend(p == t for p, t in zip(predicted, truth))
 
     def _add(self, prefix: str, img, ref) -> None:
         c = self.crop_border
@@ -103,6 +110,8 @@ class RestorationMetric:
         res = {k: float(np.mean(v)) for k, v in self.values.items()}
         if "psnr" in res and "input_psnr" in res:
             res["psnr_gain"] = res["psnr"] - res["input_psnr"]
+        if self.classified:
+            res["classifier_accuracy"] = float(np.mean(self.classified))
         res["images"] = float(len(self.values.get("psnr", [])))
         res["crop_border"] = float(self.crop_border)
         return res
@@ -122,6 +131,8 @@ def restoration_summary(metrics: Mapping[str, Mapping[str, float]]) -> dict[str,
     if "psnr" in out and "input_psnr" in out:
         out["psnr_gain"] = out["psnr"] - out["input_psnr"]
         out["tasks_not_worse"] = float(sum(m["psnr"] >= m["input_psnr"] for m in rows))
+    if all("classifier_accuracy" in m for m in rows):
+        out["classifier_accuracy"] = sum(m["classifier_accuracy"] * m["images"] for m in rows) / n
     out["images"] = float(n)
     out["tasks"] = float(len(rows))
     return out

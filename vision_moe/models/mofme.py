@@ -45,7 +45,7 @@ from ..moe.dispatch import Dispatcher
 from ..tasks import DEGRADATIONS
 from .moe_vit import TaskBlock, resolve_block_indices
 
-__all__ = ["MoFME", "ResBlock", "pad_to_multiple"]
+__all__ = ["MoFME", "ResBlock", "pad_to_multiple", "create_restoration", "restoration_cfg"]
 
 EXPERT_KINDS = ("film", "ffn", "none")
 # the routers a restoration model may use: token-level, task-independent (MoFME's plain router and its
@@ -297,15 +297,17 @@ class MoFME(nn.Module):
         return copy.deepcopy(new).train(self.training)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> MoFME:
+def create_restoration(cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's builder for a restoration network class (the restoration families share it): no classifier."""
     if kwargs.get("num_classes"):
         raise ValueError(f"{variant}: a restoration model has no classifier; got num_classes={kwargs['num_classes']}")
     kwargs.pop("num_classes", None)
     # timm's builder adds num_classes from the default config: filtered out (no classifier)
-    return build_model_with_cfg(MoFME, variant, pretrained, kwargs_filter=("num_classes",), **kwargs)
+    return build_model_with_cfg(cls, variant, pretrained, kwargs_filter=("num_classes",), **kwargs)
 
 
-def _cfg(**kwargs) -> dict[str, Any]:
+def restoration_cfg(**kwargs) -> dict[str, Any]:
+    """A restoration network's timm default config (input in [-1, 1], any size, no classifier)."""
     return {
         "url": "",
         "num_classes": 0,
@@ -320,9 +322,13 @@ def _cfg(**kwargs) -> dict[str, Any]:
     }
 
 
+def _create(variant: str, pretrained: bool = False, **kwargs) -> MoFME:
+    return create_restoration(MoFME, variant, pretrained, **kwargs)
+
+
 default_cfgs = generate_default_cfgs(
     {
-        f"mofme{kind}_{size}_patch8": _cfg(input_size=(3, 64, 64) if size == "tiny" else (3, 240, 240))
+        f"mofme{kind}_{size}_patch8": restoration_cfg(input_size=(3, 64, 64) if size == "tiny" else (3, 240, 240))
         for kind in ("", "_ffnmoe", "_dense")
         for size in ("tiny", "base")
     }

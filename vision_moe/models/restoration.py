@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .._factory import create_model, model_family
 from ..tasks import RestorationLoss, get_task, is_restoration, task_loss
@@ -38,26 +39,63 @@ class RestorationModel(nn.Module):
             raise ValueError(f"losses for tasks {bad} the network does not serve; it serves {list(self.tasks)}")
         self.losses = nn.ModuleDict({t: (losses or {}).get(t) or RestorationLoss() for t in self.tasks})
 
+    @property
+    def classifier_routed(self) -> bool:
+        """Whether the network routes by its own degradation classifier (DeMoE): its forward then takes
+        ``task="auto"``, and the classifier has a loss and an accuracy."""
+        return bool(getattr(self.net, "classifier_routed", False))
+
+    def _route(self, task: str | list[str], route: str | None) -> str | list[str]:
+        """What the network routes by: ``route`` ('auto' or a degradation) when given; otherwise, for a
+        classifier-routed network, 'auto' in eval mode and its ``train_routing`` in training ('forced': the
+        images' own degradations); the task for every other network."""
+        if route is not None:
+            if route != "auto" and route not in self.tasks:
+                raise ValueError(f"route {route!r}: expected 'auto' or one of {list(self.tasks)}")
+            return route
+        if self.classifier_routed and (not self.training or getattr(self.net, "train_routing", "forced") == "auto"):
+            return "auto"
+        return task
+
+    def _classifier(self, result: dict[str, Any], truth: list[str] | None) -> None:
+        """The classifier's prediction (and, given the true degradations, its cross-entropy) into ``result``."""
+        if not self.classifier_routed or not result["aux"]:
+            return
+        logits = result["aux"][0].logits  # (B, E) over net.tasks
+        result["predicted_task"] = [self.net.tasks[i] for i in logits.argmax(-1).tolist()]
+        if truth is not None:
+            y = torch.tensor([self.net.tasks.index(t) for t in truth], device=logits.device)
+            result["classifier_loss"] = F.cross_entropy(logits.float(), y)
+
     def forward(
-        self, images: torch.Tensor, task: str | None, targets: list[dict] | None = None, shared: Any = None
+        self,
+        images: torch.Tensor,
+        task: str | None,
+        targets: list[dict] | None = None,
+        shared: Any = None,
+        route: str | None = None,
     ) -> dict[str, Any]:
         """images (B, 3, H, W) normalised to [-1, 1] -> {"out": restored (B, 3, H, W) in [0, 1], "aux": [MoEAux],
         "losses": {name: tensor} if targets}. ``shared`` is accepted for the trainer's interface (nothing of a
-        restoration network is shared between tasks).
+        restoration network is shared between tasks). ``route``: what a classifier-routed network routes by
+        ('auto', or a degradation to force; default: see ``_route``); such a network's result also holds
+        ``predicted_task`` (the classifier's, per image) and, with targets, ``classifier_loss`` (its
+        cross-entropy against the true degradation, unweighted).
 
         ``task=None`` with ``targets``: each image's own degradation (a mixed batch); the result then also holds
         ``task_losses`` (task -> its loss over its images) and ``task_counts`` (task -> its number of images)."""
         if task is None and targets is not None:
-            return self._forward_mixed(images, targets)
+            return self._forward_mixed(images, targets, route)
         if task not in self.tasks:
             raise ValueError(f"unknown task {task!r}; this model serves {list(self.tasks)}")
-        out, aux = self.net(images, task, return_aux=True)
+        out, aux = self.net(images, self._route(task, route), return_aux=True)
         result: dict[str, Any] = {"out": out, "aux": aux}
+        self._classifier(result, [task] * images.shape[0] if targets is not None else None)
         if targets is not None:
             result["losses"] = task_loss(task, self.losses[task], out, targets, tuple(images.shape[-2:]))
         return result
 
-    def _forward_mixed(self, images: torch.Tensor, targets: list[dict]) -> dict[str, Any]:
+    def _forward_mixed(self, images: torch.Tensor, targets: list[dict], route: str | None = None) -> dict[str, Any]:
         per_image = [t["degradation"] for t in targets]
         bad = sorted({t for t in per_image if t not in self.tasks})
         if bad:
@@ -66,19 +104,24 @@ class RestorationModel(nn.Module):
         for i, t in enumerate(per_image):
             groups.setdefault(t, []).append(i)
         # routing by degradation: each image routed with its own (the network takes one task per image)
-        per = per_image if getattr(self.net, "task_conditioned", False) else None
+        if self.classifier_routed:
+            per = self._route(per_image, route)
+        else:
+            per = per_image if getattr(self.net, "task_conditioned", False) else None
         out, aux = self.net(images, per, return_aux=True)
         size = tuple(images.shape[-2:])
         task_losses = {
             t: sum(task_loss(t, self.losses[t], out[idx], [targets[i] for i in idx], size).values())
             for t, idx in groups.items()
         }
-        return {
+        result = {
             "out": out,
             "aux": aux,
             "task_losses": task_losses,
             "task_counts": {t: len(idx) for t, idx in groups.items()},
         }
+        self._classifier(result, per_image)
+        return result
 
     def forward_shared(self, images: torch.Tensor) -> None:
         """Nothing of a restoration network is shared between tasks' forwards (see MultiTaskModel's)."""
