@@ -127,9 +127,17 @@ class TopKGate(nn.Module):
 
 
 class _TaskRouter(nn.Module):
-    """Common parts of the task-conditioned routers."""
+    """Common parts of the task-conditioned routers (one ``gate`` unless a subclass says otherwise)."""
 
     tasks: tuple[str, ...]
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.gate.top_k
 
     def _check_task(self, task: str | None) -> None:
         if task not in self.tasks:
@@ -229,14 +237,6 @@ class TaskEmbeddingRouter(_TaskRouter):
         self.gate = TopKGate(dim + task_dim, num_experts, top_k, **gate_kwargs)
         self.register_buffer("task_expert_mask", torch.ones(len(self.tasks), num_experts, dtype=torch.bool))
 
-    @property
-    def num_experts(self) -> int:
-        return self.gate.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.gate.top_k
-
     def expert_mask_for(self, task: str) -> torch.Tensor:
         return self.task_expert_mask[self.tasks.index(task)] & self.gate.expert_mask
 
@@ -307,14 +307,6 @@ class SharedRouter(_TaskRouter):
         super().__init__()
         self.tasks = tuple(tasks)
         self.gate = TopKGate(dim, num_experts, top_k, **gate_kwargs)
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.gate.top_k
 
     def _check_task(self, task: str | Sequence[str] | None) -> None:
         if task is None:
