@@ -44,6 +44,19 @@ def _small(name: str, **kw) -> torch.nn.Module:
     return vision_moe.create_model(name, tasks=("a", "b"), img_size=(32, 48), num_classes=5, **SMALL, **extra, **kw)
 
 
+def _small_detector() -> torch.nn.Module:
+    """A small M³ViT with a 3-class FCOS head at 64 x 64 (seeded weights)."""
+    torch.manual_seed(0)
+    return build_multitask_model(
+        "m3vit_tiny_patch16_224",
+        {"detection": 3},
+        img_size=(64, 64),
+        **SMALL,
+        **MOE,
+        head_kwargs=dict(det_channels=32, det_num_convs=1),
+    )
+
+
 def _kit_prepost():
     spec = importlib.util.spec_from_file_location("kit_prepost", ROOT / "export" / "prepost.py")
     mod = importlib.util.module_from_spec(spec)
@@ -194,15 +207,7 @@ def test_multitask_model_heads_int8_and_fp16(tmp_path):
 
 
 def test_detection_decoding_and_both_nms_paths_match_torchvision(tmp_path):
-    torch.manual_seed(0)
-    m = build_multitask_model(
-        "m3vit_tiny_patch16_224",
-        {"detection": 3},
-        img_size=(64, 64),
-        **SMALL,
-        **MOE,
-        head_kwargs=dict(det_channels=32, det_num_convs=1),
-    )
+    m = _small_detector()
     head = m.heads["detection"]
     head.score_thresh = 0.0  # random weights: keep candidates so NMS has work to do
     rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=2, parity_images=2))
@@ -837,15 +842,7 @@ def test_capacity_on_a_model_without_experts_and_dynamo_opsets_are_refused(tmp_p
 
 def test_detection_with_a_dynamic_batch(tmp_path):
     """Decoded detection outputs keep every dimension but the batch static (A anchors, K classes)."""
-    torch.manual_seed(0)
-    m = build_multitask_model(
-        "m3vit_tiny_patch16_224",
-        {"detection": 3},
-        img_size=(64, 64),
-        **SMALL,
-        **MOE,
-        head_kwargs=dict(det_channels=32, det_num_convs=1),
-    )
+    m = _small_detector()
     rep = export_model(m, ExportConfig(out_dir=str(tmp_path), batch=2, dynamic_batch=True, parity_images=2))
     e = rep["tasks"]["detection"]
     a = sum(e["level_counts"])
