@@ -497,6 +497,60 @@ def _publish(stage: Path, out: Path) -> None:
         os.replace(stage, out)
 
 
+def _report_header(cfg: ExportConfig, model_info: dict[str, Any] | None, shape: list, **input_info) -> dict[str, Any]:
+    """The part of ``export_report.json`` every export writes first: the model, the export options, the graphs'
+    input (``shape`` and ``input_info``: preprocessing and the like), versions and machine; ``tasks`` to fill."""
+    return dict(
+        model=model_info or {},
+        config={k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "experiment")},
+        input=dict(
+            name="images",
+            shape=shape,
+            dtype="float32",
+            layout="NCHW",
+            mean=list(cfg.mean),
+            std=list(cfg.std),
+            **input_info,
+        ),
+        versions=_versions(),
+        machine=machine_info(),
+        tasks={},
+    )
+
+
+def _int8_file(path: Path, task: str, cfg: ExportConfig, calib: np.ndarray) -> tuple[Path, dict[str, Any]]:
+    """Quantise ``path`` for ``cfg.int8_runtime`` (calibrated on ``calib``) beside it; the file and its report
+    entry (what it is, its saturation check, the TensorRT op check), without calibration source or evaluation."""
+    from .quantize import quantize_int8
+
+    trt = cfg.int8_runtime == "tensorrt"
+    p8 = path.with_name(f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
+    saturation = quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
+    return p8, dict(
+        path=p8.name,
+        sha256=_sha256(p8),
+        runtime=cfg.int8_runtime,
+        format="QDQ, per-channel symmetric "
+        + (
+            "int8 weights, symmetric int8 activations"
+            if trt
+            else "7-bit weights (-64..64), asymmetric uint8 "
+            "activations (ONNX Runtime on x86: saturation-free with and without VNNI)"
+        ),
+        saturation=saturation,
+        tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions}
+        if trt
+        else "not for TensorRT (uint8 activations); export with int8_runtime='tensorrt' for TensorRT",
+    )
+
+
+def _engine_source(cfg: ExportConfig, path: Path, task: str) -> tuple[str, Path]:
+    """The precision of a task's engine and the graph it is built from. The INT8 file for ONNX Runtime (uint8
+    activations) is no TensorRT input: its engine is built with FP16 from the FP32 graph."""
+    prec = "fp16" if cfg.precision == "int8" and cfg.int8_runtime != "tensorrt" else cfg.precision
+    return prec, (path.with_name(f"{task}.int8.onnx") if prec == "int8" else path)
+
+
 def _engine(cfg: ExportConfig, onnx_path: Path, engine_path: Path, precision: str, hw: tuple[int, int]) -> dict:
     """``build_engine.sh`` (the exact trtexec lines the device runs) for every export; with ``fmt="engine"`` the
     engine is also built here when TensorRT and a GPU are present."""
@@ -519,23 +573,13 @@ def _export(
     data: dict[str, Any],
 ) -> dict[str, Any]:
     from .evaluate import compare_graphs
-    from .quantize import convert_fp16, quantize_int8
+    from .quantize import convert_fp16
 
-    report: dict[str, Any] = dict(
-        model=model_info or {},
-        config={k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "experiment")},
-        input=dict(
-            name="images",
-            shape=["batch" if cfg.dynamic_batch else cfg.batch, 3, *hw],
-            dtype="float32",
-            layout="NCHW",
-            mean=list(cfg.mean),
-            std=list(cfg.std),
-            preprocess="fit inside (H, W) keeping aspect (bilinear), pad bottom/right with 0, (x/255 - mean) / std",
-        ),
-        versions=_versions(),
-        machine=machine_info(),
-        tasks={},
+    report = _report_header(
+        cfg,
+        model_info,
+        ["batch" if cfg.dynamic_batch else cfg.batch, 3, *hw],
+        preprocess="fit inside (H, W) keeping aspect (bilinear), pad bottom/right with 0, (x/255 - mean) / std",
     )
     for task in tasks:
         t0 = time.perf_counter()
@@ -601,10 +645,9 @@ def _export(
             _stages.info("%s: FP16 %s (%s) checked in %.1f s", task, p16.name, _mib(p16), time.perf_counter() - t1)
         if cfg.precision == "int8":
             trt = cfg.int8_runtime == "tensorrt"
-            p8 = out / (f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
             calib, calib_source = data["calib"][task]
             t1 = time.perf_counter()
-            saturation = quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
+            p8, int8_file = _int8_file(path, task, cfg, calib)
             _stages.info(
                 "%s: INT8 %s (%s) calibrated on %s in %.1f s; evaluating",
                 task,
@@ -614,16 +657,7 @@ def _export(
                 time.perf_counter() - t1,
             )
             entry["int8"] = dict(
-                path=p8.name,
-                sha256=_sha256(p8),
-                runtime=cfg.int8_runtime,
-                format="QDQ, per-channel symmetric "
-                + (
-                    "int8 weights, symmetric int8 activations"
-                    if trt
-                    else "7-bit weights (-64..64), asymmetric uint8 "
-                    "activations (ONNX Runtime on x86: saturation-free with and without VNNI)"
-                ),
+                int8_file,
                 calibration=dict(
                     source=calib_source,
                     images=len(calib),
@@ -631,10 +665,6 @@ def _export(
                     unreadable_images=len(data["unreadable"]),
                     unreadable_examples=data["unreadable"][:5],
                 ),
-                saturation=saturation,
-                tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions}
-                if trt
-                else "not for TensorRT (uint8 activations); export with int8_runtime='tensorrt' for TensorRT",
                 evaluation=compare_graphs(
                     path,
                     p8,
@@ -647,9 +677,7 @@ def _export(
                     data.get("held_source", ""),
                 ),
             )
-        # the INT8 file for ONNX Runtime (uint8 activations) is no TensorRT input: its engine is built with FP16
-        prec = "fp16" if cfg.precision == "int8" and cfg.int8_runtime != "tensorrt" else cfg.precision
-        src = out / f"{task}.int8.onnx" if prec == "int8" else path
+        prec, src = _engine_source(cfg, path, task)
         entry["engine"] = _engine(cfg, src, out / f"{task}.{prec}.engine", prec, hw)
         report["tasks"][task] = entry
         if "int8" in entry:
@@ -831,28 +859,18 @@ def _export_restoration(
     the TensorRT op check, parity with PyTorch (at the export size and, through the runtime's padding, at odd and
     non-square sizes), and the FP16 / INT8 variant with its PSNR drop on the held-out images (the evaluator)."""
     from .evaluate import compare_graphs
-    from .quantize import convert_fp16, quantize_int8
+    from .quantize import convert_fp16
 
     m = restoration_multiple(net)
     lo, hi = (m, m), (max(hw[0], 4 * m, 1024), max(hw[1], 4 * m, 1024))
-    report: dict[str, Any] = dict(
-        model=model_info or {},
-        config={k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "experiment")},
-        input=dict(
-            name="images",
-            shape=[cfg.batch, 3, "height", "width"],
-            dtype="float32",
-            layout="NCHW",
-            mean=list(cfg.mean),
-            std=list(cfg.std),
-            multiple=m,
-            preprocess=f"RGB (x/255 - mean) / std; pad bottom/right by reflection to multiples of {m} (the graph "
-            "takes only such sizes); crop the output back to the image's size",
-            output="restored image (B, 3, H, W) in [0, 1]",
-        ),
-        versions=_versions(),
-        machine=machine_info(),
-        tasks={},
+    report = _report_header(
+        cfg,
+        model_info,
+        [cfg.batch, 3, "height", "width"],
+        multiple=m,
+        preprocess=f"RGB (x/255 - mean) / std; pad bottom/right by reflection to multiples of {m} (the graph "
+        "takes only such sizes); crop the output back to the image's size",
+        output="restored image (B, 3, H, W) in [0, 1]",
     )
     odd = [(hw[0] + m + 3, hw[1] - m + 5), (hw[0] - 1, hw[1] + 2 * m + 1)]  # odd and non-square, through padding
     for task in tasks:
@@ -900,28 +918,10 @@ def _export_restoration(
             )
             variants.append(("fp16", p16, "onnxruntime"))
         if cfg.precision == "int8":
-            trt = cfg.int8_runtime == "tensorrt"
-            p8 = out / (f"{task}.int8.onnx" if trt else f"{task}.int8.ort.onnx")
             calib, calib_source = data["calib"][task]
-            saturation = quantize_int8(path, p8, calib, cfg.batch, runtime=cfg.int8_runtime)
-            entry["int8"] = dict(
-                path=p8.name,
-                sha256=_sha256(p8),
-                runtime=cfg.int8_runtime,
-                format="QDQ, per-channel symmetric "
-                + (
-                    "int8 weights, symmetric int8 activations"
-                    if trt
-                    else "7-bit weights (-64..64), asymmetric uint8 "
-                    "activations (ONNX Runtime on x86: saturation-free with and without VNNI)"
-                ),
-                calibration=dict(source=calib_source, images=len(calib)),
-                saturation=saturation,
-                tensorrt={v: check_tensorrt_support(onnx.load(str(p8)), v).as_dict() for v in cfg.trt_versions}
-                if trt
-                else "not for TensorRT (uint8 activations); export with int8_runtime='tensorrt' for TensorRT",
-            )
-            variants.append(("int8", p8, "reference" if trt else "onnxruntime"))
+            p8, int8_file = _int8_file(path, task, cfg, calib)
+            entry["int8"] = dict(int8_file, calibration=dict(source=calib_source, images=len(calib)))
+            variants.append(("int8", p8, "reference" if cfg.int8_runtime == "tensorrt" else "onnxruntime"))
         for prec, vpath, runtime in variants:
             if cfg.experiment is not None or data.get("held") is not None:
                 entry[prec]["evaluation"] = {
@@ -947,8 +947,7 @@ def _export_restoration(
                     entry[prec]["drop"],
                     next(iter(entry[prec]["evaluation"].values()))["metric"],
                 )
-        prec = "fp16" if cfg.precision == "int8" and cfg.int8_runtime != "tensorrt" else cfg.precision
-        src = out / f"{task}.int8.onnx" if prec == "int8" else path
+        prec, src = _engine_source(cfg, path, task)
         entry["engine"] = _restoration_engine(cfg, src, out / f"{task}.{prec}.engine", prec, hw, (lo, hi))
         report["tasks"][task] = entry
     (out / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
