@@ -206,3 +206,34 @@ def test_packed_targets_come_back_equal_from_a_loader_worker():
                 torch.testing.assert_close(g[k], e[k], rtol=0, atol=0)
             else:
                 assert g[k] == e[k]
+
+
+def test_checkpoint_keeps_the_task_order(tmp_path):
+    """Task-conditioned routers index their task embedding by the task's position: a reloaded model must see
+    its tasks in the order it was trained with, not in the order a sorted config.json would list them."""
+    from vision_moe.models.restoration import build_restoration_model
+
+    tasks = {"semseg": 4, "classification": 3}  # not alphabetical
+    m = build_multitask_model("m3vit_tiny_patch16_224", tasks, img_size=32, head_kwargs=HEADS, **TINY).eval()
+    cfg = {"model": dict(_model_and_config()[1]["model"], tasks=tasks)}
+    degs = ["lowlight", "deblur"]
+    r = build_restoration_model("mofme_tiny_patch8", degs, img_size=32, router="task_embed").eval()
+    with torch.no_grad():  # the task embeddings differ, so a permutation would change the outputs
+        for p in list(m.parameters()) + list(r.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    rcfg = {
+        "model": {
+            "backbone": "mofme_tiny_patch8",
+            "kind": "restoration",
+            "tasks": dict.fromkeys(degs, 3),
+            "img_size": 32,
+            "backbone_kwargs": {"router": "task_embed"},
+        }
+    }
+    x = torch.randn(2, 3, 32, 32)
+    for model, c, names in ((m, cfg, list(tasks)), (r, rcfg, degs)):
+        again = load_model(save_checkpoint(tmp_path / names[0], model, c))[0].eval()
+        assert list(again.tasks) == names
+        with torch.no_grad():
+            for t in names:
+                torch.testing.assert_close(again(x, t)["out"], model(x, t)["out"], rtol=0, atol=0)

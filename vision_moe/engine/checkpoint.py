@@ -81,7 +81,9 @@ def save_checkpoint(
     if train_state is not None:
         _atomic(d / STATE, lambda tmp: torch.save(train_state, tmp))
     cfg = dict(config, weights_sha256=_sha256(d / WEIGHTS))
-    atomic_write_text(d / CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
+    # not sorted: model.tasks keeps its order, which task-conditioned routers (M³ViT's task embedding, MoFME's
+    # degradation embedding, DeMoE's classifier logits) index by
+    atomic_write_text(d / CONFIG, json.dumps(cfg, indent=2))
     return d
 
 
