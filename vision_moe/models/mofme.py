@@ -367,7 +367,7 @@ _TINY = dict(
 
 @register_model
 def mofme_tiny_patch8(pretrained: bool = False, **kwargs) -> MoFME:
-    """MoFME, CPU quickstart size (192-d, FiLM experts, 8 experts top-2)."""
+    """MoFME, CPU quickstart size (128-d tokens, 16 conv channels, FiLM experts, 8 experts top-2)."""
     return _create("mofme_tiny_patch8", pretrained, **dict(dict(_TINY, experts="film"), **kwargs))
 
 
