@@ -282,6 +282,10 @@ def test_resume_with_another_model_or_an_unreadable_metrics_file(tmp_path, data_
     wider["model"]["backbone_kwargs"]["embed_dim"] = 64
     with pytest.raises(CheckpointError, match=r"step_0000002: made with a different model .*model.backbone_kwargs: "):
         Trainer(config_from_dict(wider), tmp_path / "run", resume=True)
+    reordered = tiny(data_root, train={"steps": 3})
+    reordered["tasks"] = dict(reversed(list(reordered["tasks"].items())))
+    with pytest.raises(CheckpointError, match=r"step_0000002: model.tasks in another order than this run's config"):
+        Trainer(config_from_dict(reordered), tmp_path / "run", resume=True)
     (tmp_path / "run" / "metrics.json").write_text('{"history": [')  # cut short
     tr = Trainer(config_from_dict(tiny(data_root, train={"steps": 3})), tmp_path / "run", resume=True)
     tr.fit()

@@ -413,6 +413,13 @@ class Trainer:
                 f"{saved_cfg.get(diff[0])!r}, config {cur.get(diff[0])!r}; differing: {', '.join(diff)}); "
                 "expected the same model to resume"
             )
+        order, cur_order = list(saved_cfg.get("tasks", {})), list(cur.get("tasks", {}))
+        if order != cur_order:  # equal dicts, another order: task-conditioned routers index tasks by position
+            raise CheckpointError(
+                f"{ckpt}: model.tasks in another order than this run's config (checkpoint {order}, config "
+                f"{cur_order}); task-conditioned routing indexes the tasks by position: list them in the checkpoint's "
+                "order to resume"
+            )
         self.model.load_state_dict(model.state_dict())
         st = load_train_state(ckpt)
         self.optimizer.load_state_dict(st["optimizer"])
