@@ -2,7 +2,7 @@
 """INT8 on this CPU: which weight quantisation ONNX Runtime's integer kernels run without saturating, what each
 variant costs in accuracy on a trained checkpoint's held-out data, and its speed against the FP32 graph.
 
-  python benchmarks/bench_int8.py --checkpoint runs/quickstart/checkpoints/step_0002900 --eval-images 300
+  python benchmarks/bench_int8.py --checkpoint runs/quickstart/checkpoints/step_0002400 --eval-images 300
 
 Variants of each task graph (QDQ, per-channel symmetric weights, the same calibration images):
 

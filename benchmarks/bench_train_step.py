@@ -7,6 +7,8 @@ so the spread between its two runs says how far one run can be trusted on that m
 
   python benchmarks/bench_train_step.py --device cuda --steps 300                       # fp32 / bf16 / fp16 AMP
   python benchmarks/bench_train_step.py --device cuda --variant "w4:data.num_workers=4"  # add a variant
+  python benchmarks/bench_train_step.py --device cpu --steps 150 --variant "quickstart:" \
+      --variant "former:model.det_channels=64,model.det_num_convs=2,model.backbone_kwargs.stem_channels=[24,48,48,96,96]"
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ DEFAULT_VARIANTS = [
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:key=value,key=value`` -> (NAME, [key=value, ...]); commas inside [...] belong to a list value."""
     name, _, sets = text.partition(":")
     if not name:
         raise SystemExit(f"--variant {text!r}: expected NAME:key=value,key=value")
-    return name, [s for s in sets.split(",") if s]
+    out, depth, cur = [], 0, ""
+    for ch in sets:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return name, [s for s in [*out, cur] if s]
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ masks (1.0 by construction: a check that the label definition and this script ag
 margin of the true label: the runner-up class's pixels over the dominant class's (data v3 keeps every scene
 at 0.5 or below, the first row; data v2 had scenes up to 1.0, near coin flips, where most errors were).
 
-  python benchmarks/class_from_masks.py --checkpoint runs/quickstart/checkpoints/step_0002900
+  python benchmarks/class_from_masks.py --checkpoint runs/quickstart/checkpoints/step_0002400
 """
 
 from __future__ import annotations

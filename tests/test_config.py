@@ -6,7 +6,8 @@ import pytest
 
 from vision_moe.config import ConfigError, config_from_dict, load_config, yaml_load
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
@@ -151,3 +152,20 @@ def test_img_size_must_be_a_multiple_of_the_patch_size(overrides, stride):
         f"{QS}: model.img_size: must be a multiple of m3vit_tiny_patch16_224's patch size {stride} (got 60)"
     )
     assert load_config(QS, ["model.img_size=56"]).model.img_size == 56
+
+
+def test_bench_train_step_variants_keep_list_values_whole():
+    """benchmarks/bench_train_step.py --variant NAME:k=v,k=v: a list value's commas do not split it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "benchmarks" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sets = "model.det_channels=64,model.backbone_kwargs.stem_channels=[24,48,48,96,96],train.steps=3"
+    assert bench.parse_variant(f"former:{sets}") == (
+        "former",
+        ["model.det_channels=64", "model.backbone_kwargs.stem_channels=[24,48,48,96,96]", "train.steps=3"],
+    )
+    assert bench.parse_variant("fp32:") == ("fp32", [])
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", bench.parse_variant(f"former:{sets}")[1])
+    assert cfg.model.backbone_kwargs["stem_channels"] == [24, 48, 48, 96, 96] and cfg.model.det_channels == 64

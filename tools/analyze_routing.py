@@ -2,7 +2,7 @@
 """How a multi-task MoE model routes, as one page: ``report.html`` (self-contained), ``heatmap_<layer>.png``,
 ``routing.json``.
 
-  python tools/analyze_routing.py --checkpoint runs/quickstart/checkpoints/step_0002900 --out runs/routing
+  python tools/analyze_routing.py --checkpoint runs/quickstart/checkpoints/step_0002400 --out runs/routing
   python tools/analyze_routing.py --model m3vit_tiny_patch16_224 --data configs/quickstart.yaml --out runs/routing
 
 Per MoE layer: a task x expert heatmap and table of the per-expert load, the task-expert mutual information, the

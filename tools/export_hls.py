@@ -2,7 +2,7 @@
 """Generate a Vitis HLS project (hls4ml layout) for task-sparse M³ViT / Mod-Squad inference on an FPGA, checked by
 C-simulation.
 
-  python tools/export_hls.py --checkpoint runs/quickstart/checkpoints/step_0002900 --task semseg --out hls_prj/ --csim
+  python tools/export_hls.py --checkpoint runs/quickstart/checkpoints/step_0002400 --task semseg --out hls_prj/ --csim
   python tools/export_hls.py --model m3vit_tiny_patch16_224 --set img_size=32 --set patch_size=8 --set depth=2 \\
       --set embed_dim=32 --set num_heads=2 --set num_experts=4 --set top_k=2 --set expert_hidden=32 \\
       --task semseg --board kv260 --out /tmp/prj --csim

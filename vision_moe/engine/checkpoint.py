@@ -95,7 +95,7 @@ def _resolve_dir(path: str | Path) -> Path:
         if p.name not in (WEIGHTS, CONFIG, STATE) or not (p.parent / CONFIG).is_file():
             raise CheckpointError(
                 f"{p}: a file, not a checkpoint folder; expected a folder with {CONFIG} and {WEIGHTS} (a training "
-                "checkpoint, e.g. runs/quickstart/checkpoints/step_0002900, or a save_pretrained folder); bare "
+                "checkpoint, e.g. runs/quickstart/checkpoints/step_0002400, or a save_pretrained folder); bare "
                 "weights load with create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
             )
         p = p.parent
