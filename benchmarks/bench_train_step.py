@@ -7,8 +7,8 @@ so the spread between its two runs says how far one run can be trusted on that m
 
   python benchmarks/bench_train_step.py --device cuda --steps 300                       # fp32 / bf16 / fp16 AMP
   python benchmarks/bench_train_step.py --device cuda --variant "w4:data.num_workers=4"  # add a variant
-  python benchmarks/bench_train_step.py --device cpu --steps 150 --variant "quickstart:" \
-      --variant "former:model.det_channels=64,model.det_num_convs=2,model.backbone_kwargs.stem_channels=[24,48,48,96,96]"
+  python benchmarks/bench_train_step.py --device cpu --steps 150 --variant "quickstart:" --variant \
+    "former:model.det_channels=64,model.det_num_convs=2,model.backbone_kwargs.stem_channels=[24,48,48,96,96]"
 """
 
 from __future__ import annotations
