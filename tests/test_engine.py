@@ -15,10 +15,8 @@ TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_experts=4, top
 HEADS = dict(head_channels=8, det_channels=32, det_num_convs=1, det_scale_factors=[2.0, 1.0, 0.5])
 
 
-def _model_and_config():
-    tasks = {"classification": 3, "detection": 2, "semseg": 4}
-    m = build_multitask_model("m3vit_tiny_patch16_224", tasks, img_size=32, head_kwargs=HEADS, **TINY)
-    cfg = {
+def _config(tasks: dict) -> dict:
+    return {
         "model": {
             "backbone": "m3vit_tiny_patch16_224",
             "tasks": tasks,
@@ -28,7 +26,12 @@ def _model_and_config():
             "backbone_kwargs": TINY,
         }
     }
-    return m, cfg
+
+
+def _model_and_config():
+    tasks = {"classification": 3, "detection": 2, "semseg": 4}
+    m = build_multitask_model("m3vit_tiny_patch16_224", tasks, img_size=32, head_kwargs=HEADS, **TINY)
+    return m, _config(tasks)
 
 
 def test_checkpoint_roundtrip_and_errors(tmp_path):
@@ -215,7 +218,7 @@ def test_checkpoint_keeps_the_task_order(tmp_path):
 
     tasks = {"semseg": 4, "classification": 3}  # not alphabetical
     m = build_multitask_model("m3vit_tiny_patch16_224", tasks, img_size=32, head_kwargs=HEADS, **TINY).eval()
-    cfg = {"model": dict(_model_and_config()[1]["model"], tasks=tasks)}
+    cfg = _config(tasks)
     degs = ["lowlight", "deblur"]
     r = build_restoration_model("mofme_tiny_patch8", degs, img_size=32, router="task_embed").eval()
     with torch.no_grad():  # the task embeddings differ, so a permutation would change the outputs
