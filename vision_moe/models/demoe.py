@@ -51,7 +51,16 @@ from ..moe import MoEAux
 from ..tasks import DEGRADATIONS
 from .mofme import create_restoration, pad_to_multiple, restoration_cfg
 
-__all__ = ["DeMoE", "NAFBlock", "ExpertBlocks", "DegradationClassifier", "BLUR_TYPES", "WEATHER_TYPES"]
+__all__ = [
+    "DeMoE",
+    "DeMoEViT",
+    "MoEDecoderHead",
+    "NAFBlock",
+    "ExpertBlocks",
+    "DegradationClassifier",
+    "BLUR_TYPES",
+    "WEATHER_TYPES",
+]
 
 # the blur types of the built-in degraded photographs (motion, defocus, low light: the reference's
 # global/local motion, defocus and low-light blur, as far as the built-in data makes them)
@@ -154,6 +163,32 @@ class DegradationClassifier(nn.Module):
         return self.mlp(torch.cat(pooled, 1))
 
 
+def forced_weights(tasks: Sequence[str], task: str | Sequence[str], batch: int, ref: torch.Tensor) -> torch.Tensor:
+    """The one-hot routing (B, E) of a given degradation (or one per image) over ``tasks``; an unknown name raises."""
+    names = [task] * batch if isinstance(task, str) else list(task)
+    if len(names) != batch:
+        raise ValueError(f"{len(names)} per-image tasks for a batch of {batch} images")
+    for t in names:
+        if t not in tasks:
+            raise ValueError(f"unknown task {t!r}; this model knows {list(tasks)} (or 'auto')")
+    idx = torch.tensor([tasks.index(t) for t in names], device=ref.device)
+    return F.one_hot(idx, len(tasks)).to(ref.dtype)
+
+
+def image_routing(
+    tasks: Sequence[str], top_k: int, logits: torch.Tensor, task: str | Sequence[str]
+) -> tuple[torch.Tensor, MoEAux]:
+    """One routing vector per image from the classifier's ``logits`` (B, E): ``task='auto'`` keeps the top-k
+    probabilities renormalised, a degradation (or one per image) forces its expert. Returns the weights (B, E) and
+    the routing record every MoE block of the image reports."""
+    probs = logits.softmax(-1)
+    if isinstance(task, str) and task == "auto":
+        weights = route_weights(probs, top_k)
+    else:
+        weights = forced_weights(tasks, task, logits.shape[0], probs)
+    return weights, _aux(task, logits, probs, weights, min(top_k, len(tasks)))
+
+
 def route_weights(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     """(B, E) probabilities -> (B, E) weights: the top-k kept (ties at the k-th value kept too), renormalised to sum
     to 1. Static shapes (a TopK and a comparison; no scatter), the same in eager mode and in the exported graph."""
@@ -202,23 +237,11 @@ class DeMoE(nn.Module):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if not tasks or isinstance(tasks, str):
-            raise ValueError(f"tasks={tasks!r}: expected a list of degradation names")
-        bad = [t for t in tasks if t not in DEGRADATIONS]
-        if bad:
-            raise ValueError(f"unknown degradation {bad[0]!r}; expected some of {list(DEGRADATIONS)}")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"duplicate task names in {list(tasks)}")
+        _check_tasks(tasks, top_k, train_routing, dispatcher)
         if len(enc_blocks) != len(dec_blocks) or not enc_blocks:
             raise ValueError(
                 f"enc_blocks {list(enc_blocks)} and dec_blocks {list(dec_blocks)}: expected as many levels in both"
             )
-        if not 1 <= top_k <= len(tasks):
-            raise ValueError(f"top_k={top_k}: expected 1 .. {len(tasks)} (one expert per degradation)")
-        if train_routing not in ("forced", "auto"):
-            raise ValueError(f"train_routing={train_routing!r}: expected 'forced' or 'auto'")
-        if dispatcher not in DISPATCHERS:
-            raise ValueError(f"dispatcher={dispatcher!r}: expected one of {list(DISPATCHERS)}")
         if classifier_inputs not in ("bottleneck", "encoder"):
             raise ValueError(f"classifier_inputs={classifier_inputs!r}: expected 'bottleneck' or 'encoder'")
         self.classifier_inputs = classifier_inputs
@@ -274,16 +297,6 @@ class DeMoE(nn.Module):
             raise ValueError("DeMoE routes whole images (one expert set per image): it has no expert capacity")
         return self
 
-    def _forced(self, task: str | Sequence[str], batch: int, ref: torch.Tensor) -> torch.Tensor:
-        names = [task] * batch if isinstance(task, str) else list(task)
-        if len(names) != batch:
-            raise ValueError(f"{len(names)} per-image tasks for a batch of {batch} images")
-        for t in names:
-            if t not in self.tasks:
-                raise ValueError(f"unknown task {t!r}; this model knows {list(self.tasks)} (or 'auto')")
-        idx = torch.tensor([self.tasks.index(t) for t in names], device=ref.device)
-        return F.one_hot(idx, len(self.tasks)).to(ref.dtype)
-
     # ------------------------------------------------------------------ forward
     def forward(
         self, images: torch.Tensor, task: str | Sequence[str] | None = "auto", *, return_aux: bool = False
@@ -300,7 +313,7 @@ class DeMoE(nn.Module):
             task = "auto"
         if not self.moe:
             if not (isinstance(task, str) and task == "auto"):
-                self._forced(task, images.shape[0], images)  # a name it does not serve is still refused
+                forced_weights(self.tasks, task, images.shape[0], images)  # a name it does not serve is still refused
             task = None
         x, (h, w) = pad_to_multiple(images, self.multiple)
         inp = x * 0.5 + 0.5  # the image in [0, 1]
@@ -314,13 +327,7 @@ class DeMoE(nn.Module):
         aux: list[MoEAux] = []
         weights = None
         if self.moe:
-            logits = self._classify(skips, f)  # (B, E)
-            probs = logits.softmax(-1)
-            if isinstance(task, str) and task == "auto":
-                weights = route_weights(probs, self.top_k)
-            else:
-                weights = self._forced(task, images.shape[0], probs)
-            record = _aux(task, logits, probs, weights, min(self.top_k, len(self.tasks)))
+            weights, record = image_routing(self.tasks, self.top_k, self._classify(skips, f), task)
             aux = [record] * len(self.moe_layers())
         f = self._slot(self.middle_moe, f, weights)
         for up, dec, moe, skip in zip(self.ups, self.decoders, self.decoder_moe, reversed(skips)):
@@ -375,6 +382,254 @@ class DeMoE(nn.Module):
         return new.train(self.training)
 
 
+class MoEDecoderHead(nn.Module):
+    """DeMoE's classifier-routed MoE decoder as a dense head on ViT patch tokens (the ViT variant of the family).
+
+    ``forward(tokens, grid, images, task)``: the patch tokens (B, prefix + gh*gw, C) of a backbone whose token
+    stride is ``patch_size`` (a power of two) become the bottleneck map (LayerNorm, 1x1 conv to
+    ``width * patch_size`` channels); the degradation classifier reads it; an MoE block of NAFBlock experts follows,
+    then log2(patch_size) decoder levels (1x1 conv + pixel shuffle, a skip added, ``dec_blocks`` NAFBlocks, an MoE
+    block), a 3x3 conv to RGB and the input image added. The skips come from the image itself (a 3x3 conv at full
+    resolution, then a 2x2 stride-2 conv per level), since a ViT keeps no multi-scale features: without them every
+    pixel's correction would pass through its token (as in MoFME's reference). ``images`` is the (padded) input in
+    [-1, 1]; returns the restored image in [0, 1] (unclamped) and one routing record per MoE block (the image's).
+    ``specialize(d)`` keeps degradation ``d``'s experts and drops the classifier."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        tasks: Sequence[str],
+        patch_size: int,
+        width: int = 16,
+        dec_blocks: int = 1,
+        top_k: int = 1,
+        classifier_hidden: int = 64,
+        num_prefix_tokens: int = 1,
+        dispatcher: str = "sparse",
+        drop_rate: float = 0.0,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        levels = int(patch_size).bit_length() - 1
+        if patch_size < 2 or 2**levels != patch_size:
+            raise ValueError(f"patch_size={patch_size}: the decoder upsamples by 2 per level, expected a power of two")
+        self.tasks, self.top_k, self.num_prefix_tokens = tuple(tasks), int(top_k), num_prefix_tokens
+        e, c = len(self.tasks), width * 2**levels
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.proj = nn.Conv2d(embed_dim, c, 1)
+        self.classifier: nn.Module | None = DegradationClassifier([c], e, classifier_hidden, drop_rate)
+        self.intro = nn.Conv2d(in_chans, width, 3, padding=1)
+        self.downs = nn.ModuleList(
+            nn.Conv2d(width * 2**i, width * 2 ** (i + 1), 2, stride=2) for i in range(levels - 1)
+        )
+        self.middle_moe: nn.Module = ExpertBlocks(c, e, dispatcher, drop_rate=drop_rate)
+        self.ups, self.decoders, self.decoder_moe = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for _ in range(levels):
+            self.ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
+            c //= 2
+            self.decoders.append(nn.Sequential(*[NAFBlock(c, drop_rate=drop_rate) for _ in range(dec_blocks)]))
+            self.decoder_moe.append(ExpertBlocks(c, e, dispatcher, drop_rate=drop_rate))
+        self.ending = nn.Conv2d(width, in_chans, 3, padding=1)
+        nn.init.zeros_(self.ending.weight)  # the untrained head returns the input image (as DeMoE's ending)
+        nn.init.zeros_(self.ending.bias)
+
+    def bottleneck(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = self.norm(tokens[:, self.num_prefix_tokens :])  # (B, gh*gw, C)
+        return self.proj(x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1]))
+
+    def classify(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The classifier's logits (B, E) over ``self.tasks``."""
+        if self.classifier is None:
+            raise ValueError("this head was specialised to one degradation: it has no classifier")
+        return self.classifier([self.bottleneck(tokens, grid)]).float()
+
+    def forward(
+        self, tokens: torch.Tensor, grid: tuple[int, int], images: torch.Tensor, task: str | Sequence[str] = "auto"
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
+        f = self.bottleneck(tokens, grid)
+        weights, aux = None, []
+        if self.classifier is not None:
+            weights, record = image_routing(self.tasks, self.top_k, self.classifier([f]).float(), task)
+            aux = [record] * (1 + len(self.decoder_moe))
+        skips = [self.intro(images)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        f = DeMoE._slot(self.middle_moe, f, weights)
+        for up, dec, moe, skip in zip(self.ups, self.decoders, self.decoder_moe, reversed(skips)):
+            f = DeMoE._slot(moe, dec(up(f) + skip), weights)
+        return self.ending(f) + (images * 0.5 + 0.5), aux
+
+    def specialize(self, task: str) -> MoEDecoderHead:
+        """This head for one degradation: each MoE block replaced by its expert, no classifier (a copy)."""
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; this head knows {list(self.tasks)}")
+        e = self.tasks.index(task)
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        new.classifier = None
+        if isinstance(self.middle_moe, ExpertBlocks):
+            new.middle_moe = self.middle_moe.experts[e]
+            new.decoder_moe = nn.ModuleList(m.experts[e] for m in self.decoder_moe)
+        new = copy.deepcopy(new)
+        new.tasks = (task,)
+        return new
+
+
+class DeMoEViT(nn.Module):
+    """The ViT variant of DeMoE: an MoE ViT backbone of this project (``MoEVisionTransformer``, e.g. the multi-task
+    quickstart's M³ViT) with :class:`MoEDecoderHead` as its dense head. The same contract as :class:`DeMoE`:
+    ``forward(images, task="auto" | degradation | [one per image], return_aux=False)``, ``classify``,
+    ``specialize(d)`` (the backbone and ``d``'s experts, no classifier).
+
+    The backbone does not know the degradation ("auto" cannot tell it): it serves one task, :attr:`BACKBONE_TASK`,
+    so its MoE layers route tokens blindly (V-MoE style) and the head's classifier routes the image. In a multi-task
+    model this is one more task of the shared backbone (its own router, the task embedding of M³ViT's
+    ``task_embed``). The routing records are the head's (one per MoE block, the classifier's first) followed by the
+    backbone's (per token, task :attr:`BACKBONE_TASK`).
+
+    Args:
+        backbone: a registered ``vit``-family model; ``backbone_kwargs`` its constructor arguments (patch size,
+            width, depth, experts, a conv stem...). Its token stride is the multiple the input is padded to.
+        tasks, top_k, classifier_hidden, dispatcher, train_routing, drop_rate: as :class:`DeMoE`.
+        width, dec_blocks: the head's narrowest width (at full resolution) and NAFBlocks per decoder level.
+    """
+
+    classifier_routed = True
+    BACKBONE_TASK = "restoration"
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 64,
+        in_chans: int = 3,
+        backbone: str = "m3vit_tiny_patch16_224",
+        backbone_kwargs: dict | None = None,
+        tasks: Sequence[str] = BLUR_TYPES,
+        width: int = 16,
+        dec_blocks: int = 1,
+        top_k: int = 1,
+        classifier_hidden: int = 64,
+        dispatcher: str = "sparse",
+        train_routing: str = "forced",
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        import timm  # the backbone is built by name (vision_moe's ViTs are registered by then)
+
+        from .moe_vit import MoEVisionTransformer, token_stride
+
+        if backbone not in timm.list_models(module="moe_vit"):
+            raise ValueError(f"backbone={backbone!r}: expected a vision-moe ViT (a model of the 'vit' family)")
+
+        _check_tasks(tasks, top_k, train_routing, dispatcher)
+        self.tasks, self.top_k, self.train_routing = tuple(tasks), int(top_k), train_routing
+        self.moe = True
+        bb_kwargs = dict(backbone_kwargs or {})
+        bad = sorted({"tasks", "num_classes", "img_size", "in_chans"} & set(bb_kwargs))
+        if bad:
+            raise ValueError(f"backbone_kwargs {bad}: set by DeMoEViT itself (its tasks, no classifier, sizes)")
+        self.backbone = timm.create_model(
+            backbone, tasks=(self.BACKBONE_TASK,), num_classes=0, img_size=img_size, in_chans=in_chans, **bb_kwargs
+        )
+        if not isinstance(self.backbone, MoEVisionTransformer):
+            raise ValueError(f"backbone={backbone!r}: expected a vision-moe ViT (a model of the 'vit' family)")
+        self.backbone.traceable_pos_embed = True  # one exported graph for every image size
+        stride = token_stride(self.backbone.patch_embed)
+        if stride[0] != stride[1]:
+            raise ValueError(f"backbone token stride {tuple(stride)}: expected a square patch")
+        self.multiple = self.patch_size = int(stride[0])
+        self.num_features = self.backbone.embed_dim
+        self.head = MoEDecoderHead(
+            self.backbone.embed_dim,
+            self.tasks,
+            self.multiple,
+            width=width,
+            dec_blocks=dec_blocks,
+            top_k=top_k,
+            classifier_hidden=classifier_hidden,
+            num_prefix_tokens=self.backbone.num_prefix_tokens,
+            dispatcher=dispatcher,
+            drop_rate=drop_rate,
+            in_chans=in_chans,
+        )
+
+    def moe_layers(self) -> list[tuple[str, nn.Module]]:
+        head = [(f"head.{n}", m) for n, m in self.head.named_modules() if isinstance(m, ExpertBlocks)]
+        return head + [(f"backbone.{n}", m) for n, m in self.backbone.moe_layers()]
+
+    def set_dispatcher(self, dispatcher: str) -> DeMoEViT:
+        """``'dense'``: every expert on every token and image (static shapes, export); ``'sparse'``: only the chosen
+        experts run (the head's sparse path, the backbone's ``'sort'``); any other name is the backbone's
+        dispatcher, with the head sparse. Returns self."""
+        for _, m in self.head.named_modules():
+            if isinstance(m, ExpertBlocks):
+                m.dispatcher = "dense" if dispatcher == "dense" else "sparse"
+        self.backbone.set_dispatcher("sort" if dispatcher == "sparse" else dispatcher)
+        return self
+
+    def set_capacity(self, capacity: int | None = None, capacity_factor: float | None = None) -> DeMoEViT:
+        """The backbone's token capacity (the head routes whole images and has none)."""
+        self.backbone.set_capacity(capacity, capacity_factor)
+        return self
+
+    def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, list[MoEAux]]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) RGB (convert grey or RGBA images "
+                "to RGB first)"
+            )
+        x, _ = pad_to_multiple(images, self.multiple)
+        tokens, aux = self.backbone.forward_features(x, self.BACKBONE_TASK, return_aux=True)
+        return tokens, (x.shape[-2] // self.multiple, x.shape[-1] // self.multiple), x, aux
+
+    def forward(
+        self, images: torch.Tensor, task: str | Sequence[str] | None = "auto", *, return_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[MoEAux]]:
+        """images (B, 3, H, W) in [-1, 1] -> restored (B, 3, H, W) in [0, 1] (see :meth:`DeMoE.forward`)."""
+        tokens, grid, x, bb_aux = self._tokens(images)
+        out, head_aux = self.head(tokens, grid, x, "auto" if task is None else task)
+        if not self.training:
+            out = out.clamp(0.0, 1.0)
+        out = out[..., : images.shape[-2], : images.shape[-1]]
+        return (out, head_aux + bb_aux) if return_aux else out
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits (B, E) over ``self.tasks``."""
+        if self.head.classifier is None:
+            raise ValueError(f"this model was specialised to {self.tasks[0]!r}: it has no degradation classifier")
+        tokens, grid, _, _ = self._tokens(images)
+        return self.head.classify(tokens, grid)
+
+    def specialize(self, task: str) -> DeMoEViT:
+        """The backbone and degradation ``task``'s experts, no classifier: ``specialized(x)`` equals
+        ``self(x, task)``."""
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; this model knows {list(self.tasks)}")
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        new.backbone = self.backbone.specialize(self.BACKBONE_TASK)
+        new.head = self.head.specialize(task)
+        new.moe = new.classifier_routed = False
+        new.tasks = (task,)
+        return new.train(self.training)
+
+
+def _check_tasks(tasks: Sequence[str], top_k: int, train_routing: str, dispatcher: str) -> None:
+    """The arguments DeMoE and its ViT variant share, checked the same way."""
+    if not tasks or isinstance(tasks, str):
+        raise ValueError(f"tasks={tasks!r}: expected a list of degradation names")
+    bad = [t for t in tasks if t not in DEGRADATIONS]
+    if bad:
+        raise ValueError(f"unknown degradation {bad[0]!r}; expected some of {list(DEGRADATIONS)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task names in {list(tasks)}")
+    if not 1 <= top_k <= len(tasks):
+        raise ValueError(f"top_k={top_k}: expected 1 .. {len(tasks)} (one expert per degradation)")
+    if train_routing not in ("forced", "auto"):
+        raise ValueError(f"train_routing={train_routing!r}: expected 'forced' or 'auto'")
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"dispatcher={dispatcher!r}: expected one of {list(DISPATCHERS)}")
+
+
 def _aux(task: Any, logits: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, k: int) -> MoEAux:
     """The routing record of one forward: per image (S = B), the classifier's logits and probabilities, the chosen
     experts and their weights."""
@@ -390,6 +645,12 @@ default_cfgs = generate_default_cfgs(
             input_size=(3, 64, 64) if size == "tiny" else (3, 256, 256), first_conv="intro"
         )
         for name in ("demoe", "demoe_deweather", "nafnet")
+        for size in ("tiny", "base")
+    }
+    | {
+        f"demoe_vit_{size}": restoration_cfg(
+            input_size=(3, 64, 64) if size == "tiny" else (3, 256, 256), first_conv="backbone.patch_embed"
+        )
         for size in ("tiny", "base")
     }
 )
@@ -439,3 +700,44 @@ def nafnet_tiny(pretrained: bool = False, **kwargs) -> DeMoE:
 def nafnet_base(pretrained: bool = False, **kwargs) -> DeMoE:
     """Dense NAFNet twin of ``demoe_base`` (width 32)."""
     return _model("nafnet_base", pretrained, dict(_BASE, tasks=BLUR_TYPES, moe=False), **kwargs)
+
+
+# the ViT variant's backbones: the multi-task quickstart's M³ViT (64-d, 4 blocks, 8 experts top-2 in every other
+# block, a 16-32-32-64-64 conv stem, tokens of 8 px) and, at the reference size, M³ViT-S (384-d, 12 blocks, 16 px)
+_VIT_TINY = dict(
+    backbone="m3vit_tiny_patch16_224",
+    backbone_kwargs=dict(
+        patch_size=8,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        num_experts=8,
+        top_k=2,
+        expert_hidden=128,
+        stem_channels=(16, 32, 32, 64, 64),
+        stem_strides=(1, 2, 1, 2, 1, 2),
+    ),
+    width=16,
+    dec_blocks=1,
+    classifier_hidden=64,
+)
+_VIT_BASE = dict(backbone="m3vit_small_patch16_224", backbone_kwargs={}, width=32, dec_blocks=2, classifier_hidden=256)
+
+
+def _vit_model(variant: str, pretrained: bool, base: dict, **kwargs) -> DeMoEViT:
+    args = dict(base, **kwargs)
+    args["backbone_kwargs"] = dict(base["backbone_kwargs"], **(kwargs.get("backbone_kwargs") or {}))  # key by key
+    return create_restoration(DeMoEViT, variant, pretrained, **args)
+
+
+@register_model
+def demoe_vit_tiny(pretrained: bool = False, **kwargs) -> DeMoEViT:
+    """DeMoE's MoE decoder as a head on the quickstart's M³ViT (patch 8, 64-d, 4 blocks), the built-in blur types,
+    top-1."""
+    return _vit_model("demoe_vit_tiny", pretrained, dict(_VIT_TINY, tasks=BLUR_TYPES), **kwargs)
+
+
+@register_model
+def demoe_vit_base(pretrained: bool = False, **kwargs) -> DeMoEViT:
+    """DeMoE's MoE decoder (width 32, two NAFBlocks per level) as a head on M³ViT-S (patch 16), top-1."""
+    return _vit_model("demoe_vit_base", pretrained, dict(_VIT_BASE, tasks=BLUR_TYPES), **kwargs)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import safe_open
 from timm.layers import (
@@ -450,11 +451,27 @@ class MoEVisionTransformer(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, (MoEMlp, MoEAttention))]
 
     # ------------------------------------------------------------------ forward
+    # True: the position embedding is resampled to every grid, also the model's own, by bilinear interpolation,
+    # so that an ONNX graph traced at one size keeps the resampling for any other (timm's resample_abs_pos_embed
+    # returns early at the model's grid, which a trace would bake in; its antialiased bicubic has no ONNX export,
+    # and TensorRT's Resize takes nearest or linear). At the model's grid this is the identity; other grids differ
+    # from timm's bicubic.
+    traceable_pos_embed = False
+
+    def _resample_pos_embed_traceable(self, h: int, w: int) -> torch.Tensor:
+        n = self.num_prefix_tokens
+        gh, gw = self.patch_embed.grid_size
+        grid = self.pos_embed[:, n:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        return torch.cat([self.pos_embed[:, :n], grid.flatten(2).transpose(1, 2)], dim=1)
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, gh, gw, C) -> (B, prefix + gh*gw, C)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         pos_embed = self.pos_embed
-        if (h, w) != tuple(self.patch_embed.grid_size):
+        if self.traceable_pos_embed:
+            pos_embed = self._resample_pos_embed_traceable(h, w)
+        elif (h, w) != tuple(self.patch_embed.grid_size):
             pos_embed = resample_abs_pos_embed(
                 pos_embed, (h, w), old_size=tuple(self.patch_embed.grid_size), num_prefix_tokens=self.num_prefix_tokens
             )
