@@ -5,6 +5,7 @@ specialisation agree, the parameter ratio to the conventional MoE."""
 import pytest
 import timm
 import torch
+from test_demoe import SMALL as DEMOE_SMALL  # tests/ is on sys.path (pytest's prepend import mode)
 
 import vision_moe
 from vision_moe.moe import MoELayer
@@ -16,23 +17,8 @@ SMALL_MOFME = dict(tasks=TASKS, embed_dim=32, num_heads=2, attn_head_dim=16, hea
 SMALL_UNET = dict(
     tasks=TASKS, width=4, enc_blocks=(1, 1, 1), dec_blocks=(1, 1, 1), middle_blocks=1, classifier_hidden=8
 )
-# DeMoE's ViT variant: a two-block MoE ViT of 4 px tokens (conv stem) under the MoE decoder head
-SMALL_VIT = dict(
-    tasks=TASKS,
-    width=4,
-    classifier_hidden=8,
-    backbone_kwargs=dict(
-        patch_size=4,
-        embed_dim=16,
-        depth=2,
-        num_heads=2,
-        num_experts=4,
-        top_k=2,
-        expert_hidden=16,
-        stem_channels=(8,),
-        stem_strides=(2, 2),
-    ),
-)
+# DeMoE's ViT variant: the small layout its own tests use (a two-block MoE ViT of 4 px tokens under the head)
+SMALL_VIT = dict(DEMOE_SMALL["demoe_vit_tiny"], tasks=TASKS)
 MOFME = vision_moe.list_models("mofme*")
 VIT_HEADED = vision_moe.list_models("demoe_vit*")
 
