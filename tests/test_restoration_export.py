@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_demoe import SMALL as DEMOE_SMALL  # tests/ is on sys.path (pytest's prepend import mode)
 
 import vision_moe
 from vision_moe.deploy.onnx_export import FORBIDDEN_OPS, ort_session
@@ -23,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # one entry point per restoration family and kind (generic over the registry: every family's tiny sizes)
 SMALL = {
     "demoe_tiny": dict(width=4, top_k=2),
-    "demoe_vit_tiny": dict(
-        width=4,
-        top_k=2,
-        backbone_kwargs=dict(
-            patch_size=4, embed_dim=16, depth=2, num_heads=2, expert_hidden=16, stem_channels=(8,), stem_strides=(2, 2)
-        ),
-    ),
+    "demoe_vit_tiny": dict(DEMOE_SMALL["demoe_vit_tiny"], top_k=2),  # the ViT variant's small layout of its tests
     "nafnet_tiny": dict(width=4),
     "mofme_tiny_patch8": dict(embed_dim=32, num_heads=2, attn_head_dim=16, head_channels=8, tail_channels=8),
     "mofme_dense_tiny_patch8": dict(embed_dim=32, num_heads=2, attn_head_dim=16, head_channels=8, tail_channels=8),

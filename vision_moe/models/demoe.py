@@ -268,12 +268,7 @@ class DeMoE(nn.Module):
         levels = [width * 2**i for i in range(len(enc_blocks))] if classifier_inputs == "encoder" else []
         self.classifier = DegradationClassifier([*levels, c], e, classifier_hidden, drop_rate) if self.moe else None
         self.middle_moe = slot(c)
-        self.ups, self.decoders, self.decoder_moe = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for n in dec_blocks:
-            self.ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
-            c //= 2
-            self.decoders.append(nn.Sequential(*[NAFBlock(c, drop_rate=drop_rate) for _ in range(n)]))
-            self.decoder_moe.append(slot(c))
+        self.ups, self.decoders, self.decoder_moe = _decoder_levels(c, dec_blocks, slot, drop_rate)
         self.ending = nn.Conv2d(width, in_chans, 3, padding=1)
         # not in NAFNet: the last conv starts at zero, so the untrained model is the identity (as MoFME's tiny
         # residual sizes here): a short CPU run starts from the input's PSNR instead of below it
@@ -304,11 +299,7 @@ class DeMoE(nn.Module):
         """images (B, 3, H, W) in [-1, 1], any H, W >= the model's multiple -> restored (B, 3, H, W) in [0, 1].
         ``task``: ``'auto'`` (None too) routes by the classifier; a degradation (or one per image) forces its
         experts. ``return_aux``: also one routing record per MoE block (the classifier's logits and the weights)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) RGB (convert grey or RGBA images "
-                "to RGB first)"
-            )
+        _check_rgb(images)
         if task is None:
             task = "auto"
         if not self.moe:
@@ -329,19 +320,12 @@ class DeMoE(nn.Module):
         if self.moe:
             weights, record = image_routing(self.tasks, self.top_k, self._classify(skips, f), task)
             aux = [record] * len(self.moe_layers())
-        f = self._slot(self.middle_moe, f, weights)
-        for up, dec, moe, skip in zip(self.ups, self.decoders, self.decoder_moe, reversed(skips)):
-            f = dec(up(f) + skip)
-            f = self._slot(moe, f, weights)
+        f = _decode(self, _slot(self.middle_moe, f, weights), skips, weights)
         out = self.ending(f) + inp
         if not self.training:
             out = out.clamp(0.0, 1.0)
         out = out[..., :h, :w]
         return (out, aux) if return_aux else out
-
-    @staticmethod
-    def _slot(m: nn.Module, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        return m(x, weights) if isinstance(m, ExpertBlocks) else m(x)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """The classifier's logits (B, E) over ``self.tasks`` (the encoder and middle blocks only)."""
@@ -423,12 +407,9 @@ class MoEDecoderHead(nn.Module):
             nn.Conv2d(width * 2**i, width * 2 ** (i + 1), 2, stride=2) for i in range(levels - 1)
         )
         self.middle_moe: nn.Module = ExpertBlocks(c, e, dispatcher, drop_rate=drop_rate)
-        self.ups, self.decoders, self.decoder_moe = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for _ in range(levels):
-            self.ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
-            c //= 2
-            self.decoders.append(nn.Sequential(*[NAFBlock(c, drop_rate=drop_rate) for _ in range(dec_blocks)]))
-            self.decoder_moe.append(ExpertBlocks(c, e, dispatcher, drop_rate=drop_rate))
+        self.ups, self.decoders, self.decoder_moe = _decoder_levels(
+            c, [dec_blocks] * levels, lambda ch: ExpertBlocks(ch, e, dispatcher, drop_rate=drop_rate), drop_rate
+        )
         self.ending = nn.Conv2d(width, in_chans, 3, padding=1)
         nn.init.zeros_(self.ending.weight)  # the untrained head returns the input image (as DeMoE's ending)
         nn.init.zeros_(self.ending.bias)
@@ -454,9 +435,7 @@ class MoEDecoderHead(nn.Module):
         skips = [self.intro(images)]
         for down in self.downs:
             skips.append(down(skips[-1]))
-        f = DeMoE._slot(self.middle_moe, f, weights)
-        for up, dec, moe, skip in zip(self.ups, self.decoders, self.decoder_moe, reversed(skips)):
-            f = DeMoE._slot(moe, dec(up(f) + skip), weights)
+        f = _decode(self, _slot(self.middle_moe, f, weights), skips, weights)
         return self.ending(f) + (images * 0.5 + 0.5), aux
 
     def specialize(self, task: str) -> MoEDecoderHead:
@@ -515,14 +494,12 @@ class DeMoEViT(nn.Module):
         super().__init__()
         import timm  # the backbone is built by name (vision_moe's ViTs are registered by then)
 
-        from .moe_vit import MoEVisionTransformer, token_stride
+        from .moe_vit import token_stride
 
-        if backbone not in timm.list_models(module="moe_vit"):
+        if backbone not in timm.list_models(module="moe_vit"):  # every one a MoEVisionTransformer
             raise ValueError(f"backbone={backbone!r}: expected a vision-moe ViT (a model of the 'vit' family)")
-
         _check_tasks(tasks, top_k, train_routing, dispatcher)
         self.tasks, self.top_k, self.train_routing = tuple(tasks), int(top_k), train_routing
-        self.moe = True
         bb_kwargs = dict(backbone_kwargs or {})
         bad = sorted({"tasks", "num_classes", "img_size", "in_chans"} & set(bb_kwargs))
         if bad:
@@ -530,8 +507,6 @@ class DeMoEViT(nn.Module):
         self.backbone = timm.create_model(
             backbone, tasks=(self.BACKBONE_TASK,), num_classes=0, img_size=img_size, in_chans=in_chans, **bb_kwargs
         )
-        if not isinstance(self.backbone, MoEVisionTransformer):
-            raise ValueError(f"backbone={backbone!r}: expected a vision-moe ViT (a model of the 'vit' family)")
         self.backbone.traceable_pos_embed = True  # one exported graph for every image size
         stride = token_stride(self.backbone.patch_embed)
         if stride[0] != stride[1]:
@@ -572,11 +547,7 @@ class DeMoEViT(nn.Module):
         return self
 
     def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, list[MoEAux]]:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) RGB (convert grey or RGBA images "
-                "to RGB first)"
-            )
+        _check_rgb(images)
         x, _ = pad_to_multiple(images, self.multiple)
         tokens, aux = self.backbone.forward_features(x, self.BACKBONE_TASK, return_aux=True)
         return tokens, (x.shape[-2] // self.multiple, x.shape[-1] // self.multiple), x, aux
@@ -608,7 +579,7 @@ class DeMoEViT(nn.Module):
         new._modules = dict(self._modules)
         new.backbone = self.backbone.specialize(self.BACKBONE_TASK)
         new.head = self.head.specialize(task)
-        new.moe = new.classifier_routed = False
+        new.classifier_routed = False
         new.tasks = (task,)
         return new.train(self.training)
 
@@ -628,6 +599,40 @@ def _check_tasks(tasks: Sequence[str], top_k: int, train_routing: str, dispatche
         raise ValueError(f"train_routing={train_routing!r}: expected 'forced' or 'auto'")
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher={dispatcher!r}: expected one of {list(DISPATCHERS)}")
+
+
+def _check_rgb(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) RGB (convert grey or RGBA images to RGB "
+            "first)"
+        )
+
+
+def _slot(m: nn.Module, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """An MoE block (ExpertBlocks, weighted per image) or the plain block that replaced it (dense twin, specialised)."""
+    return m(x, weights) if isinstance(m, ExpertBlocks) else m(x)
+
+
+def _decoder_levels(
+    c: int, blocks: Sequence[int], slot: Any, drop_rate: float
+) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList]:
+    """NAFNet's decoder from ``c`` channels: per level a 1x1 conv + pixel shuffle halving the channels, ``blocks[i]``
+    NAFBlocks, and ``slot(channels)`` (an MoE block or its plain twin). Returns (ups, decoders, slots)."""
+    ups, decoders, slots = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+    for n in blocks:
+        ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
+        c //= 2
+        decoders.append(nn.Sequential(*[NAFBlock(c, drop_rate=drop_rate) for _ in range(n)]))
+        slots.append(slot(c))
+    return ups, decoders, slots
+
+
+def _decode(net: nn.Module, f: torch.Tensor, skips: Sequence[torch.Tensor], weights: torch.Tensor | None):
+    """``net``'s decoder levels (``ups``, ``decoders``, ``decoder_moe``) on ``f``, the skips added deepest first."""
+    for up, dec, moe, skip in zip(net.ups, net.decoders, net.decoder_moe, reversed(skips)):
+        f = _slot(moe, dec(up(f) + skip), weights)
+    return f
 
 
 def _aux(task: Any, logits: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, k: int) -> MoEAux:
