@@ -119,3 +119,54 @@ def test_edge_loss_weights_positives():
     loss = task_loss("edges", None, logits, [{"edges": y[0]}], (2, 2))["edges"]
     bce = torch.log(torch.tensor(2.0))
     assert torch.allclose(loss, bce * (EDGE_POS_WEIGHT + 3 * (1 - EDGE_POS_WEIGHT)) / 4)
+
+
+def test_setr_classifier_before_last_upsample_equals_the_reference_order():
+    """SetrPupHead runs its 1x1 classifier before the last bilinear upsampling (cheaper); the output must equal
+    the textbook order (upsample, then classify) in value and in gradients."""
+    from vision_moe.heads import SetrPupHead
+    from vision_moe.heads.dense import tokens_to_map
+
+    torch.manual_seed(0)
+    head = SetrPupHead(32, 5, patch_size=8, channels=16, num_prefix_tokens=1).train()
+    with torch.no_grad():
+        head.cls.bias.uniform_(-1, 1)  # a non-zero bias: it must commute with the upsampling too
+    tokens = torch.randn(2, 1 + 6 * 5, 32, requires_grad=True)
+    out = head(tokens, (6, 5), (48, 40))
+    torch.manual_seed(0)  # the same BatchNorm batch statistics in both orders
+    ref = head.cls(head.decoder(tokens_to_map(head.ln(tokens), (6, 5), 1)))
+    assert out.shape == ref.shape == (2, 5, 48, 40)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    (ga,) = torch.autograd.grad(out, tokens, g)
+    (gb,) = torch.autograd.grad(ref, tokens, g)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fcos_group_norms_equal_torch_group_norm_in_either_layout(channels_last):
+    """The FCOS towers' norms run on an NCHW copy (channels-last group norm is slow on the CPU): same values,
+    gradients, output layout and state-dict keys as torchvision's plain nn.GroupNorm."""
+    import torch.nn as nn
+    from torchvision.models.detection.fcos import FCOSHead
+
+    from vision_moe.heads.detection import FCOSDetectionHead, _GroupNormNCHW
+
+    head = FCOSDetectionHead(64, 3, patch_size=8, channels=32, num_convs=1, scale_factors=(1.0,))
+    gns = [m for m in head.modules() if isinstance(m, nn.GroupNorm)]
+    assert gns and all(type(m) is _GroupNormNCHW for m in gns)
+    assert head.head.state_dict().keys() == FCOSHead(32, 1, 3, num_convs=1).state_dict().keys()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    ours = _GroupNormNCHW(8, 32)
+    ref = nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 32, 5, 7).contiguous(memory_format=fmt).requires_grad_()
+    a, b = ours(x), ref(x)
+    assert a.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    torch.testing.assert_close(torch.autograd.grad(a, x, g)[0], torch.autograd.grad(b, x, g)[0])

@@ -55,9 +55,11 @@ def test_shared_forward_equals_separate_forwards_outputs_and_gradients(kw):
     torch.manual_seed(1)
     shared = model.forward_shared(x)
     assert shared[1] == 3  # patch embedding, position embedding, block 0 (dense); block 1 is the first MoE block
-    with _counting(model.backbone.patch_embed, *model.backbone.blocks[:2]) as calls:
+    assert shared[2]  # ... whose attention is dense: it ran once too
+    b = model.backbone.blocks
+    with _counting(model.backbone.patch_embed, b[0], b[1].attn, b[1].mlp, b[2]) as calls:
         joint = [model(x, t, shared=shared)["out"] for t in model.tasks]
-    assert calls == [0, 0, 2]  # the shared stages are not run again per task; block 1 (MoE) is
+    assert calls == [0, 0, 0, 2, 2]  # the shared stages are not run again per task; block 1's MoE MLP is
     sum(o.square().mean() for o in joint).backward()
     g_joint = _grads(model)
     for a, b in zip(separate, joint):
@@ -89,9 +91,41 @@ def test_shared_forward_in_eval_and_with_random_layers_still_matches():
     shared = model.forward_shared(x)
     assert shared[1] == 2 + 3
     for t in model.tasks:
-        with _counting(model.backbone.patch_embed, *model.backbone.blocks) as calls:
+        b = model.backbone.blocks
+        with _counting(model.backbone.patch_embed, *b[:3], b[3].attn, b[3].mlp) as calls:
             out = model(x, t, shared=shared)["out"]
-        assert calls == [0, 0, 0, 0, 1]  # only block 3 (MoE) runs per task
+        assert calls == [0, 0, 0, 0, 0, 1]  # only block 3's MoE MLP runs per task
         torch.testing.assert_close(out, model(x, t)["out"], rtol=0, atol=1e-6)
     model.train()  # drop path in blocks 1 and 2 draws masks: only block 0 is shared
     assert model.forward_shared(x)[1] == 3
+
+
+@pytest.mark.parametrize(
+    "kw, attention_shared",
+    [
+        ({}, True),  # M³ViT: block 1's attention is dense, its MLP the first task-routed layer
+        ({"attn_drop_rate": 0.1}, False),  # in training the attention draws a mask: per task
+        ({"moe_attn_blocks": [1], "attn_num_experts": 4, "attn_top_k": 2, "expert_heads": 2}, False),  # Mod-Squad
+    ],
+)
+def test_attention_half_of_the_first_moe_block_is_shared_only_when_task_independent(kw, attention_shared):
+    model = _multitask(**kw).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    separate = [model(x, t)["out"] for t in model.tasks]
+    sum(o.square().mean() for o in separate).backward()
+    g_sep = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    shared = model.forward_shared(x)
+    assert shared[2] is attention_shared
+    with _counting(model.backbone.blocks[1].attn) as calls:
+        joint = [model(x, t, shared=shared)["out"] for t in model.tasks]
+    assert calls == [0 if attention_shared else len(model.tasks)]
+    sum(o.square().mean() for o in joint).backward()
+    if not kw:  # no random masks: outputs and gradients equal the separate forwards'
+        for a, b in zip(separate, joint):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        g_joint = _grads(model)
+        for n in g_sep:
+            torch.testing.assert_close(g_sep[n], g_joint[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

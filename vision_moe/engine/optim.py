@@ -34,7 +34,9 @@ def build_optimizer(
     if extra_params:
         param_groups.append({"params": list(extra_params), "weight_decay": 0.0, "lr": cfg.lr})
     if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            param_groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=cfg.fused or None
+        )
     if cfg.name == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.name!r}; expected 'adamw' or 'sgd'")

@@ -80,6 +80,32 @@ class SimpleFeaturePyramid(nn.Module):
         return [stage(x) for stage in self.stages]
 
 
+class _GroupNormNCHW(nn.GroupNorm):
+    """``nn.GroupNorm`` computed on a contiguous (NCHW) copy and returned in the input's memory format.
+
+    PyTorch's CPU group norm on a channels-last tensor is an order of magnitude slower than on NCHW (torch 2.14.1,
+    AVX2: 6.1 vs 0.56 ms forward + backward for (16, 32, 16, 16)); the trainer runs convolutions channels-last
+    (``train.channels_last``), so the FCOS towers' norms paid it. Same parameters and state-dict keys; outputs
+    equal ``nn.GroupNorm``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.is_contiguous():
+            return super().forward(x)
+        y = super().forward(x.contiguous())
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
+def _nchw_group_norms(module: nn.Module) -> None:
+    """Swap every plain ``nn.GroupNorm`` under ``module`` for :class:`_GroupNormNCHW` (weights kept)."""
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.GroupNorm:
+                gn = _GroupNormNCHW(child.num_groups, child.num_channels, child.eps, child.affine)
+                gn.load_state_dict(child.state_dict())
+                setattr(parent, name, gn)
+
+
 class FCOSDetectionHead(nn.Module):
     """Simple feature pyramid + torchvision ``FCOSHead``; losses, matching and decoding from torchvision FCOS.
 
@@ -111,6 +137,7 @@ class FCOSDetectionHead(nn.Module):
         # FCOS: one point per location, "anchor" size = the level's stride (scale ranges are 4x..8x of it).
         self.anchor_generator = AnchorGenerator(tuple((int(s),) for s in self.strides), ((1.0,),) * len(self.strides))
         self.head = FCOSHead(channels, 1, num_classes, num_convs=num_convs)
+        _nchw_group_norms(self.head)
         self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
         # Attributes FCOS.compute_loss / FCOS.postprocess_detections read from ``self``.
         self.center_sampling_radius = center_sampling_radius

@@ -204,23 +204,33 @@ class TaskBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer) or isinstance(self.attn, MoEAttention)
 
-    def forward(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, list[MoEAux]]:
-        aux: list[MoEAux] = []
+    def attention_is_task_independent(self) -> bool:
+        """Whether the attention half (``norm1 -> attn -> ls1 -> drop_path1`` and its residual) gives the same
+        output for every task: a dense attention that, in training, draws no random mask."""
+        if isinstance(self.attn, MoEAttention):
+            return False
+        return not (self.training and any(_draws_noise(m) for m in (self.attn, self.ls1, self.drop_path1)))
+
+    def forward_attention(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """The block's first half: ``x + drop_path1(ls1(attn(norm1(x))))``."""
         h = self.norm1(x)
         if isinstance(self.attn, MoEAttention):
             h, a = self.attn(h, task)
-            aux.append(a)
-        else:
-            h = self.attn(h)
-        x = x + self.drop_path1(self.ls1(h))
+            return x + self.drop_path1(self.ls1(h)), [a]
+        return x + self.drop_path1(self.ls1(self.attn(h))), []
+
+    def forward_mlp(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """The block's second half: ``x + drop_path2(ls2(mlp(norm2(x))))``."""
         h = self.norm2(x)
         if isinstance(self.mlp, MoELayer):
             h, a = self.mlp(h, task)
-            aux.append(a)
-        else:
-            h = self.mlp(h)
-        x = x + self.drop_path2(self.ls2(h))
-        return x, aux
+            return x + self.drop_path2(self.ls2(h)), [a]
+        return x + self.drop_path2(self.ls2(self.mlp(h))), []
+
+    def forward(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, list[MoEAux]]:
+        x, aux = self.forward_attention(x, task)
+        x, aux_mlp = self.forward_mlp(x, task)
+        return x, aux + aux_mlp
 
     def specialize(self, task: str) -> TaskBlock:
         new = copy.copy(self)
@@ -507,17 +517,32 @@ class MoEVisionTransformer(nn.Module):
             n += 1
         return n
 
-    def forward_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _shares_attention_of(self, n: int) -> bool:
+        """After ``n`` shared stages, whether the next block's attention half is task-independent too (a block
+        whose only task-routed layer is its MLP, as in M³ViT): it then runs once for all tasks as well."""
+        i = n - 2
+        if i < 0 or i >= len(self.blocks) or self.task_embed is not None:
+            return False
+        if self.grad_checkpointing and self.training:  # the block is checkpointed as a whole
+            return False
+        return self.blocks[i].attention_is_task_independent()
+
+    def forward_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
         """Run the task-independent stages once (see :meth:`num_shared_stages`) for several tasks on the same
-        images: returns ``(x, stages)`` to pass as ``forward_features(images, task, shared=...)``. The results
-        equal separate forwards; in training the gradients of all tasks meet in one backward through it."""
+        images: returns ``(x, stages, attention)`` to pass as ``forward_features(images, task, shared=...)``;
+        ``attention`` says that the attention half of the first task-dependent block ran too (its MLP is the
+        first task-routed layer). The results equal separate forwards; in training the gradients of all tasks
+        meet in one backward through the shared part."""
         n = self.num_shared_stages()
         x = self.patch_embed(x)
         if n >= 2:
             x = self._pos_embed(x)
         for i in range(n - 2):  # task-independent blocks: no task embedding, no routing
             x, _ = self._run_block(i, x, None)
-        return x, n
+        attention = self._shares_attention_of(n)
+        if attention:
+            x, _ = self.blocks[n - 2].forward_attention(x, None)
+        return x, n, attention
 
     def forward_features(
         self,
@@ -525,20 +550,25 @@ class MoEVisionTransformer(nn.Module):
         task: str | None = None,
         *,
         return_aux: bool = False,
-        shared: tuple[torch.Tensor, int] | None = None,
+        shared: tuple[torch.Tensor, int, bool] | None = None,
     ):
         """(B, 3, H, W) -> normalised tokens (B, prefix + N, C); with ``return_aux`` also the MoE records.
         ``shared``: the output of :meth:`forward_shared` on these images (``x`` is then not used)."""
         task = self.resolve_task(task)
-        start = 0
+        start, attention = 0, False
         if shared is not None:
-            x, start = shared
+            x, start, *rest = shared
+            attention = bool(rest and rest[0])
         if start < 1:
             x = self.patch_embed(x)
         if start < 2:
             x = self._pos_embed(x)
         aux: list[MoEAux] = []
-        for i in range(max(0, start - 2), len(self.blocks)):
+        first = max(0, start - 2)
+        if attention:  # the shared part ended inside this block: only its MLP half is per task
+            x, aux = self.blocks[first].forward_mlp(x, task)
+            first += 1
+        for i in range(first, len(self.blocks)):
             x, a = self._run_block(i, x, task)
             aux.extend(a)
         x = self.norm(x)

@@ -40,7 +40,7 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.tasks = tuple(heads)
 
-    def forward_shared(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def forward_shared(self, images: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
         """The backbone's task-independent stages on ``images``, computed once for several tasks; pass the
         result as ``model(images, task, targets, shared=...)`` for each task (same outputs and gradients as
         separate forwards; see ``MoEVisionTransformer.num_shared_stages``)."""
@@ -52,7 +52,7 @@ class MultiTaskModel(nn.Module):
         images: torch.Tensor,
         task: str,
         targets: list[dict] | None = None,
-        shared: tuple[torch.Tensor, int] | None = None,
+        shared: tuple[torch.Tensor, int, bool] | None = None,
     ) -> dict[str, Any]:
         """images (B, 3, H, W) -> {"out": task output, "aux": [MoEAux], "losses": {name: tensor} if targets}.
 
