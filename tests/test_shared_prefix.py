@@ -109,23 +109,15 @@ def test_shared_forward_in_eval_and_with_random_layers_still_matches():
     ],
 )
 def test_attention_half_of_the_first_moe_block_is_shared_only_when_task_independent(kw, attention_shared):
+    """(Equality with separate forwards when it is shared: the first test of this file.)"""
     model = _multitask(**kw).train()
     x = torch.randn(2, 3, 32, 32)
-    torch.manual_seed(1)
-    separate = [model(x, t)["out"] for t in model.tasks]
-    sum(o.square().mean() for o in separate).backward()
-    g_sep = _grads(model)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)
     shared = model.forward_shared(x)
     assert shared[2] is attention_shared
-    with _counting(model.backbone.blocks[1].attn) as calls:
-        joint = [model(x, t, shared=shared)["out"] for t in model.tasks]
+    first = model.backbone.blocks[shared[1] - 2]  # the first block not shared whole
+    with _counting(first.attn) as calls:
+        for t in model.tasks:
+            model(x, t, shared=shared)
     assert calls == [0 if attention_shared else len(model.tasks)]
-    sum(o.square().mean() for o in joint).backward()
-    if not kw:  # no random masks: outputs and gradients equal the separate forwards'
-        for a, b in zip(separate, joint):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-        g_joint = _grads(model)
-        for n in g_sep:
-            torch.testing.assert_close(g_sep[n], g_joint[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    model.eval()  # no masks drawn in eval: dropout no longer keeps the attention per task
+    assert model.forward_shared(x)[2] is (not kw.get("moe_attn_blocks"))
