@@ -36,16 +36,11 @@ def _revert(trainer, parts: set[str]) -> None:
     import torch.nn as nn
 
     from vision_moe.heads.dense import SetrPupHead, tokens_to_map
-    from vision_moe.heads.detection import _GroupNormNCHW
+    from vision_moe.heads.detection import convert_group_norms
 
     model = trainer.model
     if "gn" in parts:
-        for parent in model.modules():
-            for name, child in parent.named_children():
-                if type(child) is _GroupNormNCHW:
-                    gn = nn.GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
-                    gn.load_state_dict(child.state_dict())
-                    setattr(parent, name, gn)
+        convert_group_norms(model, nn.GroupNorm)
     if "setr" in parts:
 
         def textbook(self, tokens, grid, image_size):  # upsample to full resolution, then classify

@@ -96,12 +96,13 @@ class _GroupNormNCHW(nn.GroupNorm):
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
-def _nchw_group_norms(module: nn.Module) -> None:
-    """Swap every plain ``nn.GroupNorm`` under ``module`` for :class:`_GroupNormNCHW` (weights kept)."""
+def convert_group_norms(module: nn.Module, cls: type[nn.GroupNorm] = _GroupNormNCHW) -> None:
+    """Make every group norm under ``module`` a ``cls`` (weights kept): :class:`_GroupNormNCHW` for training,
+    plain ``nn.GroupNorm`` to measure what that is worth (``benchmarks/bench_step_parts.py``)."""
     for parent in module.modules():
         for name, child in parent.named_children():
-            if type(child) is nn.GroupNorm:
-                gn = _GroupNormNCHW(child.num_groups, child.num_channels, child.eps, child.affine)
+            if isinstance(child, nn.GroupNorm) and type(child) is not cls:
+                gn = cls(child.num_groups, child.num_channels, child.eps, child.affine)
                 gn.load_state_dict(child.state_dict())
                 setattr(parent, name, gn)
 
@@ -137,7 +138,7 @@ class FCOSDetectionHead(nn.Module):
         # FCOS: one point per location, "anchor" size = the level's stride (scale ranges are 4x..8x of it).
         self.anchor_generator = AnchorGenerator(tuple((int(s),) for s in self.strides), ((1.0,),) * len(self.strides))
         self.head = FCOSHead(channels, 1, num_classes, num_convs=num_convs)
-        _nchw_group_norms(self.head)
+        convert_group_norms(self.head)
         self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
         # Attributes FCOS.compute_loss / FCOS.postprocess_detections read from ``self``.
         self.center_sampling_radius = center_sampling_radius
