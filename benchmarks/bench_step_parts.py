@@ -27,7 +27,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, set_threads, time_alternating  # noqa: E402
+from _common import gemm_gflops, machine_info, set_threads, time_alternating  # noqa: E402
 
 PARTS = ("gn", "setr", "fused", "attention")
 
@@ -104,7 +104,8 @@ def main() -> None:
         ms = r["ms"] / args.steps
         out[name] = {"reverted": sorted(variants[name]), "ms_per_step": round(ms, 1), "ratio": round(r["ratio"], 3)}
         print(f"{name:20s} {ms:7.1f} ms/step  {r['ratio']:.3f}x the project's step", flush=True)
-    info = {"machine": {**machine_info(), "threads": args.threads}, "config": args.config, "results": out}
+    machine = {**machine_info(), "threads": args.threads, "gemm_gflops_1024": round(gemm_gflops(), 1)}
+    info = {"machine": machine, "config": args.config, "results": out}
     print(json.dumps(info))
     tmp.cleanup()
 

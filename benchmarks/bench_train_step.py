@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info  # noqa: E402
+from _common import gemm_gflops, machine_info  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "fp32:",
@@ -76,7 +76,8 @@ def main() -> None:
     for r in res.values():
         r["ratio"] = round(r["ms_per_step"] / base, 3)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print(json.dumps({"machine": {**machine_info(), "device": dev}, "config": args.config, "results": res}))
+    machine = {**machine_info(), "device": dev, "gemm_gflops_1024": round(gemm_gflops(), 1)}  # the core's fp32 ceiling
+    print(json.dumps({"machine": machine, "config": args.config, "results": res}))
 
 
 if __name__ == "__main__":

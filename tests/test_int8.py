@@ -150,3 +150,20 @@ def test_int8_kernel_path_from_cpu_flags(monkeypatch):
         assert ("vpmaddubsw" in k["path"]) is saturates
     monkeypatch.setattr(machine.platform, "machine", lambda: "aarch64")
     assert machine.int8_kernels()["saturates"] is None
+
+
+def test_cpu_id_and_the_cpus_that_split_256_bit_avx2(monkeypatch):
+    import vision_moe.machine as machine
+
+    assert machine.simd_datapath(("AuthenticAMD", 23, 1, 2))  # Zen (EPYC 7001): two 128-bit halves
+    assert machine.simd_datapath(("AuthenticAMD", 23, 8, 2))  # Zen+
+    assert machine.simd_datapath(("AuthenticAMD", 21, 2, 0))  # Bulldozer family
+    assert machine.simd_datapath(("AuthenticAMD", 23, 0x31, 0)) is None  # Zen 2 (EPYC 7002)
+    assert machine.simd_datapath(("AuthenticAMD", 25, 1, 1)) is None  # Zen 3 (EPYC 7003)
+    assert machine.simd_datapath(("GenuineIntel", 6, 85, 7)) is None  # Skylake-SP
+    monkeypatch.setattr(machine, "_cpu_signature", lambda: ("AuthenticAMD", 23, 1, 2))
+    assert machine.cpu_id() == "AuthenticAMD family 23 model 1 stepping 2"
+    info = machine.machine_info()
+    assert info["cpu_id"] == machine.cpu_id() and "two halves" in info["simd_datapath"]
+    monkeypatch.setattr(machine, "_cpu_signature", lambda: None)
+    assert machine.cpu_id() == "" and "simd_datapath" not in machine.machine_info()

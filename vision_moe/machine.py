@@ -16,7 +16,7 @@ import os
 import platform
 from typing import Any
 
-__all__ = ["cpu_flags", "cpu_model", "machine_info", "int8_kernels", "RELEVANT_FLAGS"]
+__all__ = ["cpu_flags", "cpu_id", "cpu_model", "machine_info", "int8_kernels", "simd_datapath", "RELEVANT_FLAGS"]
 
 # the extensions that change which kernels PyTorch, oneDNN and ONNX Runtime run on x86
 RELEVANT_FLAGS = (
@@ -49,6 +49,49 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
     except OSError:  # not Linux: the model name from platform, no flags
         pass
     return model, flags
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_signature() -> tuple[str, int, int, int] | None:
+    """(vendor, family, model, stepping) of the first CPU in ``/proc/cpuinfo``; None where not readable (or not x86)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block only
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    try:
+        return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"]), int(fields.get("stepping", "0"))
+    except (KeyError, ValueError):
+        return None
+
+
+def cpu_id() -> str:
+    """Vendor, family, model and stepping, e.g. ``AuthenticAMD family 23 model 1 stepping 2``: the model name alone
+    ("AMD EPYC" on many cloud machines) does not say which microarchitecture runs the kernels. Empty if unknown."""
+    sig = _cpu_signature()
+    return "" if sig is None else "{} family {} model {} stepping {}".format(*sig)
+
+
+def simd_datapath(signature: tuple[str, int, int, int] | None = None) -> str | None:
+    """A note where the CPU executes 256-bit AVX2 instructions as two 128-bit halves, else None.
+
+    AMD family 17h models 00h-2Fh (Zen, Zen+; AMD's Software Optimization Guide for family 17h: four 128-bit FP
+    pipes, each 256-bit AVX operation split into two) and the earlier families 15h/16h have half the per-cycle FP32
+    FMA throughput of AVX2 CPUs with 256-bit units (Intel since Haswell, AMD since Zen 2): the same AVX2 kernels
+    run up to 2x slower per clock there, which matters for any time figure measured on one and quoted for the other.
+    """
+    sig = _cpu_signature() if signature is None else signature
+    if sig is None:
+        return None
+    vendor, family, model, _ = sig
+    if vendor == "AuthenticAMD" and (family in (0x15, 0x16) or (family == 0x17 and model < 0x30)):
+        return "128-bit FP datapath: 256-bit AVX2 operations run as two halves"
+    return None
 
 
 def cpu_model() -> str:
@@ -90,6 +133,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 
     info: dict[str, Any] = dict(
         cpu=cpu_model(),
+        cpu_id=cpu_id(),
         cpu_flags=cpu_flags(),
         torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
         cores=os.cpu_count(),
@@ -97,6 +141,8 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         torch=torch.__version__,
         python=platform.python_version(),
     )
+    if simd_datapath():
+        info["simd_datapath"] = simd_datapath()
     try:
         import onnxruntime
 
