@@ -294,3 +294,22 @@ def test_export_tool_exports_a_restoration_checkpoint(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc != 0 and "unknown task 'derain'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists()
+
+
+def test_one_builder_for_held_out_data(trained):
+    """The trainer's evaluation loaders and the exported graphs' evaluation read the same held-out images: one
+    builder (evaluator.task_datasets), each degradation its own subset, and a clear error for an unknown task."""
+    from vision_moe.engine.evaluator import task_dataset
+    from vision_moe.engine.trainer import val_loaders
+
+    tr, _, _ = trained
+    loaders = val_loaders(tr.cfg)
+    assert set(loaders) == {"lowlight", "dehaze"}
+    for task, (loader, ds) in loaders.items():
+        alone = task_dataset(tr.cfg, task, "val")
+        assert len(alone) == len(ds) == 3 and len(loader.dataset) == 3
+        for i in range(len(ds)):
+            a, b = ds[i], alone[i]
+            assert torch.equal(a[0], b[0]) and a[1]["degradation"] == b[1]["degradation"] == task
+    with pytest.raises(ValueError, match="no dataset in the config labels task 'derain'"):
+        task_dataset(tr.cfg, "derain", "val")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -67,34 +68,58 @@ def update_metric(task: str, metric: Any, result: dict, targets: list[dict]) -> 
         raise ValueError(f"no metric adapter for task {task!r}")
 
 
-def task_dataset(
-    cfg: Any, task: str, split: str = "val", img_size: Any = None, root: Any = None, progress: bool = False
-):
-    """The dataset of experiment config ``cfg`` that labels ``task``: its held-out (``split="val"``) or training
-    (``"train"``) split with the evaluation transform (no augmentation); of a restoration set, the images of that
-    degradation. ``img_size`` evaluates at another size
-    than the config's (the data itself, e.g. generated built-in data, stays the config's); ``root`` replaces the
-    dataset's root; ``progress`` shows a bar if built-in data has to be generated."""
+def task_datasets(
+    cfg: Any,
+    tasks: Sequence[str] | None = None,
+    split: str = "val",
+    img_size: Any = None,
+    roots: dict[int, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """task -> dataset for every task of experiment config ``cfg`` (or ``tasks``): the first dataset labelling it,
+    its held-out (``split="val"``) or training (``"train"``) split with the evaluation transform (no augmentation);
+    of a restoration set, the subset of that degradation. Each dataset is built once for all its tasks. The one
+    place held-out (and calibration) data is built: the trainer's evaluations, ``tools/eval.py`` and the exported
+    graphs' evaluation all read it.
+
+    ``img_size`` evaluates at another size than the config's (the data itself, e.g. generated built-in data, stays
+    the config's); ``roots``: dataset index -> where its data is now; ``progress``: a bar if built-in data has to
+    be generated."""
     import dataclasses
 
     from ..data.transforms import build_transforms
-    from .data import build_dataset
+    from .data import build_dataset, split_by_task
 
-    for dcfg in cfg.data.datasets:
-        tasks = list(dcfg.tasks or cfg.tasks)
-        if task in tasks:
-            if root is not None:
-                dcfg = dataclasses.replace(dcfg, root=str(root))
-            name = dcfg.val_split if split == "val" else dcfg.train_split
-            ds = build_dataset(dcfg, cfg, name, train=False, tasks=tasks, progress=progress)
-            if img_size is not None:
-                ds.transform = build_transforms(False, img_size, cfg.data.mean, cfg.data.std, tasks)
-            if getattr(ds, "sample_tasks", None) is not None:  # one degradation per image: that task's images
-                from .data import split_by_task
+    out: dict[str, Any] = {}
+    for i, dcfg in enumerate(cfg.data.datasets):
+        ds_tasks = [t for t in (dcfg.tasks or cfg.tasks) if tasks is None or t in tasks]
+        if not ds_tasks or all(t in out for t in ds_tasks):
+            continue
+        if roots and i in roots:
+            dcfg = dataclasses.replace(dcfg, root=str(roots[i]))
+        name = dcfg.val_split if split == "val" else dcfg.train_split
+        ds = build_dataset(dcfg, cfg, name, train=False, tasks=ds_tasks, progress=progress)
+        if img_size is not None:
+            ds.transform = build_transforms(False, img_size, cfg.data.mean, cfg.data.std, ds_tasks)
+        for sub, sub_tasks in split_by_task(ds, ds_tasks):
+            for t in sub_tasks:
+                out.setdefault(t, sub)
+    return out
 
-                return next(sub for sub, sub_tasks in split_by_task(ds, tasks) if task in sub_tasks)
-            return ds
-    raise ValueError(f"no dataset in the config labels task {task!r}")
+
+def task_dataset(
+    cfg: Any, task: str, split: str = "val", img_size: Any = None, root: Any = None, progress: bool = False
+):
+    """The dataset of ``task`` as :func:`task_datasets` builds it; ``root`` replaces the root of the dataset that
+    labels it."""
+    labelling = [i for i, d in enumerate(cfg.data.datasets) if task in (d.tasks or cfg.tasks)]
+    if not labelling:
+        raise ValueError(f"no dataset in the config labels task {task!r}")
+    roots = None if root is None else {labelling[0]: root}
+    found = task_datasets(cfg, [task], split, img_size, roots, progress)
+    if task not in found:
+        raise ValueError(f"the {split} split of data.datasets[{labelling[0]}] has no images of task {task!r}")
+    return found[task]
 
 
 def heldout_loader(cfg: Any, dataset: Any, limit: int = 0, batch_size: int | None = None, workers: int | None = None):

@@ -38,7 +38,7 @@ from .data import (
     collate_plan,
     split_by_task,
 )
-from .evaluator import evaluate_routes, evaluate_task, heldout_loader
+from .evaluator import evaluate_routes, evaluate_task, heldout_loader, task_datasets
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
 from .optim import build_optimizer, build_scheduler
 from .reporter import Reporter, format_restoration_table, format_routes_table, format_table
@@ -589,23 +589,16 @@ def table(metrics: dict[str, dict[str, float]]) -> str:
 def val_loaders(
     cfg: Config, tasks: list[str] | None = None, roots: dict[int, Path] | None = None, progress: bool = False
 ) -> dict[str, tuple[Any, Any]]:
-    """task -> (held-out loader, dataset) for every task of ``cfg`` (or ``tasks``): the first dataset labelling it
-    (a restoration set: the subset of that degradation). ``roots``: dataset index -> where its data is now;
-    ``progress``: a bar if built-in data has to be generated."""
-    import dataclasses
-
+    """task -> (held-out loader, dataset) for every task of ``cfg`` (or ``tasks``): the datasets of
+    :func:`~vision_moe.engine.evaluator.task_datasets`, one loader per dataset (tasks labelled by one dataset
+    share it). ``roots``: dataset index -> where its data is now; ``progress``: a bar if built-in data has to be
+    generated."""
+    loaders: dict[int, Any] = {}
     out: dict[str, tuple[Any, Any]] = {}
-    for i, dcfg in enumerate(cfg.data.datasets):
-        ds_tasks = [t for t in (dcfg.tasks or cfg.tasks) if tasks is None or t in tasks]
-        if not ds_tasks or all(t in out for t in ds_tasks):
-            continue
-        if roots and i in roots:
-            dcfg = dataclasses.replace(dcfg, root=str(roots[i]))
-        ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=ds_tasks, progress=progress)
-        for sub, sub_tasks in split_by_task(ds, ds_tasks):
-            loader = heldout_loader(cfg, sub)
-            for t in sub_tasks:
-                out.setdefault(t, (loader, sub))
+    for t, ds in task_datasets(cfg, tasks, "val", roots=roots, progress=progress).items():
+        if id(ds) not in loaders:
+            loaders[id(ds)] = heldout_loader(cfg, ds)
+        out[t] = (loaders[id(ds)], ds)
     return out
 
 
