@@ -35,35 +35,31 @@ _VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine() or "unknown", frozenset()
+def _proc_cpuinfo() -> tuple[tuple[str, str], ...] | None:
+    """``/proc/cpuinfo`` as (key, value) pairs in file order, read once; None where it is not readable (not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("unknown", platform.processor(), platform.machine()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:  # x86 / arm64
-                    flags = frozenset(value.split())
-    except OSError:  # not Linux: the model name from platform, no flags
-        pass
-    return model, flags
+            return tuple((key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in f))
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = platform.processor() or platform.machine() or "unknown", frozenset()
+    for key, value in _proc_cpuinfo() or ():  # not Linux: the model name from platform, no flags
+        if key == "model name" and model in ("unknown", platform.processor(), platform.machine()):
+            model = value
+        elif key in ("flags", "Features") and not flags:  # x86 / arm64
+            flags = frozenset(value.split())
+    return model, flags
+
+
 def _cpu_signature() -> tuple[str, int, int, int] | None:
     """(vendor, family, model, stepping) of the first CPU in ``/proc/cpuinfo``; None where not readable (or not x86)."""
     fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block only
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        return None
+    for key, value in _proc_cpuinfo() or ():
+        fields.setdefault(key, value)  # the first processor's values
     try:
         return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"]), int(fields.get("stepping", "0"))
     except (KeyError, ValueError):
@@ -141,8 +137,9 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         torch=torch.__version__,
         python=platform.python_version(),
     )
-    if simd_datapath():
-        info["simd_datapath"] = simd_datapath()
+    datapath = simd_datapath()
+    if datapath:
+        info["simd_datapath"] = datapath
     try:
         import onnxruntime
 
