@@ -34,10 +34,33 @@ __all__ = [
     "yaml_load",
     "config_from_dict",
     "config_to_dict",
+    "dataset_tasks",
+    "RESTORATION_HEAD_KEYS",
 ]
 
 
 RESTORATION_FORMATS = ("builtin_restore", "paired", "allweather", "gopro", "all_in_one")
+# model.restoration_head: the MoE decoder head of a multi-task model's degradation tasks (MoEDecoderHead's
+# arguments, and train_routing: 'forced' = each training image routed to its own degradation's experts, 'auto')
+RESTORATION_HEAD_KEYS = (
+    "width",
+    "dec_blocks",
+    "top_k",
+    "classifier_hidden",
+    "dispatcher",
+    "drop_rate",
+    "train_routing",
+)
+
+
+def dataset_tasks(ds: DatasetConfig, tasks: Any) -> list[str]:
+    """The tasks dataset ``ds`` labels among the experiment's ``tasks``: its own ``tasks`` list, else every task of
+    its kind (a restoration format: the degradations; any other format: the perception tasks), so one config can
+    train a multi-task model on labelled images and on restoration pairs."""
+    if ds.tasks:
+        return list(ds.tasks)
+    restoring = ds.format in RESTORATION_FORMATS
+    return [t for t in tasks if is_restoration(t) == restoring]
 
 
 class ConfigError(ValueError):
@@ -58,6 +81,10 @@ class ModelConfig:
     det_scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     cls_pool: str = "token"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model overrides (depth, patch_size...)
+    # a ViT multi-task model with degradation tasks: their shared MoE decoder head (DeMoE's, routed per image by a
+    # degradation classifier; vision_moe.models.demoe.MoEDecoderHead): width, dec_blocks, top_k, classifier_hidden,
+    # dispatcher, drop_rate, train_routing
+    restoration_head: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False  # start from the weight tag's pretrained weights (backbone: arch.tag), upcycled
 
 
@@ -306,11 +333,17 @@ def _check_restoration(cfg: Config, src: str) -> None:
     from ._factory import model_family
 
     restoring = [t for t in cfg.tasks if is_restoration(t)]
+    other = [t for t in cfg.tasks if not is_restoration(t)]
     family = model_family(cfg.model.backbone)
-    if restoring and len(restoring) != len(cfg.tasks):
-        other = [t for t in cfg.tasks if not is_restoration(t)]
-        raise _err(src, "tasks", f"restoration tasks {restoring} cannot be trained with {other} in one model", other)
-    if restoring and family != "restoration":
+    if restoring and other and family != "vit":
+        raise _err(
+            src,
+            "tasks",
+            f"restoration tasks {restoring} with {other} in one model need a ViT backbone (a multi-task model whose "
+            "degradations share an MoE decoder head)",
+            cfg.model.backbone,
+        )
+    if restoring and not other and family != "restoration":
         raise _err(
             src,
             "model.backbone",
@@ -325,9 +358,31 @@ def _check_restoration(cfg: Config, src: str) -> None:
             cfg.model.backbone,
         )
     for i, ds in enumerate(cfg.data.datasets):
-        if (ds.format in RESTORATION_FORMATS) != bool(restoring):
-            what = "restoration pairs" if ds.format in RESTORATION_FORMATS else "labelled images"
-            raise _err(src, f"data.datasets[{i}].format", f"{what} do not fit the tasks {list(cfg.tasks)}", ds.format)
+        kind = "restoration pairs" if ds.format in RESTORATION_FORMATS else "labelled images"
+        labels = dataset_tasks(ds, cfg.tasks)
+        if not labels:
+            raise _err(
+                src, f"data.datasets[{i}].format", f"{kind} label none of the tasks {list(cfg.tasks)}", ds.format
+            )
+        wrong = [t for t in labels if is_restoration(t) != (ds.format in RESTORATION_FORMATS)]
+        if wrong:
+            raise _err(src, f"data.datasets[{i}].tasks", f"{kind} ({ds.format}) do not label these tasks", wrong)
+    head = cfg.model.restoration_head
+    if head and not (restoring and other):
+        raise _err(
+            src,
+            "model.restoration_head",
+            "is the MoE decoder head of a multi-task model that also has degradation tasks",
+            head,
+        )
+    bad = sorted(set(head) - set(RESTORATION_HEAD_KEYS))
+    if bad:
+        raise _err(
+            src,
+            f"model.restoration_head.{bad[0]}",
+            f"unknown key; expected some of {list(RESTORATION_HEAD_KEYS)}",
+            head[bad[0]],
+        )
     for t, tc in cfg.tasks.items():
         if not is_restoration(t) and (tc.loss != "default" or tc.perceptual_weight):
             raise _err(src, f"tasks.{t}.loss", "loss and perceptual_weight are options of restoration tasks", tc.loss)

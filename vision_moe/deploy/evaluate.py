@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import dataset_tasks
 from ..tasks import get_task
 
 __all__ = ["OrtTaskModel", "compare_graphs", "calibration_images", "session_for", "RUNTIME_NOTE"]
@@ -126,7 +127,7 @@ def calibration_images(experiment: Any, task: str, n: int, hw: tuple[int, int]) 
 
 def _describe(experiment: Any, task: str) -> str:
     for d in experiment.data.datasets:
-        if task in (d.tasks or experiment.tasks):
+        if task in dataset_tasks(d, experiment.tasks):
             return f"the {d.format} dataset at {d.root}"
     return "the config's data"
 

@@ -26,6 +26,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ..config import dataset_tasks
 from ..machine import machine_info
 from ..models.moe_vit import token_stride
 from .multitask_graph import TaskIndexedModel
@@ -401,7 +402,7 @@ def _variant_data(
         return data
     cache: dict[int, tuple[np.ndarray, str]] = {}
     for t in tasks:
-        key = id(next(d for d in cfg.experiment.data.datasets if t in (d.tasks or cfg.experiment.tasks)))
+        key = id(next(d for d in cfg.experiment.data.datasets if t in dataset_tasks(d, cfg.experiment.tasks)))
         if restoration:  # one restoration set holds every degradation: each calibrates on its own images,
             arr, src = calibration_images(cfg.experiment, t, cfg.calib_images, None)
             h, w = arr.shape[-2:]  # cropped to the graph's multiple (it takes no other size)
@@ -421,7 +422,7 @@ def export_model(model: nn.Module, cfg: ExportConfig, model_info: dict[str, Any]
     created; a failed export removes the folders it created when they are still empty."""
     cfg.validate()
     model = model.eval()
-    net = restoration_network(model)
+    net = restoration_network(model, cfg.tasks)
     if net is not None:
         tasks, hw = _restoration_plan(net, cfg)
         n_par = max(cfg.parity_images, cfg.batch) // cfg.batch * cfg.batch
@@ -757,11 +758,24 @@ def _export_multitask(
 AUTO = "auto"  # the graph of a classifier-routed restoration model that picks its experts itself
 
 
-def restoration_network(model: nn.Module) -> nn.Module | None:
+def restoration_network(model: nn.Module, tasks: Sequence[str] | None = None) -> nn.Module | None:
     """The image-to-image network of a restoration model (a ``RestorationModel``'s ``net``, or a restoration
-    network itself), or None for any other model."""
+    network itself); of a multi-task model with degradation tasks, when the ``tasks`` to export are degradations
+    (or 'auto'), the network they make (``MultiTaskModel.restoration_network``); None for any other model."""
     from ..tasks import is_restoration
 
+    degradations = list(getattr(model, "degradations", ()) or ())
+    if degradations:
+        wanted = list(tasks or model.tasks)
+        restored = [t for t in wanted if t in degradations or t == AUTO]
+        if restored and len(restored) != len(wanted):
+            other = [t for t in wanted if t not in restored]
+            raise ValueError(
+                f"tasks {other} and the degradation tasks {restored} export apart (a restoration graph takes any "
+                f"image size, the others a fixed one): run once with --task for each of {other}, once for "
+                f"{restored}"
+            )
+        return model.restoration_network() if restored else None
     net = getattr(model, "net", model)
     tasks = list(getattr(net, "tasks", ()) or ())
     return net if tasks and all(is_restoration(t) for t in tasks) else None

@@ -158,6 +158,7 @@ def build_model(m: dict[str, Any], losses: dict | None = None) -> nn.Module:
         img_size=m.get("img_size", 224),
         head=m.get("head", "setr_pup"),
         head_kwargs=m.get("head_kwargs") or {},
+        losses=losses,
         **(m.get("backbone_kwargs") or {}),
     )
 

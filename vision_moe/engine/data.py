@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config, DatasetConfig
+from ..config import Config, DatasetConfig, dataset_tasks
 
 __all__ = [
     "build_dataset",
@@ -54,7 +54,7 @@ def build_dataset(
     from ..config import RESTORATION_FORMATS
     from ..data.transforms import build_transforms
 
-    tasks = list(tasks if tasks is not None else ds.tasks or cfg.tasks)
+    tasks = list(tasks) if tasks is not None else dataset_tasks(ds, cfg.tasks)
     if ds.format in RESTORATION_FORMATS:
         return _restoration_dataset(ds, cfg, split, train, tasks)
     augment = train and cfg.data.augment

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import dataset_tasks
 from ..tasks import get_task, stack_key
 from .routing import add_expert_loads
 
@@ -92,7 +93,7 @@ def task_datasets(
 
     out: dict[str, Any] = {}
     for i, dcfg in enumerate(cfg.data.datasets):
-        ds_tasks = [t for t in (dcfg.tasks or cfg.tasks) if tasks is None or t in tasks]
+        ds_tasks = [t for t in dataset_tasks(dcfg, cfg.tasks) if tasks is None or t in tasks]
         if not ds_tasks or all(t in out for t in ds_tasks):
             continue
         if roots and i in roots:
@@ -112,7 +113,7 @@ def task_dataset(
 ):
     """The dataset of ``task`` as :func:`task_datasets` builds it; ``root`` replaces the root of the dataset that
     labels it."""
-    labelling = [i for i, d in enumerate(cfg.data.datasets) if task in (d.tasks or cfg.tasks)]
+    labelling = [i for i, d in enumerate(cfg.data.datasets) if task in dataset_tasks(d, cfg.tasks)]
     if not labelling:
         raise ValueError(f"no dataset in the config labels task {task!r}")
     roots = None if root is None else {labelling[0]: root}
@@ -264,14 +265,17 @@ def evaluate_routes(
     amp_ctx=None,
     crop_border: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """A classifier-routed restoration model (DeMoE) on each degradation's held-out images, routed four ways:
+    """A classifier-routed restoration model (DeMoE, or a multi-task model's restoration head) on each
+    degradation's held-out images, routed four ways:
     ``input_psnr`` (the degraded input), ``psnr_auto`` (by its classifier), ``psnr_forced`` (forced to the true
     degradation's experts), ``psnr_wrong`` (the mean over the other degradations' experts forced) and
     ``psnr_wrong_<d>`` for each; ``classifier_accuracy``. ``loaders``: task -> (loader, dataset), as
     :func:`~vision_moe.engine.trainer.val_loaders` gives."""
-    tasks = tuple(model.tasks)
+    tasks = tuple(getattr(model, "degradations", None) or model.tasks)  # a multi-task model: its degradations
     out: dict[str, dict[str, float]] = {}
     for task, (loader, ds) in loaders.items():
+        if task not in tasks:
+            continue
         args = (model, task, loader, ds, None, device, max_batches, amp_ctx, crop_border)
 
         def run(route: str, args=args) -> dict[str, float]:

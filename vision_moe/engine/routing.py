@@ -289,14 +289,15 @@ def write_report(
 def held_out_batches(cfg, tasks: Sequence[str], max_images: int) -> Iterable[tuple[str, torch.Tensor]]:
     """``(task, images)`` batches of each task's held-out split (the first dataset of ``cfg`` that labels it), at
     most ``max_images`` images per task; unreadable images are skipped."""
+    from ..config import dataset_tasks
     from ..data import SkipBadSamples, collate_multitask
     from .data import build_dataset
 
     for task in tasks:
-        dcfg = next((d for d in cfg.data.datasets if task in (d.tasks or cfg.tasks)), None)
+        dcfg = next((d for d in cfg.data.datasets if task in dataset_tasks(d, cfg.tasks)), None)
         if dcfg is None:
             raise ValueError(f"no dataset in the config labels task {task!r}")
-        ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=list(dcfg.tasks or cfg.tasks))
+        ds = build_dataset(dcfg, cfg, dcfg.val_split, train=False, tasks=dataset_tasks(dcfg, cfg.tasks))
         loader = torch.utils.data.DataLoader(
             SkipBadSamples(ds), batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate_multitask
         )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import Config, config_to_dict
+from ..config import Config, config_to_dict, dataset_tasks
 from ..models.multitask import build_multitask_model
 from ..tasks import RestorationLoss, get_task, is_restoration
 from . import distributed as dist_utils
@@ -114,6 +114,8 @@ def model_config(cfg: Config, num_classes: dict[str, int | None]) -> dict[str, A
         det_scale_factors=list(m.det_scale_factors),
         cls_pool=m.cls_pool,
     )
+    if any(is_restoration(t) for t in num_classes):  # the degradations' shared MoE decoder head
+        head_kwargs["restoration_head"] = dict(m.restoration_head)
     return {
         "model": {
             "backbone": m.backbone,
@@ -152,6 +154,7 @@ def build_model_from_config(
         img_size=m["img_size"],
         head=m["head"],
         head_kwargs=m["head_kwargs"],
+        losses=losses,
         **m["backbone_kwargs"],
         **({"pretrained": True} if pretrained else {}),
     )
@@ -172,7 +175,7 @@ class _StepModule(nn.Module):
         self.model, self.cfg, self.uncertainty, self.mi_memory = model, cfg, uncertainty, mi_memory
 
     def forward(self, images: torch.Tensor, targets: list[dict], tasks: Sequence[str]):
-        if len(tasks) > 1 and getattr(self.model, "per_image_tasks", False):
+        if len(tasks) > 1 and all(is_restoration(t) for t in tasks):  # a restoration set's mixed batch
             return self._forward_mixed(images, targets)
         total = images.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
@@ -356,7 +359,7 @@ class Trainer:
         self.set_weights = []
         bar = self.main and self.cfg.train.progress  # generating the built-in data: a bar, else periodic log lines
         for ds in datasets:
-            tasks = list(ds.tasks or self.cfg.tasks)
+            tasks = dataset_tasks(ds, self.cfg.tasks)
             split = ds.train_split if train else ds.val_split
             built = build_dataset(ds, self.cfg, split, train, tasks, progress=bar)
             for pair in split_by_task(built, tasks, mixed=train and self.cfg.data.mixed_batches):
@@ -580,10 +583,12 @@ class Trainer:
 
 
 def table(metrics: dict[str, dict[str, float]]) -> str:
-    """The final metrics as a plain-text table (restoration: input and output PSNR / SSIM per degradation)."""
-    if metrics and all(is_restoration(t) for t in metrics):
-        return format_restoration_table(metrics)
-    return format_table(metrics, {t: get_task(t).primary for t in metrics})
+    """The final metrics as a plain-text table (restoration: input and output PSNR / SSIM per degradation; a
+    multi-task model with degradation tasks: both tables)."""
+    restored = {t: m for t, m in metrics.items() if is_restoration(t)}
+    other = {t: m for t, m in metrics.items() if not is_restoration(t)}
+    tables = [format_table(other, {t: get_task(t).primary for t in other})] if other or not restored else []
+    return "\n\n".join(tables + ([format_restoration_table(restored)] if restored else []))
 
 
 def val_loaders(

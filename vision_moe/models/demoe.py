@@ -527,6 +527,30 @@ class DeMoEViT(nn.Module):
             in_chans=in_chans,
         )
 
+    @classmethod
+    def from_parts(cls, backbone: nn.Module, head: MoEDecoderHead, train_routing: str = "forced") -> DeMoEViT:
+        """A DeMoEViT around an existing backbone (one that routes :attr:`BACKBONE_TASK`, e.g. a multi-task model's
+        backbone specialised to it) and :class:`MoEDecoderHead` (used as they are, not copied): how a multi-task
+        model's degradation tasks become one restoration network, for export. Its default config's input size is
+        the backbone's."""
+        from .moe_vit import token_stride
+
+        if cls.BACKBONE_TASK not in backbone.tasks:
+            raise ValueError(f"the backbone routes {list(backbone.tasks)}: expected task {cls.BACKBONE_TASK!r}")
+        _check_tasks(head.tasks, head.top_k, train_routing, "sparse")
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net.backbone, net.head = backbone, head
+        net.tasks, net.top_k, net.train_routing = tuple(head.tasks), head.top_k, train_routing
+        net.classifier_routed = head.classifier is not None
+        backbone.traceable_pos_embed = True
+        net.multiple = net.patch_size = int(token_stride(backbone.patch_embed)[0])
+        net.num_features = backbone.embed_dim
+        net.pretrained_cfg = restoration_cfg(
+            input_size=(3, *backbone.patch_embed.img_size), first_conv="backbone.patch_embed"
+        )
+        return net
+
     def moe_layers(self) -> list[tuple[str, nn.Module]]:
         head = [(f"head.{n}", m) for n, m in self.head.named_modules() if isinstance(m, ExpertBlocks)]
         return head + [(f"backbone.{n}", m) for n, m in self.backbone.moe_layers()]

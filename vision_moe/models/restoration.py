@@ -19,7 +19,76 @@ import torch.nn.functional as F
 from .._factory import create_model, model_family
 from ..tasks import RestorationLoss, get_task, is_restoration, task_loss
 
-__all__ = ["RestorationModel", "build_restoration_model"]
+__all__ = [
+    "RestorationModel",
+    "build_restoration_model",
+    "restoration_route",
+    "classifier_outputs",
+    "per_image_tasks",
+    "mixed_losses",
+]
+
+
+def restoration_route(
+    tasks: Sequence[str],
+    classifier_routed: bool,
+    training: bool,
+    train_routing: str,
+    task: str | list[str],
+    route: str | None,
+) -> str | list[str]:
+    """What a restoration network (or a multi-task model's restoration head) routes by: ``route`` ('auto' or a
+    degradation of ``tasks``) when given; otherwise, when it routes by its own degradation classifier, 'auto' in
+    eval mode and in training its ``train_routing`` ('forced': the images' own degradations ``task``); ``task``
+    for every other network."""
+    if route is not None:
+        if route != "auto" and route not in tasks:
+            raise ValueError(f"route {route!r}: expected 'auto' or one of {list(tasks)}")
+        return route
+    if classifier_routed and (not training or train_routing == "auto"):
+        return "auto"
+    return task
+
+
+def classifier_outputs(
+    result: dict[str, Any], tasks: Sequence[str], truth: list[str] | None, logits: torch.Tensor | None = None
+) -> None:
+    """A classifier-routed forward's ``predicted_task`` (per image, from the classifier's ``logits`` (B, E) over
+    ``tasks``; default: the first routing record's, which is the classifier's) and, given the true degradations,
+    ``classifier_loss`` (cross-entropy, unweighted) into ``result``."""
+    if logits is None:
+        if not result["aux"]:
+            return
+        logits = result["aux"][0].logits
+    result["predicted_task"] = [tasks[i] for i in logits.argmax(-1).tolist()]
+    if truth is not None:
+        y = torch.tensor([list(tasks).index(t) for t in truth], device=logits.device)
+        result["classifier_loss"] = F.cross_entropy(logits.float(), y)
+
+
+def per_image_tasks(targets: list[dict], tasks: Sequence[str]) -> list[str]:
+    """Each image's degradation in a batch that mixes them (``targets[i]["degradation"]``), checked against the
+    degradations the model serves."""
+    per_image = [t["degradation"] for t in targets]
+    bad = sorted({t for t in per_image if t not in tasks})
+    if bad:
+        raise ValueError(f"unknown task {bad[0]!r} in the batch; this model serves {list(tasks)}")
+    return per_image
+
+
+def mixed_losses(
+    out: torch.Tensor, targets: list[dict], per_image: list[str], losses: Any
+) -> dict[str, dict[str, Any]]:
+    """A mixed batch's ``task_losses`` (degradation -> its loss over its images) and ``task_counts`` (its number of
+    images); ``losses``: degradation -> its RestorationLoss."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(per_image):
+        groups.setdefault(t, []).append(i)
+    size = tuple(out.shape[-2:])
+    task_losses = {
+        t: sum(task_loss(t, losses[t], out[idx], [targets[i] for i in idx], size).values()) for t, idx in groups.items()
+    }
+    return {"task_losses": task_losses, "task_counts": {t: len(idx) for t, idx in groups.items()}}
 
 
 class RestorationModel(nn.Module):
@@ -27,8 +96,6 @@ class RestorationModel(nn.Module):
 
     A batch may mix degradations (all-in-one training): ``model(images, None, targets)`` takes each image's
     degradation from ``targets[i]["degradation"]``."""
-
-    per_image_tasks = True  # the trainer may hand it batches that mix tasks
 
     def __init__(self, net: nn.Module, losses: dict[str, RestorationLoss] | None = None) -> None:
         super().__init__()
@@ -46,26 +113,9 @@ class RestorationModel(nn.Module):
         return bool(getattr(self.net, "classifier_routed", False))
 
     def _route(self, task: str | list[str], route: str | None) -> str | list[str]:
-        """What the network routes by: ``route`` ('auto' or a degradation) when given; otherwise, for a
-        classifier-routed network, 'auto' in eval mode and its ``train_routing`` in training ('forced': the
-        images' own degradations); the task for every other network."""
-        if route is not None:
-            if route != "auto" and route not in self.tasks:
-                raise ValueError(f"route {route!r}: expected 'auto' or one of {list(self.tasks)}")
-            return route
-        if self.classifier_routed and (not self.training or getattr(self.net, "train_routing", "forced") == "auto"):
-            return "auto"
-        return task
-
-    def _classifier(self, result: dict[str, Any], truth: list[str] | None) -> None:
-        """The classifier's prediction (and, given the true degradations, its cross-entropy) into ``result``."""
-        if not self.classifier_routed or not result["aux"]:
-            return
-        logits = result["aux"][0].logits  # (B, E) over net.tasks
-        result["predicted_task"] = [self.net.tasks[i] for i in logits.argmax(-1).tolist()]
-        if truth is not None:
-            y = torch.tensor([self.net.tasks.index(t) for t in truth], device=logits.device)
-            result["classifier_loss"] = F.cross_entropy(logits.float(), y)
+        return restoration_route(
+            self.tasks, self.classifier_routed, self.training, getattr(self.net, "train_routing", "forced"), task, route
+        )
 
     def forward(
         self,
@@ -90,37 +140,23 @@ class RestorationModel(nn.Module):
             raise ValueError(f"unknown task {task!r}; this model serves {list(self.tasks)}")
         out, aux = self.net(images, self._route(task, route), return_aux=True)
         result: dict[str, Any] = {"out": out, "aux": aux}
-        self._classifier(result, [task] * images.shape[0] if targets is not None else None)
+        if self.classifier_routed:
+            classifier_outputs(result, self.net.tasks, [task] * images.shape[0] if targets is not None else None)
         if targets is not None:
             result["losses"] = task_loss(task, self.losses[task], out, targets, tuple(images.shape[-2:]))
         return result
 
     def _forward_mixed(self, images: torch.Tensor, targets: list[dict], route: str | None = None) -> dict[str, Any]:
-        per_image = [t["degradation"] for t in targets]
-        bad = sorted({t for t in per_image if t not in self.tasks})
-        if bad:
-            raise ValueError(f"unknown task {bad[0]!r} in the batch; this model serves {list(self.tasks)}")
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(per_image):
-            groups.setdefault(t, []).append(i)
+        per_image = per_image_tasks(targets, self.tasks)
         # routing by degradation: each image routed with its own (the network takes one task per image)
         if self.classifier_routed:
             per = self._route(per_image, route)
         else:
             per = per_image if getattr(self.net, "task_conditioned", False) else None
         out, aux = self.net(images, per, return_aux=True)
-        size = tuple(images.shape[-2:])
-        task_losses = {
-            t: sum(task_loss(t, self.losses[t], out[idx], [targets[i] for i in idx], size).values())
-            for t, idx in groups.items()
-        }
-        result = {
-            "out": out,
-            "aux": aux,
-            "task_losses": task_losses,
-            "task_counts": {t: len(idx) for t, idx in groups.items()},
-        }
-        self._classifier(result, per_image)
+        result = {"out": out, "aux": aux, **mixed_losses(out, targets, per_image, self.losses)}
+        if self.classifier_routed:
+            classifier_outputs(result, self.net.tasks, per_image)
         return result
 
     def forward_shared(self, images: torch.Tensor) -> None:
