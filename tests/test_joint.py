@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tool_loader import tool_main
 
 from vision_moe.config import ConfigError, config_from_dict
 from vision_moe.engine import latest_checkpoint
@@ -146,17 +147,58 @@ def test_configs_that_mix_the_kinds_wrongly_fail_in_one_line(tmp_path):
         config_from_dict(unlabelled)
 
 
-def test_a_short_joint_run_trains_every_task_and_its_checkpoint_reproduces_them(tmp_path):
-    tr = Trainer(config_from_dict(_config(tmp_path / "data")), tmp_path / "run")
-    metrics = tr.fit()
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("joint")
+    tr = Trainer(config_from_dict(_config(base / "data")), base / "run")
+    return tr, tr.fit(), base
+
+
+def test_a_short_joint_run_trains_every_task_and_its_checkpoint_reproduces_them(trained):
+    tr, metrics, base = trained
     h = tr.loss_history
     assert len(h) == 30 and np.isfinite(h).all()
     assert set(metrics) == {"classification", "semseg", *DEGS}
     assert metrics["lowlight"]["psnr"] > metrics["lowlight"]["input_psnr"]  # a global correction: learnt at once
     assert 0 <= metrics["deblur"]["classifier_accuracy"] <= 1 and metrics["deblur"]["images"] == 3
-    routes = json.loads((tmp_path / "run" / "routes.json").read_text())
+    routes = json.loads((base / "run" / "routes.json").read_text())
     assert set(routes) == set(DEGS) and routes["lowlight"]["psnr_auto"] == pytest.approx(metrics["lowlight"]["psnr"])
-    again = evaluate_checkpoint_tasks(latest_checkpoint(tmp_path / "run"))
+    again = evaluate_checkpoint_tasks(latest_checkpoint(base / "run"))
     for t, m in metrics.items():
         for k, v in m.items():
             assert again[t][k] == pytest.approx(v, abs=1e-6), (t, k)
+
+
+def test_tools_restore_runs_the_degradation_tasks_of_a_joint_checkpoint(trained, tmp_path):
+    from PIL import Image
+
+    from vision_moe.engine import load_model
+
+    _, _, base = trained
+    ckpt = latest_checkpoint(base / "run")
+    rgb = (np.random.default_rng(0).random((21, 35, 3)) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "in" / "a.png")
+    restore = tool_main("restore")
+    assert restore(["--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    got = np.asarray(Image.open(tmp_path / "out" / "a.png"), dtype=np.float32) / 255
+    model, _ = load_model(ckpt)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        want = model.restoration_network().eval()(x, "auto")[0].permute(1, 2, 0).numpy()
+    assert got.shape == (21, 35, 3) and np.abs(got - want).max() <= 1 / 255 + 1e-6
+    assert (
+        restore(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "o2"),
+                "--task",
+                "semseg",
+            ]
+        )
+        == 2
+    )

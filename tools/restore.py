@@ -26,9 +26,11 @@ def _load(args: argparse.Namespace):
 
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
-        if not hasattr(model, "net"):
-            raise ValueError(f"{args.checkpoint}: not a restoration checkpoint (its tasks are {list(model.tasks)})")
-        return model.net
+        if hasattr(model, "net"):
+            return model.net
+        if getattr(model, "degradations", ()):  # a multi-task model: its degradation tasks as one network
+            return model.restoration_network().eval()
+        raise ValueError(f"{args.checkpoint}: not a restoration checkpoint (its tasks are {list(model.tasks)})")
     if model_family(args.model) != "restoration":
         raise ValueError(f"--model {args.model}: not a restoration model; expected one of the restoration family")
     return create_model(args.model)
@@ -49,7 +51,9 @@ def _task(net, name: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint folder of a trained restoration model")
+    src.add_argument(
+        "--checkpoint", help="checkpoint folder of a trained restoration model (or a multi-task model's degradations)"
+    )
     src.add_argument("--model", help="a registered restoration model (initial weights)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="output folder (PNGs named after the inputs)")
