@@ -135,6 +135,8 @@ def test_configs_that_mix_the_kinds_wrongly_fail_in_one_line(tmp_path):
     no_degs["data"] = dict(cfg["data"], datasets=cfg["data"]["datasets"][:1])
     with pytest.raises(ConfigError, match=r"model\.restoration_head: is the MoE decoder head"):
         config_from_dict(no_degs)
+    with pytest.raises(ValueError, match=r"head_kwargs\['restoration_head'\] \{'width': 8\}: none of the tasks"):
+        build_multitask_model("m3vit_tiny_patch16_224", {"semseg": 4}, head_kwargs={"restoration_head": {"width": 8}})
     restorer = dict(cfg, model={"backbone": "demoe_tiny", "img_size": 32})
     with pytest.raises(ConfigError, match=r"tasks: restoration tasks \['deblur', 'lowlight'\] with"):
         config_from_dict(restorer)

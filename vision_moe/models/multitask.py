@@ -235,8 +235,10 @@ def build_multitask_model(
         raise ValueError("build_multitask_model sets the backbone's num_classes (0) and tasks itself")
     kwargs = dict(head_kwargs or {})
     restore = dict(kwargs.pop("restoration_head", None) or {})
-    train_routing = restore.pop("train_routing", "forced")
     degradations = [t for t in tasks if is_restoration(t)]
+    if restore and not degradations:
+        raise ValueError(f"head_kwargs['restoration_head'] {restore}: none of the tasks {list(tasks)} is a degradation")
+    train_routing = restore.pop("train_routing", "forced")
     perception = {t: n for t, n in tasks.items() if not is_restoration(t)}
     bb_tasks = list(perception) + ([RESTORATION] if degradations else [])
     bb = create_model(backbone, tasks=bb_tasks, num_classes=0, img_size=img_size, **backbone_overrides)
