@@ -358,13 +358,14 @@ def _check_restoration(cfg: Config, src: str) -> None:
             cfg.model.backbone,
         )
     for i, ds in enumerate(cfg.data.datasets):
-        kind = "restoration pairs" if ds.format in RESTORATION_FORMATS else "labelled images"
+        pairs = ds.format in RESTORATION_FORMATS
+        kind = "restoration pairs" if pairs else "labelled images"
         labels = dataset_tasks(ds, cfg.tasks)
         if not labels:
             raise _err(
                 src, f"data.datasets[{i}].format", f"{kind} label none of the tasks {list(cfg.tasks)}", ds.format
             )
-        wrong = [t for t in labels if is_restoration(t) != (ds.format in RESTORATION_FORMATS)]
+        wrong = [t for t in labels if is_restoration(t) != pairs]
         if wrong:
             raise _err(src, f"data.datasets[{i}].tasks", f"{kind} ({ds.format}) do not label these tasks", wrong)
     head = cfg.model.restoration_head

@@ -473,7 +473,6 @@ class DeMoEViT(nn.Module):
         width, dec_blocks: the head's narrowest width (at full resolution) and NAFBlocks per decoder level.
     """
 
-    classifier_routed = True
     BACKBONE_TASK = "restoration"
 
     def __init__(
@@ -494,38 +493,40 @@ class DeMoEViT(nn.Module):
         super().__init__()
         import timm  # the backbone is built by name (vision_moe's ViTs are registered by then)
 
-        from .moe_vit import token_stride
-
         if backbone not in timm.list_models(module="moe_vit"):  # every one a MoEVisionTransformer
             raise ValueError(f"backbone={backbone!r}: expected a vision-moe ViT (a model of the 'vit' family)")
         _check_tasks(tasks, top_k, train_routing, dispatcher)
-        self.tasks, self.top_k, self.train_routing = tuple(tasks), int(top_k), train_routing
         bb_kwargs = dict(backbone_kwargs or {})
         bad = sorted({"tasks", "num_classes", "img_size", "in_chans"} & set(bb_kwargs))
         if bad:
             raise ValueError(f"backbone_kwargs {bad}: set by DeMoEViT itself (its tasks, no classifier, sizes)")
-        self.backbone = timm.create_model(
+        bb = timm.create_model(
             backbone, tasks=(self.BACKBONE_TASK,), num_classes=0, img_size=img_size, in_chans=in_chans, **bb_kwargs
         )
-        self.backbone.traceable_pos_embed = True  # one exported graph for every image size
-        stride = token_stride(self.backbone.patch_embed)
-        if stride[0] != stride[1]:
-            raise ValueError(f"backbone token stride {tuple(stride)}: expected a square patch")
-        self.multiple = self.patch_size = int(stride[0])
-        self.num_features = self.backbone.embed_dim
-        self.head = MoEDecoderHead(
-            self.backbone.embed_dim,
-            self.tasks,
-            self.multiple,
+        head = MoEDecoderHead(
+            bb.embed_dim,
+            tasks,
+            _square_stride(bb),
             width=width,
             dec_blocks=dec_blocks,
             top_k=top_k,
             classifier_hidden=classifier_hidden,
-            num_prefix_tokens=self.backbone.num_prefix_tokens,
+            num_prefix_tokens=bb.num_prefix_tokens,
             dispatcher=dispatcher,
             drop_rate=drop_rate,
             in_chans=in_chans,
         )
+        self._attach(bb, head, train_routing)
+
+    def _attach(self, backbone: nn.Module, head: MoEDecoderHead, train_routing: str) -> None:
+        """Set the backbone and head and what follows from them (tasks, top-k, the padding multiple); the backbone's
+        position embedding is made traceable (one exported graph for every image size)."""
+        self.multiple = self.patch_size = _square_stride(backbone)
+        backbone.traceable_pos_embed = True
+        self.backbone, self.head = backbone, head
+        self.tasks, self.top_k, self.train_routing = tuple(head.tasks), int(head.top_k), train_routing
+        self.classifier_routed = head.classifier is not None
+        self.num_features = backbone.embed_dim
 
     @classmethod
     def from_parts(cls, backbone: nn.Module, head: MoEDecoderHead, train_routing: str = "forced") -> DeMoEViT:
@@ -533,19 +534,12 @@ class DeMoEViT(nn.Module):
         backbone specialised to it) and :class:`MoEDecoderHead` (used as they are, not copied): how a multi-task
         model's degradation tasks become one restoration network, for export. Its default config's input size is
         the backbone's."""
-        from .moe_vit import token_stride
-
         if cls.BACKBONE_TASK not in backbone.tasks:
             raise ValueError(f"the backbone routes {list(backbone.tasks)}: expected task {cls.BACKBONE_TASK!r}")
         _check_tasks(head.tasks, head.top_k, train_routing, "sparse")
         net = cls.__new__(cls)
         nn.Module.__init__(net)
-        net.backbone, net.head = backbone, head
-        net.tasks, net.top_k, net.train_routing = tuple(head.tasks), head.top_k, train_routing
-        net.classifier_routed = head.classifier is not None
-        backbone.traceable_pos_embed = True
-        net.multiple = net.patch_size = int(token_stride(backbone.patch_embed)[0])
-        net.num_features = backbone.embed_dim
+        net._attach(backbone, head, train_routing)
         net.pretrained_cfg = restoration_cfg(
             input_size=(3, *backbone.patch_embed.img_size), first_conv="backbone.patch_embed"
         )
@@ -623,6 +617,16 @@ def _check_tasks(tasks: Sequence[str], top_k: int, train_routing: str, dispatche
         raise ValueError(f"train_routing={train_routing!r}: expected 'forced' or 'auto'")
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher={dispatcher!r}: expected one of {list(DISPATCHERS)}")
+
+
+def _square_stride(backbone: nn.Module) -> int:
+    """A ViT backbone's token stride, which must be square (the decoder upsamples both sides alike)."""
+    from .moe_vit import token_stride
+
+    stride = token_stride(backbone.patch_embed)
+    if stride[0] != stride[1]:
+        raise ValueError(f"backbone token stride {tuple(stride)}: expected a square patch")
+    return int(stride[0])
 
 
 def _check_rgb(images: torch.Tensor) -> None:

@@ -22,12 +22,15 @@ import torch.nn as nn
 
 from .._factory import create_model
 from ..tasks import RestorationLoss, build_head, get_task, is_restoration, task_loss
+from .demoe import DeMoEViT, MoEDecoderHead, _check_tasks
 from .moe_vit import token_stride
 from .restoration import classifier_outputs, mixed_losses, per_image_tasks, restoration_route
 
 __all__ = ["MultiTaskModel", "SpecializedTaskModel", "build_multitask_model", "RESTORATION"]
 
-RESTORATION = "restoration"  # the restoration head's key, and the backbone task its tokens are routed for
+# the restoration head's key, and the backbone task its tokens are routed for (DeMoEViT's: restoration_network()
+# hands the backbone specialised to it to DeMoEViT)
+RESTORATION = DeMoEViT.BACKBONE_TASK
 
 
 def _grid(backbone: nn.Module, images: torch.Tensor) -> tuple[int, int]:
@@ -161,8 +164,6 @@ class MultiTaskModel(nn.Module):
         that route at the training size, and takes any size (padded to the patch size; there its position
         embedding is resampled bilinearly, as DeMoEViT's traceable one, where this model resamples as timm does).
         What ``tools/export.py`` exports for the degradation tasks (per degradation, and "auto")."""
-        from .demoe import DeMoEViT
-
         if not self.degradations:
             raise ValueError(f"this model has no degradation tasks; its tasks are {list(self.tasks)}")
         head = copy.deepcopy(self.heads[RESTORATION])
@@ -227,8 +228,6 @@ def build_multitask_model(
     arguments of the degradation tasks' shared :class:`~vision_moe.models.demoe.MoEDecoderHead` (width,
     dec_blocks, top_k, classifier_hidden, dispatcher, drop_rate) and ``train_routing``. ``losses``: the
     degradation tasks' RestorationLoss."""
-    from .demoe import MoEDecoderHead, _check_tasks
-
     for t in tasks:
         get_task(t)
     if "num_classes" in backbone_overrides or "tasks" in backbone_overrides:
