@@ -96,6 +96,12 @@ QS = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
         ("model.backbone_kwargs.nonsense=1", "unexpected keyword argument 'nonsense'"),
         ("model.backbone_kwargs.top_k=9", "top_k must be in [1, num_experts=8], got 9"),
         ("model.backbone_kwargs.depth=abc", "model.backbone_kwargs: m3vit_tiny_patch16_224 cannot be built"),
+        ("data.size_schedule=[[0, 48], [0, 64]]", "data.size_schedule[1]: expected [from_step, size] with from_step"),
+        ("data.size_schedule=[[0]]", "data.size_schedule[0]: expected [from_step, size]"),
+        ("data.size_schedule=[[-1, 48]]", "data.size_schedule[0]: expected [from_step, size]"),
+        ("data.size_schedule=[[0, 0]]", "data.size_schedule[0]: expected [from_step, size]"),
+        ("data.size_schedule=[[0, 48.5]]", "data.size_schedule[0][1]: expected an integer (got 48.5)"),
+        ("data.size_schedule=[[0, 44]]", "data.size_schedule[0][1]: must be a multiple of m3vit_tiny_patch16_224's "),
     ],
 )
 def test_values_that_would_fail_inside_training_fail_at_load(override, message):
@@ -152,6 +158,7 @@ def test_img_size_must_be_a_multiple_of_the_patch_size(overrides, stride):
         f"{QS}: model.img_size: must be a multiple of m3vit_tiny_patch16_224's patch size {stride} (got 60)"
     )
     assert load_config(QS, ["model.img_size=56"]).model.img_size == 56
+    assert load_config(QS, ["data.size_schedule=[[0, 48], [1440, 64]]"]).data.size_schedule == [[0, 48], [1440, 64]]
 
 
 def test_bench_train_step_variants_keep_list_values_whole():

@@ -95,19 +95,36 @@ def _hetero_mi(data_root) -> dict:
     }
 
 
-@pytest.mark.parametrize("variant", ["same_images", "hetero_mi", "channels_last"])
-def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant):
+@pytest.mark.parametrize("variant", ["same_images", "hetero_mi", "channels_last", "size_schedule"])
+def test_resume_continues_the_same_trajectory(tmp_path, data_root, variant, capsys):
     base = tiny(
         data_root,
         train={"steps": 6, "ckpt_every": 3, "progress": False, "tensorboard": False, "threads": 1, "log_every": 1},
     )
     if variant == "hetero_mi":
         base.update(_hetero_mi(data_root))
+    if variant == "size_schedule":  # progressive resizing across the resume point: 16 px crops, 24 from step 4
+        base["data"]["size_schedule"] = [[0, 16], [4, 24]]
     if variant == "channels_last":  # NHWC weights and moments, a conv stem with BatchNorm
         base["train"]["channels_last"] = True
         base["model"]["backbone_kwargs"].update(stem_channels=[8, 16], stem_strides=[2, 2, 2])
     straight = Trainer(config_from_dict(base), tmp_path / "a")
+    sizes = []
+    straight_forward = straight.step_module.forward
+
+    def recording_forward(images, *args, **kwargs):
+        sizes.append(tuple(images.shape[-2:]))
+        return straight_forward(images, *args, **kwargs)
+
+    straight.step_module.forward = recording_forward
     straight_metrics = straight.fit()
+    want = {"size_schedule": [16] * 4 + [24] * 2}.get(variant, [32] * 6)
+    assert sizes == [(s, s) for s in want]
+    if variant == "size_schedule":
+        assert (
+            "training crop size by step (data.size_schedule): 16 px for steps 0-3, 24 px for steps 4-5; "
+            "evaluation at 32 px"
+        ) in capsys.readouterr().out
 
     crashed = Trainer(config_from_dict(base), tmp_path / "b")
     calls = {"n": 0}

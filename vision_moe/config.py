@@ -134,6 +134,10 @@ class DataConfig:
     # restoration sets: each training batch draws from all their degradations (all-in-one training); false: one
     # degradation per step, round-robin (as multi-task steps run one dataset)
     mixed_batches: bool = True
+    # progressive resizing (fast.ai, FFCV, EfficientNetV2's progressive learning): [[from_step, size], ...], the
+    # training crop size from each step on (steps increasing; before the first one, model.img_size). Evaluation
+    # and export stay at model.img_size. Empty: model.img_size throughout
+    size_schedule: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -462,6 +466,7 @@ def _check_ranges(cfg: Config, src: str) -> None:
     for key, v in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
         if len(v) != 3:
             raise _err(src, key, "expected 3 values (R, G, B)", v)
+    _check_size_schedule(cfg.data.size_schedule, src)
     if any(v <= 0 for v in cfg.data.std):
         raise _err(src, "data.std", "must be > 0", cfg.data.std)
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -490,6 +495,19 @@ def _check_ranges(cfg: Config, src: str) -> None:
             raise _err(src, "train.device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'", dev) from None
 
 
+def _check_size_schedule(schedule: list[list[int]], src: str) -> None:
+    last = -1
+    for i, pair in enumerate(schedule):
+        if len(pair) != 2 or pair[0] <= last or pair[1] < 1:
+            raise _err(
+                src,
+                f"data.size_schedule[{i}]",
+                "expected [from_step, size] with from_step >= 0 increasing along the list and size >= 1",
+                pair,
+            )
+        last = pair[0]
+
+
 def _check_backbone(cfg: Config, src: str) -> None:
     """Build the backbone on the meta device (no memory, no init cost) so that a wrong ``model.backbone_kwargs``
     entry fails here, naming the key, rather than after the data is prepared."""
@@ -511,9 +529,11 @@ def _check_backbone(cfg: Config, src: str) -> None:
     # timm's feature_info 'reduction' is the token stride: the patch size, or the product of a convolutional stem's
     # strides (the stem's HybridEmbed infers its ratio from img_size itself, so a non-multiple gets a wrong one)
     stride = (getattr(m, "feature_info", None) or [{}])[-1].get("reduction")
-    size = cfg.model.img_size
-    if stride and size % stride:
-        raise _err(src, "model.img_size", f"must be a multiple of {cfg.model.backbone}'s patch size {stride}", size)
+    sizes = {"model.img_size": cfg.model.img_size}
+    sizes.update({f"data.size_schedule[{i}][1]": s for i, (_, s) in enumerate(cfg.data.size_schedule)})
+    for key, size in sizes.items():
+        if stride and size % stride:
+            raise _err(src, key, f"must be a multiple of {cfg.model.backbone}'s patch size {stride}", size)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

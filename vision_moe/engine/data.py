@@ -26,15 +26,29 @@ __all__ = [
     "BadSampleTracker",
     "TooManyBadSamples",
     "reseed_sample",
+    "train_size_at",
 ]
 
 _logger = logging.getLogger(__name__)
 
 
-def _restoration_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: list[str]):
+def train_size_at(schedule: Sequence[Sequence[int]], step: int, default: int) -> int:
+    """The training crop size at ``step`` under ``data.size_schedule`` (``[[from_step, size], ...]``, steps
+    increasing); ``default`` (``model.img_size``) before its first step or when it is empty."""
+    size = default
+    for start, s in schedule:
+        if step < start:
+            break
+        size = s
+    return size
+
+
+def _restoration_dataset(
+    ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: list[str], img_size: int | None = None
+):
     from ..data.restoration import RestorationTransform, restoration_dataset
 
-    tf = RestorationTransform(train, cfg.model.img_size if train else None, flips=cfg.data.augment)
+    tf = RestorationTransform(train, (img_size or cfg.model.img_size) if train else None, flips=cfg.data.augment)
     root = Path(ds.root).expanduser()
     if ds.format == "builtin_restore":
         from ..data.builtin_restore import BuiltinRestoration, prepare_builtin_restore
@@ -47,20 +61,28 @@ def _restoration_dataset(ds: DatasetConfig, cfg: Config, split: str, train: bool
 
 
 def build_dataset(
-    ds: DatasetConfig, cfg: Config, split: str, train: bool, tasks: Sequence[str] | None = None, progress: bool = False
+    ds: DatasetConfig,
+    cfg: Config,
+    split: str,
+    train: bool,
+    tasks: Sequence[str] | None = None,
+    progress: bool = False,
+    img_size: int | None = None,
 ):
     """A dataset of ``ds.format`` for ``split`` with the data layer's albumentations pipeline. The built-in data is
-    generated on first use (``progress``: with a tqdm bar, see :func:`~vision_moe.data.builtin.prepare_builtin`)."""
+    generated on first use (``progress``: with a tqdm bar, see :func:`~vision_moe.data.builtin.prepare_builtin`).
+    ``img_size``: the training crop size when it is not ``model.img_size`` (``data.size_schedule``); the built-in
+    data is generated at ``model.img_size`` whatever the crop."""
     from ..config import RESTORATION_FORMATS
     from ..data.transforms import build_transforms
 
     tasks = list(tasks) if tasks is not None else dataset_tasks(ds, cfg.tasks)
     if ds.format in RESTORATION_FORMATS:
-        return _restoration_dataset(ds, cfg, split, train, tasks)
+        return _restoration_dataset(ds, cfg, split, train, tasks, img_size)
     augment = train and cfg.data.augment
     tf = build_transforms(
         train=augment,
-        img_size=cfg.model.img_size,
+        img_size=(img_size or cfg.model.img_size) if train else cfg.model.img_size,
         mean=cfg.data.mean,
         std=cfg.data.std,
         tasks=tasks,

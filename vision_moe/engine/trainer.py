@@ -37,6 +37,7 @@ from .data import (
     build_dataset,
     collate_plan,
     split_by_task,
+    train_size_at,
 )
 from .evaluator import evaluate_routes, evaluate_task, heldout_loader, task_datasets
 from .losses import TaskRoutingMemory, UncertaintyWeighting, moe_aux_loss, mutual_information_across_tasks
@@ -299,6 +300,12 @@ class Trainer:
         dist_utils.barrier()
         if not self.main:
             self.train_sets = self._build_sets(cfg.data.datasets, train=True)
+        # data.size_schedule: the same samples with the crop size of each scheduled size (the step -> size map is a
+        # pure function of the step, so a resumed run crops as an uninterrupted one)
+        self.train_sizes = sorted({s for _, s in cfg.data.size_schedule} - {cfg.model.img_size})
+        self.sized_sets = {
+            s: [ds for ds, _ in self._build_sets(cfg.data.datasets, train=True, img_size=s)] for s in self.train_sizes
+        }
         self.num_classes = self._num_classes()
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
@@ -353,15 +360,16 @@ class Trainer:
         self._val: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup
-    def _build_sets(self, datasets, train: bool) -> list[tuple[Any, list[str]]]:
-        """(dataset, tasks) per step kind: a restoration set gives one per degradation (see split_by_task)."""
+    def _build_sets(self, datasets, train: bool, img_size: int | None = None) -> list[tuple[Any, list[str]]]:
+        """(dataset, tasks) per step kind: a restoration set gives one per degradation (see split_by_task).
+        ``img_size``: a training crop size other than ``model.img_size`` (data.size_schedule)."""
         out = []
         self.set_weights = []
         bar = self.main and self.cfg.train.progress  # generating the built-in data: a bar, else periodic log lines
         for ds in datasets:
             tasks = dataset_tasks(ds, self.cfg.tasks)
             split = ds.train_split if train else ds.val_split
-            built = build_dataset(ds, self.cfg, split, train, tasks, progress=bar)
+            built = build_dataset(ds, self.cfg, split, train, tasks, progress=bar, img_size=img_size)
             for pair in split_by_task(built, tasks, mixed=train and self.cfg.data.mixed_batches):
                 out.append(pair)
                 self.set_weights.append(ds.sample_weight)
@@ -492,14 +500,23 @@ class Trainer:
         total = cfg.train.steps
         rep = Reporter(self.out_dir, total, self.step, self.main, cfg.train.progress, cfg.train.tensorboard)
         entries = self.plan.plan(self.step, total)
-        batches = [[(d, i, s) for i, s in zip(idx, seeds)] for d, idx, seeds in entries]
+        # the loader's datasets: the train sets at model.img_size, then the same sets at each scheduled size
+        pools = [[ds for ds, _ in self.train_sets]] + [self.sized_sets[s] for s in self.train_sizes]
+        pool_of = {s: k + 1 for k, s in enumerate(self.train_sizes)}
+        n = len(self.train_sets)
+        batches = []
+        for j, (d, idx, seeds) in enumerate(entries):
+            size = train_size_at(cfg.data.size_schedule, self.step + j, cfg.model.img_size)
+            batches.append([(pool_of.get(size, 0) * n + d, i, s) for i, s in zip(idx, seeds)])
         loader = torch.utils.data.DataLoader(
-            PlanDataset([ds for ds, _ in self.train_sets]),
+            PlanDataset([ds for pool in pools for ds in pool]),
             batch_sampler=batches,
             collate_fn=collate_plan,
             num_workers=cfg.data.num_workers,
             generator=torch.Generator(),
         )
+        if cfg.data.size_schedule and self.step < total:
+            rep.message(f"training crop size by step (data.size_schedule): {schedule_text(cfg, total)}")
         self.model.train()
         t0 = time.perf_counter()
         metrics: dict[str, dict[str, float]] = {}
@@ -580,6 +597,17 @@ class Trainer:
         finally:
             rep.close()
         return metrics
+
+
+def schedule_text(cfg: Config, total: int) -> str:
+    """``data.size_schedule`` in words: ``"48 px for steps 0-2099, 64 px for steps 2100-2399; evaluation at 64 px"``."""
+    starts = [0] + [s for s, _ in cfg.data.size_schedule if 0 < s < total]
+    ends = starts[1:] + [total]
+    parts = [
+        f"{train_size_at(cfg.data.size_schedule, a, cfg.model.img_size)} px for steps {a}-{b - 1}"
+        for a, b in zip(starts, ends)
+    ]
+    return ", ".join(parts) + f"; evaluation at {cfg.model.img_size} px"
 
 
 def table(metrics: dict[str, dict[str, float]]) -> str:
