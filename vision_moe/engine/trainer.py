@@ -302,10 +302,10 @@ class Trainer:
             self.train_sets = self._build_sets(cfg.data.datasets, train=True)
         # data.size_schedule: the same samples with the crop size of each scheduled size (the step -> size map is a
         # pure function of the step, so a resumed run crops as an uninterrupted one)
-        self.train_sizes = sorted({s for _, s in cfg.data.size_schedule} - {cfg.model.img_size})
-        self.sized_sets = {
-            s: [ds for ds, _ in self._build_sets(cfg.data.datasets, train=True, img_size=s)] for s in self.train_sizes
-        }
+        # pools[size]: the loader's datasets at that crop size, model.img_size's (the train sets) first
+        self.pools = {cfg.model.img_size: [ds for ds, _ in self.train_sets]}
+        for s in sorted({s for _, s in cfg.data.size_schedule} - {cfg.model.img_size}):
+            self.pools[s] = [ds for ds, _ in self._build_sets(cfg.data.datasets, train=True, img_size=s)]
         self.num_classes = self._num_classes()
         self.model_cfg = model_config(cfg, self.num_classes)
         torch.manual_seed(cfg.train.seed)
@@ -500,16 +500,14 @@ class Trainer:
         total = cfg.train.steps
         rep = Reporter(self.out_dir, total, self.step, self.main, cfg.train.progress, cfg.train.tensorboard)
         entries = self.plan.plan(self.step, total)
-        # the loader's datasets: the train sets at model.img_size, then the same sets at each scheduled size
-        pools = [[ds for ds, _ in self.train_sets]] + [self.sized_sets[s] for s in self.train_sizes]
-        pool_of = {s: k + 1 for k, s in enumerate(self.train_sizes)}
-        n = len(self.train_sets)
+        # the loader sees the pools one after another: dataset d at the k-th size is item k * n + d
+        sizes, n = list(self.pools), len(self.train_sets)
         batches = []
         for j, (d, idx, seeds) in enumerate(entries):
-            size = train_size_at(cfg.data.size_schedule, self.step + j, cfg.model.img_size)
-            batches.append([(pool_of.get(size, 0) * n + d, i, s) for i, s in zip(idx, seeds)])
+            k = sizes.index(train_size_at(cfg.data.size_schedule, self.step + j, cfg.model.img_size))
+            batches.append([(k * n + d, i, s) for i, s in zip(idx, seeds)])
         loader = torch.utils.data.DataLoader(
-            PlanDataset([ds for pool in pools for ds in pool]),
+            PlanDataset([ds for pool in self.pools.values() for ds in pool]),
             batch_sampler=batches,
             collate_fn=collate_plan,
             num_workers=cfg.data.num_workers,
