@@ -275,6 +275,26 @@ def test_batches_mix_degradations_unless_asked_not_to(trained):
         config_from_dict(tiny(base / "data", moe={"mi_weight": 0.005}))
 
 
+def test_size_schedule_crops_restoration_pairs(trained):
+    """data.size_schedule sets the restoration crop size too: degraded input and ground truth are cropped alike,
+    at the scheduled size from its step on; evaluation stays at model.img_size."""
+    _, _, base = trained
+    cfg = tiny(base / "data", data={"size_schedule": [[0, 16], [2, 24]]}, train={"steps": 4})
+    tr = Trainer(config_from_dict(cfg), base / "sized")
+    seen = []
+    forward = tr.step_module.forward
+
+    def recording_forward(images, *args, **kwargs):
+        targets = args[0] if args else kwargs["targets"]
+        seen.append((tuple(images.shape[-2:]), {tuple(t["gt"].shape[-2:]) for t in targets}))
+        return forward(images, *args, **kwargs)
+
+    tr.step_module.forward = recording_forward
+    metrics = tr.fit()
+    assert seen == [((16, 16), {(16, 16)})] * 2 + [((24, 24), {(24, 24)})] * 2
+    assert set(metrics) == {"lowlight", "dehaze"}
+
+
 def test_export_tool_exports_a_restoration_checkpoint(trained, tmp_path, capsys):
     """tools/export.py takes a restoration checkpoint: one graph per degradation, each of dynamic height and width
     and equal to PyTorch (the pipeline's parity check); a task it does not serve is one line, nothing written."""
