@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vision_moe.config import ConfigError, config_from_dict, load_config, yaml_load
 
@@ -159,6 +160,22 @@ def test_img_size_must_be_a_multiple_of_the_patch_size(overrides, stride):
     )
     assert load_config(QS, ["model.img_size=56"]).model.img_size == 56
     assert load_config(QS, ["data.size_schedule=[[0, 48], [1440, 64]]"]).data.size_schedule == [[0, 48], [1440, 64]]
+
+
+def test_motion_kernel_is_checked_and_only_for_the_builtin_restoration_data(tmp_path):
+    qr = QS.with_name("quickstart_restore.yaml")
+    cfg = yaml.safe_load(qr.read_text())
+    cfg["data"]["datasets"][0]["motion_kernel"] = "curly"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(
+        ConfigError, match="data.datasets\\[0\\].motion_kernel: expected one of \\['trajectory', 'linear'\\]"
+    ):
+        load_config(bad)
+    cfg["data"]["datasets"][0].update(format="paired", motion_kernel="linear")
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="motion_kernel: is an option of the builtin_restore data"):
+        load_config(bad)
 
 
 def test_bench_train_step_variants_keep_list_values_whole():

@@ -18,6 +18,10 @@ from vision_moe.models.moe_vit import MoEVisionTransformer
 TASKS = ("deblur", "defocus", "lowlight")
 SMALL = {
     "demoe_tiny": dict(width=8, enc_blocks=(1, 1), dec_blocks=(1, 1), middle_blocks=1, classifier_hidden=16),
+    # the same with the image's blur statistics beside the bottleneck in the classifier ("+": an option, same model)
+    "demoe_tiny+stats": dict(
+        width=8, enc_blocks=(1, 1), dec_blocks=(1, 1), middle_blocks=1, classifier_hidden=16, classifier_stats=2
+    ),
     # the ViT variant: a two-block MoE ViT of 4 px tokens (conv stem; one MoE MLP) under the MoE decoder head
     "demoe_vit_tiny": dict(
         width=4,
@@ -40,7 +44,7 @@ MODELS = list(SMALL)
 
 def _model(top_k=1, name="demoe_tiny", **kw) -> DeMoE | DeMoEViT:
     torch.manual_seed(0)
-    model = vision_moe.create_model(name, **dict(SMALL[name], tasks=TASKS, top_k=top_k, **kw)).eval()
+    model = vision_moe.create_model(name.split("+")[0], **dict(SMALL[name], tasks=TASKS, top_k=top_k, **kw)).eval()
     with torch.no_grad():  # away from the identity init (zero last conv, beta = gamma = 0), so that experts differ
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -58,7 +62,7 @@ def test_specialize_equals_forced(dispatcher, name):
     model = _model(name=name).set_dispatcher(dispatcher)
     # DeMoE: bit-exact; the ViT variant to float rounding (its specialised backbone keeps only the experts its
     # router reaches: other GEMM shapes)
-    tol = dict(rtol=0, atol=0) if name == "demoe_tiny" else dict(rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=0, atol=0) if isinstance(model, DeMoE) else dict(rtol=1e-4, atol=1e-5)
     x = _images()
     with torch.no_grad():
         outs = {}
@@ -92,7 +96,7 @@ def test_auto_at_k1_equals_forced_to_the_argmax(name):
     # two decoder levels: one per image, the same record), then a ViT backbone's token routers
     assert len(aux) == len(model.moe_layers()) and all(a is aux[0] for a in aux[:3])
     assert [a.task for a in aux[3:]] == [DeMoEViT.BACKBONE_TASK] * (len(aux) - 3)
-    assert len(aux) == (3 if name == "demoe_tiny" else 4)
+    assert len(aux) == (3 if isinstance(model, DeMoE) else 4)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -169,6 +173,26 @@ def test_bad_input_one_line():
         model.set_capacity(capacity_factor=1.0)
     with pytest.raises(ValueError, match="no degradation classifier"):
         vision_moe.create_model("nafnet_tiny").classify(_images())
+
+
+def test_blur_statistics_tell_blur_from_sharp_and_are_fixed():
+    """The classifier's image statistics: fixed filters (not parameters, not in the state dict), log energies that
+    drop when the image is blurred, more at the finest scale than at the coarsest; the mean colour passes through."""
+    from vision_moe.models.demoe import BlurStatistics
+
+    stats = BlurStatistics(scales=3)
+    assert stats.num_features == 13 and not list(stats.parameters()) and not stats.state_dict()
+    torch.manual_seed(0)
+    sharp = torch.rand(2, 3, 32, 32) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(sharp, 5, stride=1, padding=2, count_include_pad=False)
+    fs, fb = stats(sharp), stats(blurred)
+    torch.testing.assert_close(fs[:, :3], sharp.mean((2, 3)))
+    drop = (fs - fb)[:, 4:].reshape(2, 3, 3)  # (image, scale, filter)
+    assert (drop > 0).all() and (drop[:, 0] > drop[:, 2]).all()
+    model = _model(name="demoe_tiny+stats")
+    assert model.classifier.stats_norm.num_features == 4 + 3 * 2
+    with pytest.raises(ValueError, match="classifier_stats=2: expected 0 \\(off\\) or the number of scales"):
+        vision_moe.create_model("nafnet_tiny", classifier_stats=2)
 
 
 def test_reference_size():

@@ -166,3 +166,29 @@ def test_builtin_split_by_photograph_deterministic_and_cached(builtin_root, tmp_
     assert len(ds) == 4 and ds.uniform_size and ds[0][0].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="no \\['deraindrop'\\] crops"):
         BuiltinRestoration(builtin_root, "val", tasks=["deraindrop"])
+
+
+def test_builtin_linear_motion_kernel_changes_only_the_deblur_crops(builtin_root):
+    from vision_moe.config import MOTION_KERNELS as CONFIG_KERNELS
+    from vision_moe.data.builtin_restore import MOTION_KERNELS
+
+    assert tuple(MOTION_KERNELS) == CONFIG_KERNELS  # the config's check and the generator agree
+    lin = prepare_builtin_restore(builtin_root.parent, num_train=2, num_val=2, img_size=32, motion_kernel="linear")
+    assert lin != builtin_root and lin.name.endswith("_motion-linear")
+    assert json.loads((lin / "manifest.json").read_text())["params"]["motion_kernel"] == "linear"
+    for split in ("train", "val"):
+        for deg in BUILTIN_DEGRADATIONS:
+            for sub in ("lq", "gt"):
+                a, b = (np.asarray(Image.open(r / split / deg / sub / "000001.png")) for r in (builtin_root, lin))
+                assert np.array_equal(a, b) == (deg != "deblur" or sub == "gt"), (split, deg, sub)
+        rows = [json.loads(line) for line in (lin / split / "crops.jsonl").read_text().splitlines()]
+        assert all(0 <= r["params"]["angle"] < 180 for r in rows if r["degradation"] == "deblur")
+    # a straight kernel: all of its mass on one line through the centre
+    k = np.zeros((15, 15), np.float32)
+    k[7, 7] = 1
+    out, p = MOTION_KERNELS["linear"](k[..., None].repeat(3, 2), np.random.default_rng(3))
+    ys, xs = np.nonzero(out[..., 0] > 1e-3)
+    centred = np.stack([xs - 7, ys - 7], 1).astype(float)
+    assert np.linalg.svd(centred, compute_uv=False)[1] < 0.2 * np.linalg.svd(centred, compute_uv=False)[0], p
+    with pytest.raises(ValueError, match="motion_kernel='curly'; expected one of \\['trajectory', 'linear'\\]"):
+        prepare_builtin_restore(builtin_root.parent, num_train=2, num_val=2, img_size=32, motion_kernel="curly")

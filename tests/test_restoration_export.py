@@ -23,7 +23,7 @@ from vision_moe.models.mofme import pad_to_multiple
 ROOT = Path(__file__).resolve().parents[1]
 # one entry point per restoration family and kind (generic over the registry: every family's tiny sizes)
 SMALL = {
-    "demoe_tiny": dict(width=4, top_k=2),
+    "demoe_tiny": dict(width=4, top_k=2, classifier_stats=2),  # the classifier with the image's blur statistics
     "demoe_vit_tiny": dict(DEMOE_SMALL["demoe_vit_tiny"], top_k=2),  # the ViT variant's small layout of its tests
     "nafnet_tiny": dict(width=4),
     "mofme_tiny_patch8": dict(embed_dim=32, num_heads=2, attn_head_dim=16, head_channels=8, tail_channels=8),

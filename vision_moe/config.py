@@ -40,6 +40,8 @@ __all__ = [
 
 
 RESTORATION_FORMATS = ("builtin_restore", "paired", "allweather", "gopro", "all_in_one")
+# builtin_restore's motion-blur kernels (vision_moe.data.builtin_restore.MOTION_KERNELS, checked equal in a test)
+MOTION_KERNELS = ("trajectory", "linear")
 # model.restoration_head: the MoE decoder head of a multi-task model's degradation tasks (MoEDecoderHead's
 # arguments, and train_routing: 'forced' = each training image routed to its own degradation's experts, 'auto')
 RESTORATION_HEAD_KEYS = (
@@ -114,6 +116,8 @@ class DatasetConfig:
     seed: int = 0
     ann_file: str = ""  # COCO: annotation JSON (relative to root), if not the default layout
     val_ann_file: str = ""
+    # builtin_restore only: how the deblur crops are blurred, 'trajectory' (a random walk, the default) | 'linear'
+    motion_kernel: str = "trajectory"
     lq_dir: str = "lq"  # paired: the degraded-input and ground-truth folders under root/<split>/
     gt_dir: str = "gt"
 
@@ -372,6 +376,14 @@ def _check_restoration(cfg: Config, src: str) -> None:
         wrong = [t for t in labels if is_restoration(t) != pairs]
         if wrong:
             raise _err(src, f"data.datasets[{i}].tasks", f"{kind} ({ds.format}) do not label these tasks", wrong)
+        if ds.motion_kernel != "trajectory" and ds.format != "builtin_restore":
+            raise _err(
+                src, f"data.datasets[{i}].motion_kernel", "is an option of the builtin_restore data", ds.motion_kernel
+            )
+        if ds.motion_kernel not in MOTION_KERNELS:
+            raise _err(
+                src, f"data.datasets[{i}].motion_kernel", f"expected one of {list(MOTION_KERNELS)}", ds.motion_kernel
+            )
     head = cfg.model.restoration_head
     if head and not (restoring and other):
         raise _err(

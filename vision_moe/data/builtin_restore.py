@@ -18,7 +18,9 @@ the split, the degradation and the crop's index):
 - ``dehaze``: atmospheric scattering I = J t + A (1 - t), t = exp(-beta d), d a smooth depth proxy (a vertical
   ramp plus low-frequency noise), beta 0.8-2.0, airlight A 0.75-0.95 (slightly tinted);
 - ``desnow``: snowflakes of 0.5-2.5 px, partly smeared by wind, screen-blended;
-- ``deblur``: motion blur by a random trajectory kernel (a random walk with momentum, 9-17 px support);
+- ``deblur``: motion blur by a random trajectory kernel (a random walk with momentum, 9-17 px support), or with
+  ``motion_kernel="linear"`` by a straight line of 9-17 px at a uniform angle (linear camera motion: a direction the
+  blur keeps, where the random walk curls into a blob that looks like defocus);
 - ``defocus``: a disk kernel of radius 1.5-3.5 px;
 - ``lowlight``: J' = s J^gamma (gamma 1.8-3, s 0.4-0.8) plus Gaussian read noise (sigma 0.005-0.02);
 - ``denoise``: additive Gaussian noise of sigma 15, 25 or 50 (of 255), the BSD68 levels.
@@ -48,6 +50,7 @@ __all__ = [
     "TRAIN_PHOTOS",
     "HELD_OUT_PHOTOS",
     "DEGRADE",
+    "MOTION_KERNELS",
     "load_photo",
     "prepare_builtin_restore",
     "BuiltinRestoration",
@@ -173,6 +176,13 @@ def _motion_blur(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
     return cv2.filter2D(img, -1, k, borderType=cv2.BORDER_REFLECT), dict(kernel=size)
 
 
+def _linear_motion_blur(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    size = int(rng.choice([9, 11, 13, 15, 17]))
+    angle = float(rng.uniform(0, 180))
+    k = _motion_line(size, angle)
+    return cv2.filter2D(img, -1, k, borderType=cv2.BORDER_REFLECT), dict(kernel=size, angle=angle)
+
+
 def _defocus(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     r = float(rng.uniform(1.5, 3.5))
     n = int(np.ceil(r)) * 2 + 1
@@ -201,6 +211,11 @@ DEGRADE: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray,
     "defocus": _defocus,
     "lowlight": _lowlight,
     "denoise": _noise,
+}
+# the motion-blur kernels prepare_builtin_restore offers (``motion_kernel``): what ``deblur`` is degraded with
+MOTION_KERNELS: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, dict]]] = {
+    "trajectory": _motion_blur,
+    "linear": _linear_motion_blur,
 }
 
 
@@ -231,10 +246,18 @@ def _draw_crop(rng: np.random.Generator, photos: dict[str, list[np.ndarray]], si
 
 
 def _write_split(
-    out: Path, split: str, seed: int, num: int, size: int, photos: dict, baseline: bool = False
+    out: Path,
+    split: str,
+    seed: int,
+    num: int,
+    size: int,
+    photos: dict,
+    baseline: bool = False,
+    motion_kernel: str = "trajectory",
 ) -> dict[str, dict[str, float]]:
     """Write ``num`` crops per degradation; with ``baseline``, return the mean PSNR / SSIM of lq vs gt per
     degradation."""
+    degrade = dict(DEGRADE, deblur=MOTION_KERNELS[motion_kernel])
     from ..metrics.restoration import psnr, ssim
 
     meta = []
@@ -246,7 +269,7 @@ def _write_split(
         for i in range(num):
             rng = np.random.default_rng([seed, _SPLIT_CODE[split], di, i])
             gt, where = _draw_crop(rng, photos, size)
-            lq, params = DEGRADE[deg](gt.astype(np.float32) / 255.0, rng)
+            lq, params = degrade[deg](gt.astype(np.float32) / 255.0, rng)
             lq = np.clip(np.round(lq * 255.0), 0, 255).astype(np.uint8)
             name = f"{i:06d}.png"
             Image.fromarray(lq).save(out / split / deg / "lq" / name, compress_level=1)
@@ -263,22 +286,39 @@ def _write_split(
 
 
 def prepare_builtin_restore(
-    root: str | Path, seed: int = 0, num_train: int = 600, num_val: int = 40, img_size: int = 64, verify: bool = True
+    root: str | Path,
+    seed: int = 0,
+    num_train: int = 600,
+    num_val: int = 40,
+    img_size: int = 64,
+    verify: bool = True,
+    motion_kernel: str = "trajectory",
 ) -> Path:
     """Generate the built-in restoration data under ``root/<name-from-arguments>`` (or reuse it); return it.
 
     ``num_train`` / ``num_val`` crops of ``img_size`` pixels per degradation. Deterministic in the arguments;
     reused when ``manifest.json`` holds the same arguments and (with ``verify``) the same content hash, else
     regenerated. Written to a temporary folder and renamed into place (concurrent callers never see half of it).
+    ``motion_kernel``: how ``deblur`` crops are blurred (``MOTION_KERNELS``: ``'trajectory'``, the default, or
+    ``'linear'``); a non-default kernel gets a folder of its own, and only ``deblur`` crops differ.
     """
     if img_size < 16:
         raise ValueError(f"prepare_builtin_restore: img_size={img_size}; expected >= 16")
+    if motion_kernel not in MOTION_KERNELS:
+        raise ValueError(
+            f"prepare_builtin_restore: motion_kernel={motion_kernel!r}; expected one of {list(MOTION_KERNELS)}"
+        )
     params = dict(version=_VERSION, seed=seed, num_train=num_train, num_val=num_val, img_size=img_size)
     out = Path(root) / f"builtin_restore_v{_VERSION}_s{seed}_n{num_train}-{num_val}_{img_size}px"
+    if motion_kernel != "trajectory":  # the default's folder and manifest stay as they were
+        params["motion_kernel"] = motion_kernel
+        out = out.with_name(f"{out.name}_motion-{motion_kernel}")
 
     def write(tmp: Path) -> dict:
-        _write_split(tmp, "train", seed, num_train, img_size, _pyramids(TRAIN_PHOTOS))
-        baseline = _write_split(tmp, "val", seed, num_val, img_size, _pyramids(HELD_OUT_PHOTOS), baseline=True)
+        _write_split(tmp, "train", seed, num_train, img_size, _pyramids(TRAIN_PHOTOS), motion_kernel=motion_kernel)
+        baseline = _write_split(
+            tmp, "val", seed, num_val, img_size, _pyramids(HELD_OUT_PHOTOS), True, motion_kernel=motion_kernel
+        )
         return dict(
             degradations=list(BUILTIN_DEGRADATIONS),
             photos={"train": list(TRAIN_PHOTOS), "val": list(HELD_OUT_PHOTOS)},

@@ -54,7 +54,12 @@ def _restoration_dataset(
         from ..data.builtin_restore import BuiltinRestoration, prepare_builtin_restore
 
         root = prepare_builtin_restore(
-            root, seed=ds.seed, num_train=ds.num_train, num_val=ds.num_val, img_size=cfg.model.img_size
+            root,
+            seed=ds.seed,
+            num_train=ds.num_train,
+            num_val=ds.num_val,
+            img_size=cfg.model.img_size,
+            motion_kernel=ds.motion_kernel,
         )
         return BuiltinRestoration(root, split, tasks=tasks, transform=tf)
     return restoration_dataset(ds.format, root, split, tasks, tf, lq_dir=ds.lq_dir, gt_dir=ds.gt_dir)
