@@ -189,8 +189,19 @@ def test_blur_statistics_tell_blur_from_sharp_and_are_fixed():
     torch.testing.assert_close(fs[:, :3], sharp.mean((2, 3)))
     drop = (fs - fb)[:, 4:].reshape(2, 3, 3)  # (image, scale, filter)
     assert (drop > 0).all() and (drop[:, 0] > drop[:, 2]).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32 under AMP (logs of small energies)
+        amp = stats(sharp)
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(amp, fs)
     model = _model(name="demoe_tiny+stats")
     assert model.classifier.stats_norm.num_features == 4 + 3 * 2
+    # one image in training (a last batch of one): the running statistics normalise it, and stay as they were
+    norm = model.classifier.stats_norm
+    before = norm.running_mean.clone()
+    model.train()(_images(b=1), "deblur").mean().backward()
+    assert torch.equal(norm.running_mean, before)
+    model(_images(b=2), "deblur")
+    assert not torch.equal(norm.running_mean, before)
     with pytest.raises(ValueError, match="classifier_stats=2: expected 0 \\(off\\) or the number of scales"):
         vision_moe.create_model("nafnet_tiny", classifier_stats=2)
 

@@ -257,8 +257,9 @@ def _write_split(
 ) -> dict[str, dict[str, float]]:
     """Write ``num`` crops per degradation; with ``baseline``, return the mean PSNR / SSIM of lq vs gt per
     degradation."""
-    degrade = dict(DEGRADE, deblur=MOTION_KERNELS[motion_kernel])
     from ..metrics.restoration import psnr, ssim
+
+    degrade = dict(DEGRADE, deblur=MOTION_KERNELS[motion_kernel])
 
     meta = []
     scores: dict[str, dict[str, float]] = {}

@@ -161,6 +161,9 @@ class BlurStatistics(nn.Module):
         self.num_features = 4 + 3 * self.scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # log energies of small values: float32, whatever the AMP
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float())
         g = x.mean(1, keepdim=True)  # grey
         feats = [x.mean((2, 3)), torch.log(g.flatten(1).std(1, keepdim=True) + 1e-3)]
         for i in range(self.scales):
@@ -200,7 +203,13 @@ class DegradationClassifier(nn.Module):
             m = torch.sigmoid(mask(f))  # (B, 1, H, W)
             pooled.append((f * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6))  # (B, hidden)
         if stats is not None:
-            pooled.append(self.stats_norm(stats))
+            bn = self.stats_norm
+            if self.training and stats.shape[0] == 1:  # one image has no batch statistics: the running ones
+                pooled.append(
+                    F.batch_norm(stats, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+                )
+            else:
+                pooled.append(bn(stats))
         return self.mlp(torch.cat(pooled, 1))
 
 
