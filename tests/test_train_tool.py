@@ -235,6 +235,26 @@ def test_tensorboard_expert_load_is_one_run_with_a_chart_per_layer(tmp_path):
     }
 
 
+def test_eta_follows_the_recent_pace(tmp_path, monkeypatch):
+    """After a slower phase starts (a larger crop size from data.size_schedule), the ETA is the remaining steps at
+    the last ETA_WINDOW steps' pace, not at the average since the start."""
+    from vision_moe.engine import reporter as reporter_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(reporter_mod.time, "perf_counter", lambda: clock[0])
+    rep = reporter_mod.Reporter(tmp_path, 1000, 0, True, progress=False, tensorboard=False)
+    w = rep.ETA_WINDOW
+    for step in range(1, 501):  # 500 steps of 0.1 s, then 300 of 0.5 s
+        clock[0] += 0.1
+        rep.step(step, {"total": 1.0}, 1e-3, log=False)
+    assert "ETA 0.8 min" in rep.status(500)  # 500 steps left at 0.1 s
+    for step in range(501, 801):
+        clock[0] += 0.5
+        rep.step(step, {"total": 1.0}, 1e-3, log=False)
+    assert w <= 300 and "ETA 1.7 min" in rep.status(800)  # 200 steps left at 0.5 s (the average would say 0.8)
+    rep.close()
+
+
 @pytest.mark.parametrize("bar", [False, True])
 def test_without_a_progress_bar_each_checkpoint_and_evaluation_is_a_progress_line(tmp_path, capsys, bar):
     from vision_moe.engine.reporter import Reporter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
@@ -83,6 +84,8 @@ def format_routes_table(routes: dict[str, dict[str, float]]) -> str:
 
 
 class Reporter:
+    ETA_WINDOW = 100  # steps the ETA's pace is measured over
+
     def __init__(
         self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool, tensorboard: bool
     ) -> None:
@@ -94,6 +97,9 @@ class Reporter:
         self.bar = self.writer = None
         self._warned_heatmaps = False
         self.t0 = time.perf_counter()
+        # (step, time) of the last ETA_WINDOW steps: the ETA follows the current pace (a larger crop size after a
+        # data.size_schedule switch, a slower phase) rather than the average since the start
+        self._recent: deque[tuple[int, float]] = deque([(start_step, self.t0)], maxlen=self.ETA_WINDOW + 1)
         if not enabled:
             return
         mpath = out_dir / "metrics.json"
@@ -120,6 +126,7 @@ class Reporter:
     def step(self, step: int, losses: dict[str, float], lr: float, log: bool) -> None:
         if not self.enabled:
             return
+        self._recent.append((step, time.perf_counter()))
         for k, v in losses.items():
             self.ema[k] = v if k not in self.ema else 0.9 * self.ema[k] + 0.1 * v
         if self.bar is not None:
@@ -157,8 +164,9 @@ class Reporter:
     def status(self, step: int) -> str:
         """``step 400/2900 (1.8 min, ETA 11.2 min; loss 0.812)``: the progress bar's content as one line."""
         elapsed = time.perf_counter() - self.t0
-        done = step - self.start
-        eta = f", ETA {elapsed / done * (self.total - step) / 60:.1f} min" if 0 < done and step < self.total else ""
+        (s0, t0), (s1, t1) = self._recent[0], self._recent[-1]
+        pace = (t1 - t0) / (s1 - s0) if s1 > s0 else None  # seconds per step over the last ETA_WINDOW steps
+        eta = f", ETA {pace * (self.total - step) / 60:.1f} min" if pace is not None and step < self.total else ""
         loss = f"; loss {self.ema['total']:.3f}" if "total" in self.ema else ""
         return f"step {step}/{self.total} ({elapsed / 60:.1f} min{eta}{loss})"
 
