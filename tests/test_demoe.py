@@ -39,6 +39,7 @@ SMALL = {
         ),
     ),
 }
+SMALL["demoe_vit_tiny+stats"] = dict(SMALL["demoe_vit_tiny"], classifier_stats=2)
 MODELS = list(SMALL)
 
 

@@ -51,13 +51,18 @@ def test_the_degradations_share_one_head_on_their_own_backbone_task():
         m(x, "deblur", route="derain")
 
 
-def test_specialize_equals_forced_and_auto_equals_the_argmax():
-    m = _model().eval()
+@pytest.mark.parametrize("restore", [{}, {"classifier_stats": 2}], ids=["tokens", "tokens+stats"])
+def test_specialize_equals_forced_and_auto_equals_the_argmax(restore):
+    from vision_moe.models.demoe import BlurStatistics
+
+    m = _model(**restore).eval()
+    assert (m.heads[RESTORATION].stats is not None) == bool(restore)
     x = _images()
     with torch.no_grad():
         for d in DEGS:
             spec = m.specialize(d).eval()
             assert not any(isinstance(p, type(m.heads[RESTORATION].classifier)) for p in spec.modules())
+            assert not any(isinstance(p, BlurStatistics) for p in spec.modules())
             torch.testing.assert_close(spec(x), m(x, d, route=d)["out"], rtol=1e-5, atol=1e-6)
         auto = m(x, "deblur")
         for i, d in enumerate(auto["predicted_task"]):

@@ -49,6 +49,7 @@ RESTORATION_HEAD_KEYS = (
     "dec_blocks",
     "top_k",
     "classifier_hidden",
+    "classifier_stats",
     "dispatcher",
     "drop_rate",
     "train_routing",

@@ -439,6 +439,7 @@ class MoEDecoderHead(nn.Module):
     resolution, then a 2x2 stride-2 conv per level), since a ViT keeps no multi-scale features: without them every
     pixel's correction would pass through its token (as in MoFME's reference). ``images`` is the (padded) input in
     [-1, 1]; returns the restored image in [0, 1] (unclamped) and one routing record per MoE block (the image's).
+    ``classifier_stats`` > 0: the classifier also reads the image's :class:`BlurStatistics` (as DeMoE's).
     ``specialize(d)`` keeps degradation ``d``'s experts and drops the classifier."""
 
     def __init__(
@@ -454,8 +455,11 @@ class MoEDecoderHead(nn.Module):
         dispatcher: str = "sparse",
         drop_rate: float = 0.0,
         in_chans: int = 3,
+        classifier_stats: int = 0,
     ) -> None:
         super().__init__()
+        if classifier_stats < 0:
+            raise ValueError(f"classifier_stats={classifier_stats}: expected 0 (off) or the number of scales (>= 1)")
         levels = int(patch_size).bit_length() - 1
         if patch_size < 2 or 2**levels != patch_size:
             raise ValueError(f"patch_size={patch_size}: the decoder upsamples by 2 per level, expected a power of two")
@@ -463,7 +467,10 @@ class MoEDecoderHead(nn.Module):
         e, c = len(self.tasks), width * 2**levels
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.proj = nn.Conv2d(embed_dim, c, 1)
-        self.classifier: nn.Module | None = DegradationClassifier([c], e, classifier_hidden, drop_rate)
+        # the image's blur statistics beside the tokens (DeMoE's classifier_stats)
+        self.stats = BlurStatistics(classifier_stats) if classifier_stats else None
+        n_stats = self.stats.num_features if self.stats is not None else 0
+        self.classifier: nn.Module | None = DegradationClassifier([c], e, classifier_hidden, drop_rate, n_stats)
         self.intro = nn.Conv2d(in_chans, width, 3, padding=1)
         self.downs = nn.ModuleList(
             nn.Conv2d(width * 2**i, width * 2 ** (i + 1), 2, stride=2) for i in range(levels - 1)
@@ -480,11 +487,16 @@ class MoEDecoderHead(nn.Module):
         x = self.norm(tokens[:, self.num_prefix_tokens :])  # (B, gh*gw, C)
         return self.proj(x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1]))
 
-    def classify(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The classifier's logits (B, E) over ``self.tasks``."""
+    def classify(self, tokens: torch.Tensor, grid: tuple[int, int], images: torch.Tensor | None = None) -> torch.Tensor:
+        """The classifier's logits (B, E) over ``self.tasks`` (``images``: the padded input, for the statistics)."""
         if self.classifier is None:
             raise ValueError("this head was specialised to one degradation: it has no classifier")
-        return self.classifier([self.bottleneck(tokens, grid)]).float()
+        return self._classify(self.bottleneck(tokens, grid), images)
+
+    def _classify(self, f: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        if self.stats is not None and images is None:
+            raise ValueError("this head's classifier reads the image's blur statistics: pass images")
+        return self.classifier([f], None if self.stats is None else self.stats(images)).float()
 
     def forward(
         self, tokens: torch.Tensor, grid: tuple[int, int], images: torch.Tensor, task: str | Sequence[str] = "auto"
@@ -492,7 +504,7 @@ class MoEDecoderHead(nn.Module):
         f = self.bottleneck(tokens, grid)
         weights, aux = None, []
         if self.classifier is not None:
-            weights, record = image_routing(self.tasks, self.top_k, self.classifier([f]).float(), task)
+            weights, record = image_routing(self.tasks, self.top_k, self._classify(f, images), task)
             aux = [record] * (1 + len(self.decoder_moe))
         skips = [self.intro(images)]
         for down in self.downs:
@@ -507,7 +519,7 @@ class MoEDecoderHead(nn.Module):
         e = self.tasks.index(task)
         new = copy.copy(self)
         new._modules = dict(self._modules)
-        new.classifier = None
+        new.classifier = new.stats = None
         if isinstance(self.middle_moe, ExpertBlocks):
             new.middle_moe = self.middle_moe.experts[e]
             new.decoder_moe = nn.ModuleList(m.experts[e] for m in self.decoder_moe)
@@ -531,7 +543,7 @@ class DeMoEViT(nn.Module):
     Args:
         backbone: a registered ``vit``-family model; ``backbone_kwargs`` its constructor arguments (patch size,
             width, depth, experts, a conv stem...). Its token stride is the multiple the input is padded to.
-        tasks, top_k, classifier_hidden, dispatcher, train_routing, drop_rate: as :class:`DeMoE`.
+        tasks, top_k, classifier_hidden, classifier_stats, dispatcher, train_routing, drop_rate: as :class:`DeMoE`.
         width, dec_blocks: the head's narrowest width (at full resolution) and NAFBlocks per decoder level.
     """
 
@@ -551,6 +563,7 @@ class DeMoEViT(nn.Module):
         dispatcher: str = "sparse",
         train_routing: str = "forced",
         drop_rate: float = 0.0,
+        classifier_stats: int = 0,
     ) -> None:
         super().__init__()
         import timm  # the backbone is built by name (vision_moe's ViTs are registered by then)
@@ -577,6 +590,7 @@ class DeMoEViT(nn.Module):
             dispatcher=dispatcher,
             drop_rate=drop_rate,
             in_chans=in_chans,
+            classifier_stats=classifier_stats,
         )
         self._attach(bb, head, train_routing)
 
@@ -647,8 +661,8 @@ class DeMoEViT(nn.Module):
         """The classifier's logits (B, E) over ``self.tasks``."""
         if self.head.classifier is None:
             raise ValueError(f"this model was specialised to {self.tasks[0]!r}: it has no degradation classifier")
-        tokens, grid, _, _ = self._tokens(images)
-        return self.head.classify(tokens, grid)
+        tokens, grid, x, _ = self._tokens(images)
+        return self.head.classify(tokens, grid, x)
 
     def specialize(self, task: str) -> DeMoEViT:
         """The backbone and degradation ``task``'s experts, no classifier: ``specialized(x)`` equals
