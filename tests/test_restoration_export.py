@@ -23,8 +23,10 @@ from vision_moe.models.mofme import pad_to_multiple
 ROOT = Path(__file__).resolve().parents[1]
 # one entry point per restoration family and kind (generic over the registry: every family's tiny sizes)
 SMALL = {
-    "demoe_tiny": dict(width=4, top_k=2, classifier_stats=2),  # the classifier with the image's blur statistics
-    "demoe_vit_tiny": dict(DEMOE_SMALL["demoe_vit_tiny"], top_k=2),  # the ViT variant's small layout of its tests
+    "demoe_tiny": dict(width=4, top_k=2),
+    "demoe_tiny+stats": dict(width=4, top_k=2, classifier_stats=2),  # "+": an option of the same entry point
+    # the ViT variant's small layout of its tests, its classifier with the image's blur statistics too
+    "demoe_vit_tiny": dict(DEMOE_SMALL["demoe_vit_tiny"], top_k=2, classifier_stats=2),
     "nafnet_tiny": dict(width=4),
     "mofme_tiny_patch8": dict(embed_dim=32, num_heads=2, attn_head_dim=16, head_channels=8, tail_channels=8),
     "mofme_dense_tiny_patch8": dict(embed_dim=32, num_heads=2, attn_head_dim=16, head_channels=8, tail_channels=8),
@@ -40,7 +42,7 @@ def _kit(name):
 
 def _perturbed(name, tasks):
     torch.manual_seed(0)
-    net = vision_moe.create_model(name, tasks=tasks, **SMALL[name]).eval()
+    net = vision_moe.create_model(name.split("+")[0], tasks=tasks, **SMALL[name]).eval()
     with torch.no_grad():  # away from the identity init, moderately (fp16 keeps its range)
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
