@@ -56,7 +56,7 @@ def test_specialize_equals_forced_and_auto_equals_the_argmax(restore):
     from vision_moe.models.demoe import BlurStatistics
 
     m = _model(**restore).eval()
-    assert (m.heads[RESTORATION].stats is not None) == bool(restore)
+    assert (m.heads[RESTORATION].classifier.stats is not None) == bool(restore)
     x = _images()
     with torch.no_grad():
         for d in DEGS:

@@ -90,7 +90,7 @@ class Reporter:
         self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool, tensorboard: bool
     ) -> None:
         self.out_dir, self.enabled = out_dir, enabled
-        self.total, self.start = total_steps, start_step
+        self.total = total_steps
         self.ema: dict[str, float] = {}
         self._load_layout = False  # the custom-scalars layout of the expert-load charts, written once
         self.history: list[dict] = []

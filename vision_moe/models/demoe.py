@@ -177,33 +177,44 @@ class BlurStatistics(nn.Module):
 class DegradationClassifier(nn.Module):
     """Features (B, C_i, h_i, w_i) of one or more levels -> one logit per degradation (B, E). Per level: 1x1 conv +
     BatchNorm + ReLU, a sigmoid spatial mask, the masked global mean; the levels' vectors concatenated -> MLP (the
-    reference's head on the bottleneck alone, without its BatchNorm1d in the MLP). ``stats`` > 0: also that many
-    image statistics per image (:class:`BlurStatistics`), batch-normalised and concatenated before the MLP."""
+    reference's head on the bottleneck alone, without its BatchNorm1d in the MLP). ``stats_scales`` > 0 (a model's
+    ``classifier_stats``): also the input image's :class:`BlurStatistics` at that many scales, batch-normalised and
+    concatenated before the MLP; ``forward`` then needs the image."""
 
     def __init__(
-        self, channels: Sequence[int], num_classes: int, hidden: int = 64, drop_rate: float = 0.0, stats: int = 0
+        self,
+        channels: Sequence[int],
+        num_classes: int,
+        hidden: int = 64,
+        drop_rate: float = 0.0,
+        stats_scales: int = 0,
     ) -> None:
         super().__init__()
+        if stats_scales < 0:
+            raise ValueError(f"classifier_stats={stats_scales}: expected 0 (off) or the number of scales (>= 1)")
         self.proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)) for c in channels
         )
         self.mask = nn.ModuleList(nn.Conv2d(hidden, 1, 1) for _ in channels)
-        self.stats_norm = nn.BatchNorm1d(stats) if stats else None
-        n = hidden * len(channels) + stats
+        self.stats = BlurStatistics(stats_scales) if stats_scales else None
+        n_stats = self.stats.num_features if self.stats is not None else 0
+        self.stats_norm = nn.BatchNorm1d(n_stats) if n_stats else None
+        n = hidden * len(channels) + n_stats
         self.mlp = nn.Sequential(
             nn.Linear(n, hidden // 2), nn.ReLU(inplace=True), nn.Dropout(drop_rate), nn.Linear(hidden // 2, num_classes)
         )
 
-    def forward(self, feats: Sequence[torch.Tensor], stats: torch.Tensor | None = None) -> torch.Tensor:
-        if (stats is None) != (self.stats_norm is None):
-            raise ValueError(f"this classifier expects {'image statistics' if stats is None else 'no statistics'}")
+    def forward(self, feats: Sequence[torch.Tensor], images: torch.Tensor | None = None) -> torch.Tensor:
+        """``feats``: one map per level; ``images``: the (padded) input in [-1, 1], read when the statistics are on."""
+        if self.stats is not None and images is None:
+            raise ValueError("this classifier reads the image's blur statistics: pass images")
         pooled = []
         for x, proj, mask in zip(feats, self.proj, self.mask):
             f = proj(x)  # (B, hidden, H, W)
             m = torch.sigmoid(mask(f))  # (B, 1, H, W)
             pooled.append((f * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6))  # (B, hidden)
-        if stats is not None:
-            bn = self.stats_norm
+        if self.stats is not None:
+            stats, bn = self.stats(images), self.stats_norm
             if self.training and stats.shape[0] == 1:  # one image has no batch statistics: the running ones
                 pooled.append(
                     F.batch_norm(stats, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
@@ -324,10 +335,8 @@ class DeMoE(nn.Module):
             c *= 2
         self.middle = nn.Sequential(*[NAFBlock(c, drop_rate=drop_rate) for _ in range(middle_blocks)])
         levels = [width * 2**i for i in range(len(enc_blocks))] if classifier_inputs == "encoder" else []
-        self.stats = BlurStatistics(classifier_stats) if classifier_stats else None
-        n_stats = self.stats.num_features if self.stats is not None else 0
         self.classifier = (
-            DegradationClassifier([*levels, c], e, classifier_hidden, drop_rate, n_stats) if self.moe else None
+            DegradationClassifier([*levels, c], e, classifier_hidden, drop_rate, classifier_stats) if self.moe else None
         )
         self.middle_moe = slot(c)
         self.ups, self.decoders, self.decoder_moe = _decoder_levels(c, dec_blocks, slot, drop_rate)
@@ -404,7 +413,7 @@ class DeMoE(nn.Module):
 
     def _classify(self, x: torch.Tensor, skips: list[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
         feats = [*skips, bottleneck] if self.classifier_inputs == "encoder" else [bottleneck]
-        return self.classifier(feats, None if self.stats is None else self.stats(x)).float()
+        return self.classifier(feats, x).float()
 
     # ------------------------------------------------------------------ specialisation
     def specialize(self, task: str) -> DeMoE:
@@ -419,7 +428,7 @@ class DeMoE(nn.Module):
         e = self.tasks.index(task)
         new = copy.copy(self)
         new._modules = dict(self._modules)
-        new.classifier = new.stats = None
+        new.classifier = None
         new.middle_moe = self.middle_moe.experts[e]
         new.decoder_moe = nn.ModuleList(m.experts[e] for m in self.decoder_moe)
         new = copy.deepcopy(new)
@@ -458,8 +467,6 @@ class MoEDecoderHead(nn.Module):
         classifier_stats: int = 0,
     ) -> None:
         super().__init__()
-        if classifier_stats < 0:
-            raise ValueError(f"classifier_stats={classifier_stats}: expected 0 (off) or the number of scales (>= 1)")
         levels = int(patch_size).bit_length() - 1
         if patch_size < 2 or 2**levels != patch_size:
             raise ValueError(f"patch_size={patch_size}: the decoder upsamples by 2 per level, expected a power of two")
@@ -467,10 +474,9 @@ class MoEDecoderHead(nn.Module):
         e, c = len(self.tasks), width * 2**levels
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.proj = nn.Conv2d(embed_dim, c, 1)
-        # the image's blur statistics beside the tokens (DeMoE's classifier_stats)
-        self.stats = BlurStatistics(classifier_stats) if classifier_stats else None
-        n_stats = self.stats.num_features if self.stats is not None else 0
-        self.classifier: nn.Module | None = DegradationClassifier([c], e, classifier_hidden, drop_rate, n_stats)
+        self.classifier: nn.Module | None = DegradationClassifier(
+            [c], e, classifier_hidden, drop_rate, classifier_stats
+        )
         self.intro = nn.Conv2d(in_chans, width, 3, padding=1)
         self.downs = nn.ModuleList(
             nn.Conv2d(width * 2**i, width * 2 ** (i + 1), 2, stride=2) for i in range(levels - 1)
@@ -491,12 +497,7 @@ class MoEDecoderHead(nn.Module):
         """The classifier's logits (B, E) over ``self.tasks`` (``images``: the padded input, for the statistics)."""
         if self.classifier is None:
             raise ValueError("this head was specialised to one degradation: it has no classifier")
-        return self._classify(self.bottleneck(tokens, grid), images)
-
-    def _classify(self, f: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
-        if self.stats is not None and images is None:
-            raise ValueError("this head's classifier reads the image's blur statistics: pass images")
-        return self.classifier([f], None if self.stats is None else self.stats(images)).float()
+        return self.classifier([self.bottleneck(tokens, grid)], images).float()
 
     def forward(
         self, tokens: torch.Tensor, grid: tuple[int, int], images: torch.Tensor, task: str | Sequence[str] = "auto"
@@ -504,7 +505,7 @@ class MoEDecoderHead(nn.Module):
         f = self.bottleneck(tokens, grid)
         weights, aux = None, []
         if self.classifier is not None:
-            weights, record = image_routing(self.tasks, self.top_k, self._classify(f, images), task)
+            weights, record = image_routing(self.tasks, self.top_k, self.classifier([f], images).float(), task)
             aux = [record] * (1 + len(self.decoder_moe))
         skips = [self.intro(images)]
         for down in self.downs:
@@ -519,7 +520,7 @@ class MoEDecoderHead(nn.Module):
         e = self.tasks.index(task)
         new = copy.copy(self)
         new._modules = dict(self._modules)
-        new.classifier = new.stats = None
+        new.classifier = None
         if isinstance(self.middle_moe, ExpertBlocks):
             new.middle_moe = self.middle_moe.experts[e]
             new.decoder_moe = nn.ModuleList(m.experts[e] for m in self.decoder_moe)
