@@ -4,6 +4,8 @@ classifier's argmax; the sparse path (only chosen experts run) equals the dense 
 path) at every k; any size round-trips; the ViT variant's backbone routes tokens blind to the degradation, its
 position embedding resamples traceably, and it trains through the shared trainer; bad input gets one line."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -18,9 +20,16 @@ from vision_moe.models.moe_vit import MoEVisionTransformer
 TASKS = ("deblur", "defocus", "lowlight")
 SMALL = {
     "demoe_tiny": dict(width=8, enc_blocks=(1, 1), dec_blocks=(1, 1), middle_blocks=1, classifier_hidden=16),
-    # the same with the image's blur statistics beside the bottleneck in the classifier ("+": an option, same model)
+    # the same with the image's blur statistics (two scales, four frequency rings) beside the bottleneck in the
+    # classifier ("+": an option, same model)
     "demoe_tiny+stats": dict(
-        width=8, enc_blocks=(1, 1), dec_blocks=(1, 1), middle_blocks=1, classifier_hidden=16, classifier_stats=2
+        width=8,
+        enc_blocks=(1, 1),
+        dec_blocks=(1, 1),
+        middle_blocks=1,
+        classifier_hidden=16,
+        classifier_stats=2,
+        classifier_spectrum=4,
     ),
     # the ViT variant: a two-block MoE ViT of 4 px tokens (conv stem; one MoE MLP) under the MoE decoder head
     "demoe_vit_tiny": dict(
@@ -195,7 +204,7 @@ def test_blur_statistics_tell_blur_from_sharp_and_are_fixed():
     assert amp.dtype == torch.float32
     torch.testing.assert_close(amp, fs)
     model = _model(name="demoe_tiny+stats")
-    assert model.classifier.stats_norm.num_features == 4 + 3 * 2
+    assert model.classifier.stats_norm.num_features == 4 + 3 * 2 + 4 - 1
     # one image in training (a last batch of one): the running statistics normalise it, and stay as they were
     norm = model.classifier.stats_norm
     before = norm.running_mean.clone()
@@ -205,6 +214,34 @@ def test_blur_statistics_tell_blur_from_sharp_and_are_fixed():
     assert not torch.equal(norm.running_mean, before)
     with pytest.raises(ValueError, match="classifier_stats=2: expected 0 \\(off\\) or the number of scales"):
         vision_moe.create_model("nafnet_tiny", classifier_stats=2)
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match=f"classifier_spectrum={bad}: expected 0 \\(off\\) or the number of"):
+            vision_moe.create_model("demoe_tiny", classifier_stats=2, classifier_spectrum=bad)
+    with pytest.raises(ValueError, match="classifier_spectrum=4: .* with classifier_stats >= 1"):
+        vision_moe.create_model("demoe_tiny", classifier_spectrum=4)
+
+
+def test_frequency_rings_read_the_radial_power_spectrum():
+    """The rings of BlurStatistics: a grating's energy lands in the ring of its frequency (whatever its direction),
+    a flat image gives none, and a disk blur takes more from the outer rings than from the inner ones."""
+    from vision_moe.models.demoe import BlurStatistics
+
+    stats = BlurStatistics(scales=1, rings=8)
+    assert stats.num_features == 4 + 3 + 7 and not stats.state_dict()
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    for freq, ring in ((0.1, 1), (0.2, 3), (0.3, 4), (0.45, 7)):  # rings of 0.0625 cycles/px; ring 0 dropped
+        for angle in (0.0, 0.7, 1.5708):
+            phase = 2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle))
+            rings = stats(torch.cos(phase).expand(1, 3, 96, 96))[0, 4:11]
+            assert rings.argmax().item() == ring - 1, (freq, angle, rings)
+    flat = torch.exp(stats(torch.full((1, 3, 40, 40), 0.3))[0, 4:11])
+    assert flat.max() < 1e-6
+    torch.manual_seed(0)
+    sharp = torch.rand(2, 3, 64, 64) * 2 - 1
+    disk = (torch.hypot(*torch.meshgrid(torch.arange(-3.0, 4), torch.arange(-3.0, 4), indexing="ij")) <= 3).float()
+    blurred = torch.nn.functional.conv2d(sharp, (disk / disk.sum()).expand(3, 1, 7, 7), padding=3, groups=3)
+    drop = (stats(sharp) - stats(blurred))[:, 4:11]
+    assert (drop[:, -1] > drop[:, 0] + 1).all()
 
 
 def test_reference_size():

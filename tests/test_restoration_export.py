@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # one entry point per restoration family and kind (generic over the registry: every family's tiny sizes)
 SMALL = {
     "demoe_tiny": dict(width=4, top_k=2),
-    "demoe_tiny+stats": dict(width=4, top_k=2, classifier_stats=2),  # "+": an option of the same entry point
+    # "+": an option of the same entry point (the blur statistics with frequency rings: fixed 21 x 21 convolutions)
+    "demoe_tiny+stats": dict(width=4, top_k=2, classifier_stats=2, classifier_spectrum=4),
     # the ViT variant's small layout of its tests, its classifier with the image's blur statistics too
     "demoe_vit_tiny": dict(DEMOE_SMALL["demoe_vit_tiny"], top_k=2, classifier_stats=2),
     "nafnet_tiny": dict(width=4),

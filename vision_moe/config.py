@@ -50,6 +50,7 @@ RESTORATION_HEAD_KEYS = (
     "top_k",
     "classifier_hidden",
     "classifier_stats",
+    "classifier_spectrum",
     "dispatcher",
     "drop_rate",
     "train_routing",

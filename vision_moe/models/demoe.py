@@ -140,25 +140,37 @@ class ExpertBlocks(nn.Module):
 
 
 class BlurStatistics(nn.Module):
-    """Blur statistics of an image (B, 3, H, W) in [-1, 1] -> (B, 4 + 3 * scales): its mean colour, the log of its
-    grey contrast, and at each of ``scales`` scales (halved by 2x2 averaging) the log mean energy of three fixed
-    filters on the grey image: horizontal and vertical Sobel derivatives and the Laplacian.
+    """Blur statistics of an image (B, 3, H, W) in [-1, 1] -> (B, 4 + 3 * scales + rings - 1): its mean colour, the
+    log of its grey contrast, and at each of ``scales`` scales (halved by 2x2 averaging) the log mean energy of three
+    fixed filters on the grey image: horizontal and vertical Sobel derivatives and the Laplacian. ``rings`` > 0: also
+    the log mean energy in each ring of spatial frequency but the lowest, 0-0.5 cycles/px cut into ``rings`` equal
+    rings, measured by fixed ring filters of 21 x 21 taps (each ring's inverse DFT on a 64 x 64 grid, centred,
+    Hann-windowed): the image's radial power spectrum, where a disk kernel's first zero (0.17-0.41 cycles/px for
+    the built-in defocus radii) and a motion kernel's smoother fall-off differ.
 
     Not in the reference. How fast an image's energy falls from one scale to the next, and from first to second
     derivatives, is what tells motion blur, defocus and low light apart here (docs/restoration.md: logistic
     regression on such features separates the built-in blur types at 0.88-0.93, where the classifier on the
-    bottleneck alone reaches 0.58-0.66); log energies make those ratios differences, which a linear layer reads.
-    Fixed filters (buffers, not parameters): 700 quickstart steps do not learn them from scratch."""
+    bottleneck alone reaches 0.58-0.66; the rings raise it to 0.93-0.94); log energies make those ratios
+    differences, which a linear layer reads. Fixed filters (buffers, not parameters): 700 quickstart steps do not
+    learn them from scratch. Convolutions rather than an FFT: the exported graph stays shape-agnostic and free of
+    DFT, which TensorRT lacks."""
 
-    def __init__(self, scales: int = 3) -> None:
+    RING_TAPS = 21
+
+    def __init__(self, scales: int = 3, rings: int = 0) -> None:
         super().__init__()
         if scales < 1:
             raise ValueError(f"BlurStatistics: scales={scales}; expected >= 1")
-        self.scales = int(scales)
+        if rings < 0 or rings == 1:
+            raise ValueError(f"BlurStatistics: rings={rings}; expected 0 (off) or >= 2 (the lowest ring is dropped)")
+        self.scales, self.rings = int(scales), int(rings)
         sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
         lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
         self.register_buffer("kernels", (torch.stack([sobel, sobel.t(), lap])[:, None] / 4).contiguous(), False)
-        self.num_features = 4 + 3 * self.scales
+        if self.rings:
+            self.register_buffer("ring_kernels", _ring_filters(self.rings, self.RING_TAPS), False)
+        self.num_features = 4 + 3 * self.scales + max(self.rings - 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # log energies of small values: float32, whatever the AMP
@@ -166,6 +178,10 @@ class BlurStatistics(nn.Module):
                 return self.forward(x.float())
         g = x.mean(1, keepdim=True)  # grey
         feats = [x.mean((2, 3)), torch.log(g.flatten(1).std(1, keepdim=True) + 1e-3)]
+        if self.rings:
+            p = self.RING_TAPS // 2
+            e = F.conv2d(F.pad(g, (p, p, p, p), mode="replicate"), self.ring_kernels).pow(2).mean((2, 3))
+            feats.append(torch.log(e + 1e-8))
         for i in range(self.scales):
             if i:
                 g = F.avg_pool2d(g, 2)
@@ -174,12 +190,30 @@ class BlurStatistics(nn.Module):
         return torch.cat(feats, 1)
 
 
+def _ring_filters(rings: int, taps: int, grid: int = 64) -> torch.Tensor:
+    """(rings - 1, 1, taps, taps): band-pass filters for the rings 1.. of 0-0.5 cycles/px cut into ``rings`` equal
+    radial rings (ring 0, around DC, left out): each ring's indicator on a ``grid`` x ``grid`` frequency grid,
+    inverse-DFT'd, centred, cut to ``taps`` x ``taps`` and Hann-windowed, its mean removed (no DC response)."""
+    f = torch.fft.fftfreq(grid, dtype=torch.float64)
+    r = torch.hypot(f[:, None], f[None, :])
+    edges = torch.linspace(0, 0.5, rings + 1, dtype=torch.float64)
+    win = torch.hann_window(taps + 2, periodic=False, dtype=torch.float64)[1:-1]
+    c, h = grid // 2, taps // 2
+    out = []
+    for b in range(1, rings):
+        ring = ((r >= edges[b]) & (r < edges[b + 1])).to(torch.float64)
+        k = torch.fft.fftshift(torch.fft.ifft2(ring).real)[c - h : c + h + 1, c - h : c + h + 1] * win[:, None] * win
+        out.append(k - k.mean())
+    return torch.stack(out)[:, None].float().contiguous()
+
+
 class DegradationClassifier(nn.Module):
     """Features (B, C_i, h_i, w_i) of one or more levels -> one logit per degradation (B, E). Per level: 1x1 conv +
     BatchNorm + ReLU, a sigmoid spatial mask, the masked global mean; the levels' vectors concatenated -> MLP (the
     reference's head on the bottleneck alone, without its BatchNorm1d in the MLP). ``stats_scales`` > 0 (a model's
-    ``classifier_stats``): also the input image's :class:`BlurStatistics` at that many scales, batch-normalised and
-    concatenated before the MLP; ``forward`` then needs the image."""
+    ``classifier_stats``): also the input image's :class:`BlurStatistics` at that many scales (and ``stats_rings``
+    frequency rings, a model's ``classifier_spectrum``), batch-normalised and concatenated before the MLP;
+    ``forward`` then needs the image."""
 
     def __init__(
         self,
@@ -188,15 +222,21 @@ class DegradationClassifier(nn.Module):
         hidden: int = 64,
         drop_rate: float = 0.0,
         stats_scales: int = 0,
+        stats_rings: int = 0,
     ) -> None:
         super().__init__()
         if stats_scales < 0:
             raise ValueError(f"classifier_stats={stats_scales}: expected 0 (off) or the number of scales (>= 1)")
+        if stats_rings < 0 or stats_rings == 1 or (stats_rings and not stats_scales):
+            raise ValueError(
+                f"classifier_spectrum={stats_rings}: expected 0 (off) or the number of frequency rings (>= 2), "
+                "with classifier_stats >= 1"
+            )
         self.proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)) for c in channels
         )
         self.mask = nn.ModuleList(nn.Conv2d(hidden, 1, 1) for _ in channels)
-        self.stats = BlurStatistics(stats_scales) if stats_scales else None
+        self.stats = BlurStatistics(stats_scales, stats_rings) if stats_scales else None
         n_stats = self.stats.num_features if self.stats is not None else 0
         self.stats_norm = nn.BatchNorm1d(n_stats) if n_stats else None
         n = hidden * len(channels) + n_stats
@@ -274,6 +314,8 @@ class DeMoE(nn.Module):
             quickstart it did not tell motion blur from defocus better than the bottleneck alone: docs/restoration.md).
         classifier_stats: also feed the classifier the input image's :class:`BlurStatistics` at this many scales
             (0: off, the reference). Not in the reference; see :class:`BlurStatistics`.
+        classifier_spectrum: with ``classifier_stats``, also the image's radial power spectrum in this many
+            frequency rings (0: off); see :class:`BlurStatistics`.
         dispatcher: ``'sparse'`` (eager: only chosen experts run) or ``'dense'`` (every expert, masked; export).
         train_routing: how training batches route (``RestorationModel`` reads it): ``'forced'`` (each image to its
             own degradation's experts while the classifier learns beside them) or ``'auto'`` (by the classifier).
@@ -296,6 +338,7 @@ class DeMoE(nn.Module):
         classifier_hidden: int = 256,
         classifier_inputs: str = "bottleneck",
         classifier_stats: int = 0,
+        classifier_spectrum: int = 0,
         dispatcher: str = "sparse",
         train_routing: str = "forced",
         drop_rate: float = 0.0,
@@ -336,7 +379,9 @@ class DeMoE(nn.Module):
         self.middle = nn.Sequential(*[NAFBlock(c, drop_rate=drop_rate) for _ in range(middle_blocks)])
         levels = [width * 2**i for i in range(len(enc_blocks))] if classifier_inputs == "encoder" else []
         self.classifier = (
-            DegradationClassifier([*levels, c], e, classifier_hidden, drop_rate, classifier_stats) if self.moe else None
+            DegradationClassifier([*levels, c], e, classifier_hidden, drop_rate, classifier_stats, classifier_spectrum)
+            if self.moe
+            else None
         )
         self.middle_moe = slot(c)
         self.ups, self.decoders, self.decoder_moe = _decoder_levels(c, dec_blocks, slot, drop_rate)
@@ -448,7 +493,8 @@ class MoEDecoderHead(nn.Module):
     resolution, then a 2x2 stride-2 conv per level), since a ViT keeps no multi-scale features: without them every
     pixel's correction would pass through its token (as in MoFME's reference). ``images`` is the (padded) input in
     [-1, 1]; returns the restored image in [0, 1] (unclamped) and one routing record per MoE block (the image's).
-    ``classifier_stats`` > 0: the classifier also reads the image's :class:`BlurStatistics` (as DeMoE's).
+    ``classifier_stats`` > 0: the classifier also reads the image's :class:`BlurStatistics` (as DeMoE's, with
+    ``classifier_spectrum`` frequency rings).
     ``specialize(d)`` keeps degradation ``d``'s experts and drops the classifier."""
 
     def __init__(
@@ -465,6 +511,7 @@ class MoEDecoderHead(nn.Module):
         drop_rate: float = 0.0,
         in_chans: int = 3,
         classifier_stats: int = 0,
+        classifier_spectrum: int = 0,
     ) -> None:
         super().__init__()
         levels = int(patch_size).bit_length() - 1
@@ -475,7 +522,7 @@ class MoEDecoderHead(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.proj = nn.Conv2d(embed_dim, c, 1)
         self.classifier: nn.Module | None = DegradationClassifier(
-            [c], e, classifier_hidden, drop_rate, classifier_stats
+            [c], e, classifier_hidden, drop_rate, classifier_stats, classifier_spectrum
         )
         self.intro = nn.Conv2d(in_chans, width, 3, padding=1)
         self.downs = nn.ModuleList(
@@ -544,7 +591,8 @@ class DeMoEViT(nn.Module):
     Args:
         backbone: a registered ``vit``-family model; ``backbone_kwargs`` its constructor arguments (patch size,
             width, depth, experts, a conv stem...). Its token stride is the multiple the input is padded to.
-        tasks, top_k, classifier_hidden, classifier_stats, dispatcher, train_routing, drop_rate: as :class:`DeMoE`.
+        tasks, top_k, classifier_hidden, classifier_stats, classifier_spectrum, dispatcher, train_routing,
+            drop_rate: as :class:`DeMoE`.
         width, dec_blocks: the head's narrowest width (at full resolution) and NAFBlocks per decoder level.
     """
 
@@ -565,6 +613,7 @@ class DeMoEViT(nn.Module):
         train_routing: str = "forced",
         drop_rate: float = 0.0,
         classifier_stats: int = 0,
+        classifier_spectrum: int = 0,
     ) -> None:
         super().__init__()
         import timm  # the backbone is built by name (vision_moe's ViTs are registered by then)
@@ -592,6 +641,7 @@ class DeMoEViT(nn.Module):
             drop_rate=drop_rate,
             in_chans=in_chans,
             classifier_stats=classifier_stats,
+            classifier_spectrum=classifier_spectrum,
         )
         self._attach(bb, head, train_routing)
 
