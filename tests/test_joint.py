@@ -51,12 +51,15 @@ def test_the_degradations_share_one_head_on_their_own_backbone_task():
         m(x, "deblur", route="derain")
 
 
-@pytest.mark.parametrize("restore", [{}, {"classifier_stats": 2}], ids=["tokens", "tokens+stats"])
+@pytest.mark.parametrize(
+    "restore", [{}, {"classifier_stats": 2, "classifier_spectrum": 4}], ids=["tokens", "tokens+stats"]
+)
 def test_specialize_equals_forced_and_auto_equals_the_argmax(restore):
     from vision_moe.models.demoe import BlurStatistics
 
     m = _model(**restore).eval()
-    assert (m.heads[RESTORATION].classifier.stats is not None) == bool(restore)
+    stats = m.heads[RESTORATION].classifier.stats
+    assert (stats is not None) == bool(restore) and (not restore or stats.rings == 4)
     x = _images()
     with torch.no_grad():
         for d in DEGS:
