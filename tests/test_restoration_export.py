@@ -78,6 +78,38 @@ def test_every_graph_equals_pytorch_at_any_size(name, tmp_path):
         np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-4 * float(np.abs(ref.numpy()).max()))
 
 
+@pytest.mark.parametrize("name", ["demoe_tiny+stats", "demoe_vit_tiny"])
+def test_int8_and_fp16_keep_the_degradation_classifier_in_float(name, tmp_path):
+    """The classifier is the image's router: like the token routers it stays fp32 in the INT8 (both runtimes) and
+    FP16 files, its blur statistics included (logs of small band-passed energies, which 8-bit activations or fp16's
+    range would change): its weights and arithmetic stay float32 and no QuantizeLinear sits inside it (in the FP16
+    file the converter still passes the tensors between two of its fp32 nodes through fp16, as for the routers)."""
+    from vision_moe.deploy.quantize import convert_fp16, quantize_int8
+
+    net = _perturbed(name, ["deblur", "defocus"])
+    export_model(net, ExportConfig(out_dir=str(tmp_path / "x"), img_size=(32, 32), parity_images=1, tasks=["auto"]))
+    src = tmp_path / "x" / "auto.onnx"
+    calib = np.random.default_rng(0).uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32)
+    files = {"fp16": convert_fp16(src, tmp_path / "auto.fp16.onnx")}
+    for runtime in ("tensorrt", "onnxruntime"):
+        quantize_int8(src, tmp_path / f"auto.{runtime}.onnx", calib, runtime=runtime)
+        files[runtime] = tmp_path / f"auto.{runtime}.onnx"
+    for kind, path in files.items():
+        g = onnx.load(str(path)).graph
+        made_by = {o: n for n in g.node for o in n.output}
+        inits = {i.name: i for i in g.initializer}
+        cls = [n for n in g.node if "/classifier/" in n.name and n.op_type in ("Conv", "Gemm", "MatMul")]
+        assert len(cls) >= 4, kind  # the 1x1 projection, the mask, the MLP's two layers (+ the statistics' filters)
+        for n in cls:  # its own weights and arithmetic in float (the features it reads may be shared with experts)
+            w = inits.get(n.input[1])
+            if w is None:  # a weight behind a DequantizeLinear or a Cast is not float32 in the file
+                assert made_by[n.input[1]].op_type not in ("DequantizeLinear", "Cast"), (kind, n.name)
+            else:
+                assert w.data_type == onnx.TensorProto.FLOAT, (kind, n.name)
+        inside = [n.op_type for n in g.node if "/classifier/" in n.name]
+        assert "QuantizeLinear" not in inside and "DequantizeLinear" not in inside, kind
+
+
 def test_runtime_padding_is_the_networks(tmp_path):
     """The runtime contract (deploy side and the Jetson kit, NumPy) pads exactly as the networks do in PyTorch."""
     kit = _kit("prepost")

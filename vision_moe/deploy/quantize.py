@@ -83,7 +83,8 @@ def quantize_int8(
     ``weight_levels`` (127 or 64) and ``unsigned_weights`` (uint8 weights: ONNX Runtime's U8U8 kernels, which
     widen to 16 bits and cannot saturate) override the runtime's choice; ``benchmarks/bench_int8.py`` compares them.
 
-    Left in float in both: the routers (expert choices as in fp32 and as in training, like the FP16 variant),
+    Left in float in both: the routers and a restoration model's degradation classifier (:data:`ROUTER_SCOPES`:
+    expert choices as in fp32 and as in training, like the FP16 variant),
     MatMuls of two activations (attention's QK^T and AV: quantising them makes ONNX Runtime fuse the softmax
     between them into a QLinearSoftmax that cost more than the int8 GEMMs saved), and the experts' stacked
     (E, in, out) weights (:func:`stacked_weight_nodes`). The graph is not re-optimised before quantising: ONNX
@@ -245,20 +246,27 @@ def activation_matmul_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(x in inits for x in n.input)]
 
 
+# the scopes of the nodes that choose experts: the token routers (``/router/``) and a restoration model's degradation
+# classifier (``/classifier/``: DeMoE's, the image's router), its blur statistics included: log energies of small
+# band-passed values, which 8-bit activations (or fp16's range: 1e-8 underflows) turn into different expert choices
+ROUTER_SCOPES = ("/router/", "/classifier/")
+
+
 def router_nodes(model: onnx.ModelProto) -> list[str]:
-    """The routers' nodes (exported under a ``/router/`` scope)."""
-    return [n.name for n in model.graph.node if "/router/" in n.name]
+    """The routers' nodes (exported under a :data:`ROUTER_SCOPES` scope)."""
+    return [n.name for n in model.graph.node if any(s in n.name for s in ROUTER_SCOPES)]
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:
-    """FP16 weights and compute with fp32 inputs/outputs; the routers (gate GEMM, softmax, top-k) stay fp32, as
-    in training (routers run with autocast off), so expert choices match the fp32 model's."""
+    """FP16 weights and compute with fp32 inputs/outputs; the routers (gate GEMM, softmax, top-k; a degradation
+    classifier, :data:`ROUTER_SCOPES`) stay fp32, as in training (routers run with autocast off), so expert choices
+    match the fp32 model's."""
     import onnxslim
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
-    router_nodes = [n.name for n in model.graph.node if "/router/" in n.name or n.op_type == "TopK"]
-    m = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, node_block_list=router_nodes)
+    block = [n.name for n in model.graph.node if any(s in n.name for s in ROUTER_SCOPES) or n.op_type == "TopK"]
+    m = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, node_block_list=block)
     m = onnxslim.slim(m)  # the converter appends its Casts at the end: re-sort (and fold Cast pairs)
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(dst))
