@@ -154,7 +154,7 @@ class BlurStatistics(nn.Module):
     bottleneck alone reaches 0.58-0.66; the rings raise it to 0.93-0.94); log energies make those ratios
     differences, which a linear layer reads. Fixed filters (buffers, not parameters): 700 quickstart steps do not
     learn them from scratch. Convolutions rather than an FFT: the exported graph stays shape-agnostic and free of
-    DFT, which TensorRT lacks."""
+    DFT, which TensorRT's ONNX parser does not take."""
 
     RING_TAPS = 21
 
