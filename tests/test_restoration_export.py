@@ -82,8 +82,8 @@ def test_every_graph_equals_pytorch_at_any_size(name, tmp_path):
 def test_int8_and_fp16_keep_the_degradation_classifier_in_float(name, tmp_path):
     """The classifier is the image's router: like the token routers it stays fp32 in the INT8 (both runtimes) and
     FP16 files, its blur statistics included (logs of small band-passed energies, which 8-bit activations or fp16's
-    range would change): its weights and arithmetic stay float32 and no QuantizeLinear sits inside it (in the FP16
-    file the converter still passes the tensors between two of its fp32 nodes through fp16, as for the routers)."""
+    range would change): its weights and arithmetic stay float32, no QuantizeLinear sits inside it, and no tensor
+    between two of its fp32 nodes passes through fp16 (the converter's Cast pairs, removed)."""
     from vision_moe.deploy.quantize import convert_fp16, quantize_int8
 
     net = _perturbed(name, ["deblur", "defocus"])
@@ -108,6 +108,14 @@ def test_int8_and_fp16_keep_the_degradation_classifier_in_float(name, tmp_path):
                 assert w.data_type == onnx.TensorProto.FLOAT, (kind, n.name)
         inside = [n.op_type for n in g.node if "/classifier/" in n.name]
         assert "QuantizeLinear" not in inside and "DequantizeLinear" not in inside, kind
+        to = {n.output[0]: a.i for n in g.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+        round_trips = [
+            n.name for n in g.node if to.get(n.output[0]) == onnx.TensorProto.FLOAT and to.get(n.input[0]) == 10
+        ]
+        assert not round_trips, (kind, round_trips)  # no fp32 -> fp16 -> fp32 between two fp32 nodes
+        if kind == "fp16":  # the statistics read the fp32 input image itself, not its fp16 copy
+            grey = next(n for n in g.node if n.name.endswith("/classifier/stats/ReduceMean"))
+            assert grey.input[0] == g.input[0].name
 
 
 def test_runtime_padding_is_the_networks(tmp_path):
