@@ -204,6 +204,12 @@ def test_multitask_model_heads_int8_and_fp16(tmp_path):
         m, ExportConfig(out_dir=str(tmp_path / "fp16"), tasks=["semseg"], precision="fp16", parity_images=2)
     )
     assert rep16["tasks"]["semseg"]["fp16"]["parity"]["outputs"]["out"]["rel"] <= 2e-2
+    # the routers stay fp32 through and through: their ops float, no tensor between two of them through fp16
+    g16 = onnx.load(str(tmp_path / "fp16" / rep16["tasks"]["semseg"]["fp16"]["path"])).graph
+    gates = [n for n in g16.node if "/router/" in n.name and n.op_type in ("Gemm", "MatMul", "Softmax")]
+    to = {n.output[0]: a.i for n in g16.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    assert gates  # the graph has routers (in fp32: the converter's block list)
+    assert not [n.name for n in g16.node if to.get(n.output[0]) == 1 and to.get(n.input[0]) == 10]
 
 
 def test_detection_decoding_and_both_nms_paths_match_torchvision(tmp_path):
