@@ -192,3 +192,44 @@ def test_builtin_linear_motion_kernel_changes_only_the_deblur_crops(builtin_root
     assert np.linalg.svd(centred, compute_uv=False)[1] < 0.2 * np.linalg.svd(centred, compute_uv=False)[0], p
     with pytest.raises(ValueError, match="motion_kernel='curly'; expected one of \\['trajectory', 'linear'\\]"):
         prepare_builtin_restore(builtin_root.parent, num_train=2, num_val=2, img_size=32, motion_kernel="curly")
+
+
+def test_builtin_raindrops_add_a_degradation_and_change_nothing_else(builtin_root):
+    """raindrops=True: a folder of its own with deraindrop crops besides the default's, every other crop byte-equal
+    to the default data's; a drop changes the image where it sits (the scene upside down and defocused), and only
+    there; the default data asked for raindrops says how to get them; the config takes the option for the
+    built-in data only."""
+    from vision_moe.config import ConfigError, config_from_dict
+    from vision_moe.data.builtin_restore import RAINDROP, _raindrops
+
+    drops = prepare_builtin_restore(builtin_root.parent, num_train=2, num_val=2, img_size=32, raindrops=True)
+    assert drops != builtin_root and drops.name.endswith("_raindrops")
+    man = json.loads((drops / "manifest.json").read_text())
+    assert man["degradations"] == [*BUILTIN_DEGRADATIONS, RAINDROP] and RAINDROP in man["val_input_baseline"]
+    for split in ("train", "val"):
+        for deg in BUILTIN_DEGRADATIONS:
+            for sub in ("lq", "gt"):
+                a, b = (np.asarray(Image.open(r / split / deg / sub / "000001.png")) for r in (builtin_root, drops))
+                assert np.array_equal(a, b), (split, deg, sub)
+    ds = BuiltinRestoration(drops, "val", tasks=[RAINDROP])
+    assert len(ds) == 2 and ds[0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="no \\['deraindrop'\\] crops.*raindrops: true"):
+        BuiltinRestoration(builtin_root, "val", tasks=[RAINDROP])
+    yy, xx = np.mgrid[:48, :48].astype(np.float32)
+    clean = np.stack([yy / 47, xx / 47, np.full_like(yy, 0.5)], 2)  # a vertical ramp: upside down inside a drop
+    out, p = _raindrops(clean, np.random.default_rng(4))
+    again, p2 = _raindrops(clean, np.random.default_rng(4))
+    assert np.array_equal(out, again) and p == p2 and 2 <= len(p["drops"]) <= 6
+    changed = np.abs(out - clean).max(2) > 1 / 255  # a grey level: what survives the crops' 8 bits
+    inside = np.zeros((48, 48), bool)
+    for cx, cy, rx, ry in p["drops"]:
+        inside |= ((xx - cx) / (rx + 3)) ** 2 + ((yy - cy) / (ry + 3)) ** 2 <= 1
+    assert changed.any() and not (changed & ~inside).any()  # only where a drop sits
+    cx, cy, rx, ry = p["drops"][0]
+    col = int(np.clip(round(cx), 0, 47))
+    top, bottom = int(np.clip(cy - ry / 2, 0, 47)), int(np.clip(cy + ry / 2, 0, 47))
+    if bottom - top >= 3:  # the red channel (the vertical ramp) falls from the drop's top to its bottom
+        assert out[top, col, 0] > out[bottom, col, 0]
+    base = {"model": {"backbone": "demoe_deweather_tiny"}, "tasks": {"derain": {}}}
+    with pytest.raises(ConfigError, match="data.datasets\\[0\\].raindrops: is an option of the builtin_restore"):
+        config_from_dict(dict(base, data={"datasets": [{"format": "paired", "root": "x", "raindrops": True}]}))

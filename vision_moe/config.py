@@ -120,6 +120,8 @@ class DatasetConfig:
     val_ann_file: str = ""
     # builtin_restore only: how the deblur crops are blurred, 'trajectory' (a random walk, the default) | 'linear'
     motion_kernel: str = "trajectory"
+    # builtin_restore only: also make deraindrop crops (adherent raindrops; a data folder of its own)
+    raindrops: bool = False
     lq_dir: str = "lq"  # paired: the degraded-input and ground-truth folders under root/<split>/
     gt_dir: str = "gt"
 
@@ -382,6 +384,8 @@ def _check_restoration(cfg: Config, src: str) -> None:
             raise _err(
                 src, f"data.datasets[{i}].motion_kernel", "is an option of the builtin_restore data", ds.motion_kernel
             )
+        if ds.raindrops and ds.format != "builtin_restore":
+            raise _err(src, f"data.datasets[{i}].raindrops", "is an option of the builtin_restore data", ds.raindrops)
         if ds.motion_kernel not in MOTION_KERNELS:
             raise _err(
                 src, f"data.datasets[{i}].motion_kernel", f"expected one of {list(MOTION_KERNELS)}", ds.motion_kernel

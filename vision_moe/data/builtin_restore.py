@@ -23,7 +23,11 @@ the split, the degradation and the crop's index):
   blur keeps, where the random walk curls into a blob that looks like defocus);
 - ``defocus``: a disk kernel of radius 1.5-3.5 px;
 - ``lowlight``: J' = s J^gamma (gamma 1.8-3, s 0.4-0.8) plus Gaussian read noise (sigma 0.005-0.02);
-- ``denoise``: additive Gaussian noise of sigma 15, 25 or 50 (of 255), the BSD68 levels.
+- ``denoise``: additive Gaussian noise of sigma 15, 25 or 50 (of 255), the BSD68 levels;
+- ``deraindrop`` (only with ``raindrops=True``, in a folder of its own): 2-6 adherent drops on the lens, ellipses
+  of 3-9 px radius through which the scene around each drop is seen upside down, squeezed (a lens of short focal
+  length), defocused and slightly brightened, with soft edges and a darker rim at the bottom (the look of the
+  Raindrop dataset's drops; the rest of the image stays sharp).
 
 Written in the ``all_in_one`` layout (``<split>/<degradation>/{lq,gt}/NNNNNN.png``; ``<split>/crops.jsonl`` records
 each crop's photograph, scale, position and degradation parameters) and read back through the same reader as
@@ -51,6 +55,7 @@ __all__ = [
     "HELD_OUT_PHOTOS",
     "DEGRADE",
     "MOTION_KERNELS",
+    "RAINDROP",
     "load_photo",
     "prepare_builtin_restore",
     "BuiltinRestoration",
@@ -212,6 +217,38 @@ DEGRADE: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray,
     "lowlight": _lowlight,
     "denoise": _noise,
 }
+
+
+def _raindrops(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    h, w = img.shape[:2]
+    out = img.copy()
+    n = int(rng.integers(2, 7))
+    drops = []
+    for _ in range(n):
+        rx = float(rng.uniform(3, 9))
+        ry = rx * float(rng.uniform(0.8, 1.3))
+        cx, cy = float(rng.uniform(0, w)), float(rng.uniform(0, h))
+        drops.append((round(cx, 1), round(cy, 1), round(rx, 1), round(ry, 1)))
+        # what the drop shows: the scene around it (2.5x its size), upside down and squeezed into it, defocused
+        x0, x1 = int(max(cx - 2.5 * rx, 0)), int(min(cx + 2.5 * rx, w))
+        y0, y1 = int(max(cy - 2.5 * ry, 0)), int(min(cy + 2.5 * ry, h))
+        bx0, bx1 = int(max(np.floor(cx - rx - 2), 0)), int(min(np.ceil(cx + rx + 2), w))
+        by0, by1 = int(max(np.floor(cy - ry - 2), 0)), int(min(np.ceil(cy + ry + 2), h))
+        if x1 - x0 < 2 or y1 - y0 < 2 or bx1 - bx0 < 2 or by1 - by0 < 2:
+            continue
+        seen = cv2.resize(img[y0:y1, x0:x1][::-1], (bx1 - bx0, by1 - by0), interpolation=cv2.INTER_AREA)
+        seen = cv2.GaussianBlur(seen, (0, 0), float(rng.uniform(0.8, 1.6))) * 1.05 + 0.04
+        mask = np.zeros((h, w), np.float32)
+        cv2.ellipse(mask, ((cx, cy), (2 * rx, 2 * ry), 0.0), 1.0, -1, cv2.LINE_AA)
+        mask = cv2.GaussianBlur(mask, (0, 0), 0.8)[by0:by1, bx0:bx1, None]
+        rim = np.clip(np.linspace(-1.0, 1.0, by1 - by0), 0, 1)[:, None, None] * mask * (1 - mask) * 1.2
+        region = out[by0:by1, bx0:bx1]
+        out[by0:by1, bx0:bx1] = (region * (1 - mask) + seen * mask) * (1 - rim)
+    return out, dict(drops=drops)
+
+
+# built with raindrops=True only (a folder of its own): the default data and its folder stay as they were
+RAINDROP = "deraindrop"
 # the motion-blur kernels prepare_builtin_restore offers (``motion_kernel``): what ``deblur`` is degraded with
 MOTION_KERNELS: dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, dict]]] = {
     "trajectory": _motion_blur,
@@ -254,16 +291,17 @@ def _write_split(
     photos: dict,
     baseline: bool = False,
     motion_kernel: str = "trajectory",
+    degradations: tuple[str, ...] = BUILTIN_DEGRADATIONS,
 ) -> dict[str, dict[str, float]]:
     """Write ``num`` crops per degradation; with ``baseline``, return the mean PSNR / SSIM of lq vs gt per
     degradation."""
     from ..metrics.restoration import psnr, ssim
 
-    degrade = dict(DEGRADE, deblur=MOTION_KERNELS[motion_kernel])
+    degrade = dict(DEGRADE, deblur=MOTION_KERNELS[motion_kernel], **{RAINDROP: _raindrops})
 
     meta = []
     scores: dict[str, dict[str, float]] = {}
-    for di, deg in enumerate(BUILTIN_DEGRADATIONS):
+    for di, deg in enumerate(degradations):  # an added degradation comes last: the others' generators are unchanged
         for sub in ("lq", "gt"):
             (out / split / deg / sub).mkdir(parents=True, exist_ok=True)
         ps, ss = [], []
@@ -294,6 +332,7 @@ def prepare_builtin_restore(
     img_size: int = 64,
     verify: bool = True,
     motion_kernel: str = "trajectory",
+    raindrops: bool = False,
 ) -> Path:
     """Generate the built-in restoration data under ``root/<name-from-arguments>`` (or reuse it); return it.
 
@@ -301,7 +340,8 @@ def prepare_builtin_restore(
     reused when ``manifest.json`` holds the same arguments and (with ``verify``) the same content hash, else
     regenerated. Written to a temporary folder and renamed into place (concurrent callers never see half of it).
     ``motion_kernel``: how ``deblur`` crops are blurred (``MOTION_KERNELS``: ``'trajectory'``, the default, or
-    ``'linear'``); a non-default kernel gets a folder of its own, and only ``deblur`` crops differ.
+    ``'linear'``); a non-default kernel gets a folder of its own, and only ``deblur`` crops differ. ``raindrops``:
+    also ``deraindrop`` crops (:data:`RAINDROP`), in a folder of its own where every other crop is the default's.
     """
     if img_size < 16:
         raise ValueError(f"prepare_builtin_restore: img_size={img_size}; expected >= 16")
@@ -314,14 +354,18 @@ def prepare_builtin_restore(
     if motion_kernel != "trajectory":  # the default's folder and manifest stay as they were
         params["motion_kernel"] = motion_kernel
         out = out.with_name(f"{out.name}_motion-{motion_kernel}")
+    degradations = BUILTIN_DEGRADATIONS
+    if raindrops:
+        params["raindrops"] = True
+        out = out.with_name(f"{out.name}_raindrops")
+        degradations = (*BUILTIN_DEGRADATIONS, RAINDROP)
 
     def write(tmp: Path) -> dict:
-        _write_split(tmp, "train", seed, num_train, img_size, _pyramids(TRAIN_PHOTOS), motion_kernel=motion_kernel)
-        baseline = _write_split(
-            tmp, "val", seed, num_val, img_size, _pyramids(HELD_OUT_PHOTOS), True, motion_kernel=motion_kernel
-        )
+        kw = dict(motion_kernel=motion_kernel, degradations=degradations)
+        _write_split(tmp, "train", seed, num_train, img_size, _pyramids(TRAIN_PHOTOS), **kw)
+        baseline = _write_split(tmp, "val", seed, num_val, img_size, _pyramids(HELD_OUT_PHOTOS), True, **kw)
         return dict(
-            degradations=list(BUILTIN_DEGRADATIONS),
+            degradations=list(degradations),
             photos={"train": list(TRAIN_PHOTOS), "val": list(HELD_OUT_PHOTOS)},
             val_input_baseline=baseline,
         )
@@ -340,9 +384,11 @@ class BuiltinRestoration(RestorationPairs):
             raise ValueError(f"BuiltinRestoration: unknown split {split!r}; expected one of {list(_SPLIT_CODE)}")
         if not (root / "manifest.json").is_file():
             raise ValueError(f"{root}: no manifest.json; expected a folder returned by prepare_builtin_restore()")
-        tasks = list(tasks) if tasks is not None else list(BUILTIN_DEGRADATIONS)
-        missing = [t for t in tasks if t not in BUILTIN_DEGRADATIONS]
+        have = json.loads((root / "manifest.json").read_text()).get("degradations", list(BUILTIN_DEGRADATIONS))
+        tasks = list(tasks) if tasks is not None else list(have)
+        missing = [t for t in tasks if t not in have]
         if missing:
-            raise ValueError(f"{root}: the built-in data has no {missing} crops; it has {list(BUILTIN_DEGRADATIONS)}")
+            hint = " (raindrops: true in the dataset's config makes deraindrop crops)" if RAINDROP in missing else ""
+            raise ValueError(f"{root}: the built-in data has no {missing} crops; it has {list(have)}{hint}")
         samples, skipped = all_in_one_samples(root, split, tasks)
         super().__init__(samples, transform, skipped, uniform_size=True, source=str(root))

@@ -60,6 +60,7 @@ def _restoration_dataset(
             num_val=ds.num_val,
             img_size=cfg.model.img_size,
             motion_kernel=ds.motion_kernel,
+            raindrops=ds.raindrops,
         )
         return BuiltinRestoration(root, split, tasks=tasks, transform=tf)
     return restoration_dataset(ds.format, root, split, tasks, tf, lq_dir=ds.lq_dir, gt_dir=ds.gt_dir)
