@@ -257,23 +257,24 @@ def router_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if any(s in n.name for s in ROUTER_SCOPES)]
 
 
-def _drop_fp16_round_trips(model: onnx.ModelProto, fp32_nodes: set[str]) -> int:
-    """Remove the converter's fp32 -> fp16 -> fp32 Cast pairs in place; returns how many readers were rewired.
+def _drop_fp16_round_trips(model: onnx.ModelProto, fp32_nodes: set[str]) -> None:
+    """Remove the converter's fp32 -> fp16 -> fp32 Cast pairs in place.
 
     ``convert_float_to_float16`` casts every fp32 output of a blocked node to fp16 and casts it back at the input of
     the next blocked node, so a chain of fp32 nodes (a router, the classifier and its statistics) still passes its
     tensors through fp16 between two of its ops, and a blocked node reading the fp32 graph input reads it rounded.
     onnxslim rightly keeps such pairs (they are not the identity). Here a Cast to fp32 whose input is a Cast to
-    fp16 of a tensor that is fp32 (an output of a node in ``fp32_nodes`` or an fp32 graph input) reads that tensor
-    itself; the fp16 Cast stays for its other readers and is dropped when none is left."""
+    fp16 of a tensor that is fp32 (an output of a node in ``fp32_nodes`` or an fp32 graph input) is bypassed: its
+    readers read that tensor itself; the fp16 Cast stays for its other readers and is dropped when none is left."""
     g = model.graph
     fp32_inputs = {i.name for i in g.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    graph_outputs = {o.name for o in g.output}
     made_by = {o: n for n in g.node for o in n.output}
 
     def to(n: onnx.NodeProto) -> int:
         return next(a.i for a in n.attribute if a.name == "to")
 
-    rewired, dead = 0, []
+    bypass: dict[str, str] = {}  # a round trip's fp32 output -> the fp32 tensor it started from
     for n in g.node:
         if n.op_type != "Cast" or to(n) != onnx.TensorProto.FLOAT:
             continue
@@ -281,25 +282,19 @@ def _drop_fp16_round_trips(model: onnx.ModelProto, fp32_nodes: set[str]) -> int:
         if half is None or half.op_type != "Cast" or to(half) != onnx.TensorProto.FLOAT16:
             continue
         src = half.input[0]
-        if src not in fp32_inputs and (made_by.get(src) is None or made_by[src].name not in fp32_nodes):
-            continue
-        for reader in g.node:  # the readers of the fp32 Cast's output read the fp32 tensor itself
-            for k, x in enumerate(reader.input):
-                if x == n.output[0]:
-                    reader.input[k] = src
-        for out in g.output:
-            if out.name == n.output[0]:
-                break
-        else:
-            dead.append(n)
-            rewired += 1
-    for n in dead:
+        if src in fp32_inputs or (src in made_by and made_by[src].name in fp32_nodes):
+            bypass[n.output[0]] = src
+    for reader in g.node:
+        for k, x in enumerate(reader.input):
+            if x in bypass:
+                reader.input[k] = bypass[x]
+    for n in [n for n in g.node if n.op_type == "Cast" and n.output[0] in bypass.keys() - graph_outputs]:
         g.node.remove(n)
-    read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
-    for n in [n for n in g.node if n.op_type == "Cast" and n.output[0] not in read]:
-        if to(n) == onnx.TensorProto.FLOAT16:
-            g.node.remove(n)
-    return rewired
+    read = {x for n in g.node for x in n.input} | graph_outputs
+    for n in [
+        n for n in g.node if n.op_type == "Cast" and to(n) == onnx.TensorProto.FLOAT16 and n.output[0] not in read
+    ]:
+        g.node.remove(n)
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:
@@ -310,9 +305,9 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
-    block = [n.name for n in model.graph.node if any(s in n.name for s in ROUTER_SCOPES) or n.op_type == "TopK"]
-    m = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, node_block_list=block)
-    _drop_fp16_round_trips(m, set(block))
+    block = {*router_nodes(model), *(n.name for n in model.graph.node if n.op_type == "TopK")}
+    m = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, node_block_list=sorted(block))
+    _drop_fp16_round_trips(m, block)
     m = onnxslim.slim(m)  # the converter appends its Casts at the end: re-sort (and fold Cast pairs)
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(dst))
