@@ -214,6 +214,10 @@ def test_blur_statistics_tell_blur_from_sharp_and_are_fixed():
     assert not torch.equal(norm.running_mean, before)
     with pytest.raises(ValueError, match="classifier_stats=2: expected 0 \\(off\\) or the number of scales"):
         vision_moe.create_model("nafnet_tiny", classifier_stats=2)
+    with pytest.raises(
+        ValueError, match="classifier_spectrum=8: expected 0 \\(off\\) for a model without a classifier"
+    ):
+        vision_moe.create_model("nafnet_tiny", classifier_spectrum=8)
     for bad in (1, -1):
         with pytest.raises(ValueError, match=f"classifier_spectrum={bad}: expected 0 \\(off\\) or the number of"):
             vision_moe.create_model("demoe_tiny", classifier_stats=2, classifier_spectrum=bad)

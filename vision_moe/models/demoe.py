@@ -350,6 +350,11 @@ class DeMoE(nn.Module):
                 f"classifier_stats={classifier_stats}: expected 0 (off) or the number of scales (>= 1) of a model "
                 "with a classifier (moe=True)"
             )
+        if classifier_spectrum and not moe:
+            raise ValueError(
+                f"classifier_spectrum={classifier_spectrum}: expected 0 (off) for a model without a classifier "
+                "(moe=False)"
+            )
         if len(enc_blocks) != len(dec_blocks) or not enc_blocks:
             raise ValueError(
                 f"enc_blocks {list(enc_blocks)} and dec_blocks {list(dec_blocks)}: expected as many levels in both"
