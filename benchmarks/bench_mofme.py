@@ -1,5 +1,5 @@
 """MoFME vs the conventional MoE of the same E and k (MoFME, AAAI 2024: -72 % parameters, -39 % inference time).
-Run: ``python benchmarks/bench_mofme.py [--threads 1] [--experts 4 16 64 128] [--top-k 2 4]``.
+Run: ``python benchmarks/bench_mofme.py [--threads 1] [--experts 4 16 64 128] [--top-k 2 4] [--device cuda]``.
 
 At the reference dims (``mofme_base_patch8`` / ``mofme_ffnmoe_base_patch8``: 384-d, 2 blocks of 8 heads x 64,
 conv head 32 and tail 128 channels, patch 8), for every E and k:
@@ -50,15 +50,21 @@ def _ratio(res: dict, a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(res[a]["times"], res[b]["times"]))
 
 
-def bench(e: int, k: int, rounds: int) -> dict:
+def bench(e: int, k: int, rounds: int, device: str = "cpu") -> dict:
+    """One (E, k) row. ``device``: where the layers and models run; on a GPU each timed call ends with a
+    synchronisation, so that its time is the kernels' and not their launch."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     layers = {
         "mofme": MoEFiLM(DIM, HIDDEN, e, k, ()).eval(),
         "ffn_moe": MoEMlp(DIM, HIDDEN, e, k, (), router="shared", router_kwargs=dict(renormalize=True)).eval(),
     }
     models = {kind: vision_moe.create_model(name, num_experts=e, top_k=k).eval() for kind, name in KINDS.items()}
-    tokens = torch.randn(1, (IMG // PATCH) ** 2, DIM)
-    image = torch.rand(1, 3, IMG, IMG) * 2 - 1
+    for m in (*layers.values(), *models.values()):
+        m.to(dev)
+    tokens = torch.randn(1, (IMG // PATCH) ** 2, DIM, device=dev)
+    image = torch.rand(1, 3, IMG, IMG, device=dev) * 2 - 1
     out: dict = dict(experts=e, top_k=k)
     for kind in KINDS:
         out[f"{kind}_layer_params_m"] = _params(layers[kind]) / 1e6
@@ -71,6 +77,7 @@ def bench(e: int, k: int, rounds: int) -> dict:
             layers[kind].set_dispatcher(disp)
             with torch.no_grad():
                 layers[kind](tokens, None)
+            sync()
 
         return run
 
@@ -79,6 +86,7 @@ def bench(e: int, k: int, rounds: int) -> dict:
             models[kind].set_dispatcher(disp)
             with torch.no_grad():
                 models[kind](image)
+            sync()
 
         return run
 
@@ -107,11 +115,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 128])
     ap.add_argument("--top-k", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both models run")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is visible to PyTorch here")
     set_threads(args.threads)
-    res = dict(machine=machine_info(), gemm_gflops_1024=gemm_gflops(), rows=[])
-    print(json.dumps(res["machine"]), f"| GEMM 1024^3 fp32: {res['gemm_gflops_1024']:.1f} GFLOP/s")
+    res = dict(machine=machine_info(), gemm_gflops_1024=gemm_gflops(), device=args.device, rows=[])
+    if args.device != "cpu":
+        res["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
+    print(
+        json.dumps(res["machine"]),
+        f"| GEMM 1024^3 fp32 (CPU): {res['gemm_gflops_1024']:.1f} GFLOP/s | device: {res.get('device_name', 'cpu')}",
+    )
     print(
         f"MoFME / conventional MoE (FFN experts {DIM}->{HIDDEN}->{DIM}), reference dims, inference at {IMG}x{IMG}, "
         f"batch 1; times: median of per-round ratios, {args.rounds} rounds"
@@ -126,7 +142,7 @@ def main() -> None:
         for k in args.top_k:
             if k > e:
                 continue
-            r = bench(e, k, args.rounds)
+            r = bench(e, k, args.rounds, args.device)
             res["rows"].append(r)
             fastest = f"{r['model_fastest']['mofme']}/{r['model_fastest']['ffn_moe']}"
             print(

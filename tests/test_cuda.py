@@ -165,3 +165,20 @@ def test_torchrun_on_cuda_uses_nccl(tmp_path, data_root):
     assert ck is not None and ck.name == "step_0000004"
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())["latest"]["metrics"]
     assert evaluate_checkpoint(ck, "semseg", device="cuda") == pytest.approx(m["semseg"], nan_ok=True)
+
+
+def test_bench_mofme_runs_on_cuda():
+    """benchmarks/bench_mofme.py --device cuda: both models on the GPU, timed with a synchronisation per call; the
+    parameter counts are the CPU's and every ratio is a positive number."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_mofme", ROOT / "benchmarks" / "bench_mofme.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.bench(4, 2, rounds=1, device="cuda")
+    for kind, name in bench.KINDS.items():
+        cpu = vision_moe.create_model(name, num_experts=4, top_k=2)
+        assert row[f"{kind}_model_params_m"] * 1e6 == pytest.approx(sum(p.numel() for p in cpu.parameters()))
+    for what in ("layer", "model"):
+        for how in ("fastest", "sort", "dense"):
+            assert 0 < row[f"{what}_time_ratio_{how}"] < float("inf")
