@@ -193,3 +193,18 @@ def test_bench_train_step_variants_keep_list_values_whole():
     assert bench.parse_variant("fp32:") == ("fp32", [])
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", bench.parse_variant(f"former:{sets}")[1])
     assert cfg.model.backbone_kwargs["stem_channels"] == [24, 48, 48, 96, 96] and cfg.model.det_channels == 64
+
+
+@pytest.mark.parametrize("twin", ["blind", "uncertainty", "ffnmoe", "dense"])
+def test_restoration_twins_are_the_quickstart_with_one_change(twin):
+    """The twins table (docs/restoration.md) compares at the quickstart's budget: each twin's config differs from
+    quickstart_restore.yaml only in its name and its model (router or kind of MLP), never in data, steps,
+    crop sizes, task weights or optimiser."""
+    from vision_moe.config import config_to_dict
+
+    base = config_to_dict(load_config(ROOT / "configs" / "quickstart_restore.yaml"))
+    other = config_to_dict(load_config(ROOT / "configs" / f"quickstart_restore_{twin}.yaml"))
+    assert other["name"] == f"quickstart_restore_{twin}"
+    assert {k for k in base if base[k] != other[k]} == {"name", "model"}
+    differs = {k for k in base["model"] if base["model"][k] != other["model"][k]}
+    assert differs and differs <= {"backbone", "backbone_kwargs"}
