@@ -180,11 +180,9 @@ def test_motion_kernel_is_checked_and_only_for_the_builtin_restoration_data(tmp_
 
 def test_bench_train_step_variants_keep_list_values_whole():
     """benchmarks/bench_train_step.py --variant NAME:k=v,k=v: a list value's commas do not split it."""
-    import importlib.util
+    from tool_loader import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "benchmarks" / "bench_train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_train_step.py")
     sets = "model.det_channels=64,model.backbone_kwargs.stem_channels=[24,48,48,96,96],train.steps=3"
     assert bench.parse_variant(f"former:{sets}") == (
         "former",

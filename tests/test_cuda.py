@@ -170,11 +170,9 @@ def test_torchrun_on_cuda_uses_nccl(tmp_path, data_root):
 def test_bench_mofme_runs_on_cuda():
     """benchmarks/bench_mofme.py --device cuda: both models on the GPU, timed with a synchronisation per call; the
     parameter counts are the CPU's and every ratio is a positive number."""
-    import importlib.util
+    from tool_loader import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_mofme", ROOT / "benchmarks" / "bench_mofme.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_mofme.py")
     row = bench.bench(4, 2, rounds=1, device="cuda")
     for kind, name in bench.KINDS.items():
         cpu = vision_moe.create_model(name, num_experts=4, top_k=2)

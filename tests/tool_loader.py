@@ -1,4 +1,4 @@
-"""Load a ``tools/<name>.py`` script's ``main`` without running it (the tools are scripts, not a package)."""
+"""Load the repository's scripts (``tools/``, ``benchmarks/``: scripts, not a package) without running them."""
 
 import importlib.util
 from pathlib import Path
@@ -6,8 +6,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tool_main(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+def load_script(relpath: str, name: str | None = None):
+    """The module of the script at ``ROOT / relpath``, executed as a module (its ``__main__`` block does not run)."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main
+    return mod
+
+
+def tool_main(name: str):
+    return load_script(f"tools/{name}.py", f"{name}_tool").main
