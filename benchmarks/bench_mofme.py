@@ -118,12 +118,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both models run")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    dev = torch.device(args.device)
+    if dev.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: expected cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device is visible to PyTorch here")
     set_threads(args.threads)
     res = dict(machine=machine_info(), gemm_gflops_1024=gemm_gflops(), device=args.device, rows=[])
-    if args.device != "cpu":
-        res["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
+    if dev.type == "cuda":
+        res["device_name"] = torch.cuda.get_device_name(dev)
     print(
         json.dumps(res["machine"]),
         f"| GEMM 1024^3 fp32 (CPU): {res['gemm_gflops_1024']:.1f} GFLOP/s | device: {res.get('device_name', 'cpu')}",
